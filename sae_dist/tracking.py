@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,5 @@ def _run_id(out_dir: Path) -> str:
     """A W&B run id stored in the run dir, so a resumed run continues the same W&B run."""
     path = out_dir / "wandb_run_id"
     if not path.exists():
-        import wandb
-
-        path.write_text(wandb.util.generate_id())
+        path.write_text(uuid.uuid4().hex[:12])
     return path.read_text().strip()

