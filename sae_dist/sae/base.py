@@ -1,0 +1,229 @@
+"""The interface every SAE architecture shares, and the architecture registry.
+
+An architecture is one file with a `SparseAutoencoder` subclass decorated with
+`@register("<name>")`. It implements `_encode` (latents and pre-activations) and, if it adds
+loss terms, `aux_losses`; it may override `_decode_latents` for a faster decoder. Parameters,
+decoder constraints, input-scale folding and the SAELens v6 layout are shared.
+
+Shapes: B tokens, d_in activation width, d_sae latents, k active latents per token.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, ClassVar, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from sae_dist.config import SAEConfig
+
+SAE_REGISTRY: dict[str, type["SparseAutoencoder"]] = {}
+"""Architecture name (`SAEConfig.architecture`, SAELens `architecture`) -> class."""
+
+S = TypeVar("S", bound="SparseAutoencoder")
+
+
+def register(name: str) -> Callable[[type[S]], type[S]]:
+    """Class decorator: add the class to `SAE_REGISTRY` under `name` and set `architecture`."""
+
+    def add(cls: type[S]) -> type[S]:
+        if name in SAE_REGISTRY:
+            raise ValueError(f"SAE architecture {name!r} is registered twice")
+        cls.architecture = name
+        SAE_REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+@dataclass
+class Latents:
+    """Latent activations of a batch, sparse (values at indices) or dense."""
+
+    values: Tensor
+    """[B, k] when `indices` is given, else dense [B, d_sae]."""
+    indices: Tensor | None
+    """int64 [B, k] latent ids of `values`, or None for dense latents."""
+    d_sae: int
+
+    def dense(self) -> Tensor:
+        """[B, d_sae] latent matrix (differentiable in `values`)."""
+        if self.indices is None:
+            return self.values
+        out = self.values.new_zeros(self.values.shape[0], self.d_sae)
+        return out.scatter_add(1, self.indices, self.values)
+
+    def l0(self) -> Tensor:
+        """[B] float: number of latents > 0 per token."""
+        return (self.values > 0).sum(-1).float()
+
+    def fire_counts(self) -> Tensor:
+        """int64 [d_sae]: number of tokens on which each latent is > 0."""
+        fired = self.values > 0
+        if self.indices is None:
+            return fired.sum(0)
+        return torch.bincount(self.indices[fired], minlength=self.d_sae)
+
+
+@dataclass
+class SAEOutput:
+    """What `SparseAutoencoder.forward` returns."""
+
+    x_hat: Tensor
+    """[B, d_in] reconstruction."""
+    latents: Latents
+    losses: dict[str, Tensor]
+    """Weighted scalar loss terms; the training loss is their sum."""
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained over a batch: x, x_hat [B, d_in] -> scalar."""
+    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+
+
+def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
+    """Point minimising the summed Euclidean distance to the rows of x [N, d] -> [d]
+    (Weiszfeld's algorithm, started at the mean)."""
+    median = x.mean(0)
+    for _ in range(iters):
+        weights = 1 / torch.linalg.vector_norm(x - median, dim=1).clamp_min(1e-8)
+        new = weights @ x / weights.sum()
+        step = torch.linalg.vector_norm(new - median)
+        median = new
+        if step <= tol * torch.linalg.vector_norm(median).clamp_min(1.0):
+            break
+    return median
+
+
+class SparseAutoencoder(nn.Module):
+    """Base SAE: x [B, d_in] -> latents -> x_hat = latents @ W_dec + b_dec.
+
+    Parameters (float32, named as in SAELens): W_enc [d_in, d_sae], b_enc [d_sae],
+    W_dec [d_sae, d_in], b_dec [d_in]. `b_dec` is subtracted from x before encoding.
+    """
+
+    architecture: ClassVar[str]
+    saelens_fields: ClassVar[tuple[str, ...]] = ()
+    """`SAEConfig` fields written to, and read back from, the SAELens cfg (e.g. "k")."""
+
+    def __init__(self, cfg: SAEConfig, d_in: int):
+        super().__init__()
+        self.cfg, self.d_in, self.d_sae = cfg, d_in, cfg.latents(d_in)
+        self.W_enc = nn.Parameter(torch.empty(d_in, self.d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
+        self.W_dec = nn.Parameter(torch.empty(self.d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random unit-norm decoder rows, W_enc = W_dec.T, zero biases (seed via torch)."""
+        self.W_dec.normal_()
+        self.normalize_decoder()
+        self.W_enc.copy_(self.W_dec.t())
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # --- encoding and decoding -------------------------------------------------------------
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations: (x - b_dec) @ W_enc + b_enc, [B, d_in] -> [B, d_sae].
+        One addmm: on CPU faster than matmul + add, and under bf16 autocast it stays in bf16
+        (a separate bf16 + float32 bias add costs more than the bf16 matmul itself)."""
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
+
+    def _encode(self, x: Tensor) -> tuple[Latents, Tensor]:
+        """x [B, d_in] -> (latents, pre-activations [B, d_sae]); `pre` is part of the autograd
+        graph only where the architecture differentiates through it densely."""
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Latents:
+        """x [B, d_in] -> latents."""
+        return self._encode(x)[0]
+
+    def _decode_latents(self, latents: Latents) -> Tensor:
+        """sum_l latents[:, l] * W_dec[l], without b_dec: [B, d_in]."""
+        return latents.dense().to(self.W_dec.dtype) @ self.W_dec
+
+    def decode(self, latents: Latents) -> Tensor:
+        """latents -> x_hat [B, d_in] (includes + b_dec)."""
+        return self._decode_latents(latents) + self.b_dec
+
+    def aux_losses(self, x: Tensor, x_hat: Tensor, latents: Latents, pre: Tensor,
+                   dead_mask: Tensor | None) -> dict[str, Tensor]:
+        """Weighted architecture-specific loss terms (none by default)."""
+        return {}
+
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+        """x [B, d_in], dead_mask bool [d_sae] or None -> x_hat, latents and losses
+        ("fvu" plus the architecture's auxiliary terms)."""
+        latents, pre = self._encode(x)
+        x_hat = self.decode(latents)
+        losses = {"fvu": fvu(x, x_hat)}
+        losses.update(self.aux_losses(x, x_hat, latents, pre, dead_mask))
+        return SAEOutput(x_hat, latents, losses)
+
+    # --- training-time constraints ---------------------------------------------------------
+
+    @torch.no_grad()
+    def init_b_dec(self, x: Tensor) -> None:
+        """Set b_dec to the geometric median of a sample x [N, d_in]."""
+        self.b_dec.copy_(geometric_median(x.to(self.b_dec.dtype)))
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Scale every row of W_dec to unit norm."""
+        self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Remove from each row of W_dec.grad its component along that row of W_dec
+        (call between backward and the optimizer step; no-op without a gradient)."""
+        grad, w = self.W_dec.grad, self.W_dec
+        if grad is None:
+            return
+        coef = (grad * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(1e-12)
+        grad.sub_(coef * w)
+
+    # --- export ----------------------------------------------------------------------------
+
+    def folded(self, scale: float) -> "SparseAutoencoder":
+        """Copy that takes raw activations x when this SAE was trained on x * scale: same
+        latents, x_hat in raw units (W_enc * scale, W_dec / scale, b_dec / scale)."""
+        out = copy.deepcopy(self)
+        out.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            out.W_enc.mul_(scale)
+            out.W_dec.div_(scale)
+            out.b_dec.div_(scale)
+        return out
+
+    def saelens_tensors(self) -> dict[str, Tensor]:
+        """SAELens v6 weights: name -> contiguous CPU copy (W_enc, b_enc, W_dec, b_dec, ...)."""
+        return {name: p.detach().cpu().clone(memory_format=torch.contiguous_format)
+                for name, p in self.named_parameters()}
+
+    def saelens_cfg(self) -> dict:
+        """SAELens v6 cfg keys describing this SAE (metadata is added by the checkpoint code)."""
+        cfg = {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae,
+               "dtype": "float32", "apply_b_dec_to_input": True,
+               "normalize_activations": "none", "reshape_activations": "none"}
+        cfg.update({name: getattr(self.cfg, name) for name in self.saelens_fields})
+        return cfg
+
+    @classmethod
+    def from_saelens(cls, tensors: dict[str, Tensor], cfg: dict) -> "SparseAutoencoder":
+        """Inverse of `saelens_tensors` / `saelens_cfg` (CPU, float32)."""
+        expected = {"apply_b_dec_to_input": True, "normalize_activations": "none",
+                    "reshape_activations": "none"}
+        for key, value in expected.items():
+            if cfg.get(key, value) != value:
+                raise ValueError(f"SAELens cfg {key}={cfg[key]!r} is not supported; "
+                                 f"expected {value!r}")
+        fields = {name: cfg[name] for name in cls.saelens_fields}
+        sae_cfg = SAEConfig(architecture=cls.architecture, d_sae=int(cfg["d_sae"]), **fields)
+        sae = cls(sae_cfg, int(cfg["d_in"]))
+        sae.load_state_dict(tensors)
+        return sae

@@ -1,0 +1,81 @@
+"""TopK SAE (Gao et al. 2024): keep the k largest pre-activations per token, then ReLU.
+
+The training step never builds a dense [B, d_sae] latent matrix or a dense gradient of the
+pre-activations: the pre-activations come from one matmul outside autograd, `TopKEncode`
+gives sparse encoder gradients, and the decoder is an `embedding_bag` over the k active rows.
+`sparse=False` selects a plain-autograd dense reference path with the same results.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sae_dist.config import ConfigError, SAEConfig
+from sae_dist.sae.base import Latents, SparseAutoencoder, register
+from sae_dist.sae.sparse_ops import TopKEncode
+
+
+@register("topk")
+class TopKSAE(SparseAutoencoder):
+    """TopK SAE with an AuxK loss on the dead latents.
+
+    `sparse` (default True) selects the sparse kernels; False is the dense reference path.
+    Under bf16 autocast the encoder matmul, `pre` and the latent values are bfloat16; the
+    decoder and all gradients stay in the parameters' dtype.
+    """
+
+    saelens_fields = ("k",)
+
+    def __init__(self, cfg: SAEConfig, d_in: int, sparse: bool = True):
+        d_sae = cfg.latents(d_in)
+        if not 1 <= cfg.k <= d_sae:
+            raise ConfigError("sae.k", cfg.k, f"1..{d_sae} (d_sae)")
+        if cfg.k_aux is not None and cfg.k_aux < 1:
+            raise ConfigError("sae.k_aux", cfg.k_aux, ">= 1 or null")
+        super().__init__(cfg, d_in)
+        self.k = cfg.k
+        self.k_aux = min(cfg.k_aux or d_in // 2, self.d_sae)
+        self.sparse = sparse
+
+    def _activate(self, x: Tensor, pre: Tensor, indices: Tensor) -> Tensor:
+        """relu(pre) gathered at indices int64 [B, j] -> [B, j], differentiable in the weights."""
+        if not self.sparse:
+            return torch.relu(pre.gather(1, indices))
+        pre_top = pre.detach().gather(1, indices)
+        return TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, pre_top, indices)
+
+    def _encode(self, x: Tensor) -> tuple[Latents, Tensor]:
+        """x [B, d_in] -> (values/indices [B, k], pre [B, d_sae]; pre has no graph if sparse)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse):
+            pre = self.pre_acts(x)
+        indices = pre.detach().topk(self.k, dim=1, sorted=False).indices
+        return Latents(self._activate(x, pre, indices), indices, self.d_sae), pre
+
+    def _decode_latents(self, latents: Latents) -> Tensor:
+        """[B, d_in] = sum_j values[:, j] * W_dec[indices[:, j]] (embedding_bag if sparse)."""
+        if not self.sparse or latents.indices is None:
+            return super()._decode_latents(latents)
+        return F.embedding_bag(latents.indices, self.W_dec, mode="sum",
+                               per_sample_weights=latents.values.to(self.W_dec.dtype))
+
+    def aux_losses(self, x: Tensor, x_hat: Tensor, latents: Latents, pre: Tensor,
+                   dead_mask: Tensor | None) -> dict[str, Tensor]:
+        """{"auxk": auxk_coef * AuxK} when some latent is dead, else {}.
+
+        AuxK: the top k_aux dead latents (by pre-activation) reconstruct the residual
+        e = x - x_hat (detached) through W_dec without b_dec; the squared error is divided by
+        the residual's total variance sum ||e - mean(e)||^2 (Gao et al. 2024), and scaled by
+        min(n_dead / k_aux, 1) when fewer latents are dead than k_aux (EleutherAI sparsify).
+        """
+        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+        if n_dead == 0:
+            return {}
+        k_aux = min(self.k_aux, n_dead)
+        masked = pre.detach().masked_fill(~dead_mask, float("-inf"))
+        indices = masked.topk(k_aux, dim=1, sorted=False).indices
+        e_hat = self._decode_latents(Latents(self._activate(x, pre, indices), indices, self.d_sae))
+        e = (x - x_hat).detach()
+        auxk = (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+        return {"auxk": self.cfg.auxk_coef * min(n_dead / self.k_aux, 1.0) * auxk}
