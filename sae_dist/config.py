@@ -74,13 +74,48 @@ class SAEConfig:
     d_sae: Optional[int] = None
     """Explicit number of latents (overrides `expansion`)."""
     k: int = 32
-    """Active latents per token (TopK family)."""
+    """Active latents per token (TopK); on average over a training batch (BatchTopK)."""
     auxk_coef: float = 1 / 32
     """Weight of the AuxK loss on the residual (TopK family)."""
     k_aux: Optional[int] = None
     """Dead latents used by AuxK per token; null means d_in // 2."""
     dead_tokens: int = 10_000_000
     """A latent is dead when it has not fired in this many training tokens."""
+    threshold_window: float = 0.2
+    """BatchTopK: the inference threshold is the mean of the training batches' thresholds (the
+    smallest kept activation) over this final fraction of training."""
+    l0_coef: float = 1e-3
+    """JumpReLU: weight of the L0 penalty (per token, against the FVU) after its warm-up; with
+    `target_l0`, the weight of (L0 / target_l0 - 1)^2 instead."""
+    l0_warmup_frac: float = 0.1
+    """JumpReLU: fraction of training over which the L0 weight rises linearly from 0."""
+    target_l0: Optional[float] = None
+    """JumpReLU: aim at this L0; the L0 coefficient then follows the batch's L0 (penalty
+    l0_coef * (L0 / target_l0 - 1)^2, coefficient 2 l0_coef (L0 / target_l0 - 1) / target_l0,
+    negative below the target). null: plain L0 penalty l0_coef * L0."""
+    bandwidth: float = 0.5
+    """JumpReLU: width of the rectangle kernel of the threshold's straight-through estimator, in
+    units of the (scaled, E||x||^2 = d_in) pre-activations."""
+    threshold_init: float = 1.0
+    """JumpReLU: initial threshold of every latent (trained as its logarithm)."""
+    l1_coef: float = 0.1
+    """ReLU: weight of the L1 penalty sum_i z_i ||W_dec[i]|| / rms||x - mean(x)|| after its
+    warm-up (dimensionless: the same for every input scale)."""
+    l1_warmup_frac: float = 0.05
+    """ReLU: fraction of training over which the L1 weight rises linearly from 0."""
+
+    def __post_init__(self) -> None:
+        """Range checks that need no model (architecture-specific ones run in the SAE class)."""
+        checks = [("l0_coef", self.l0_coef >= 0, ">= 0"), ("l1_coef", self.l1_coef >= 0, ">= 0"),
+                  ("l0_warmup_frac", 0 <= self.l0_warmup_frac <= 1, "0..1"),
+                  ("l1_warmup_frac", 0 <= self.l1_warmup_frac <= 1, "0..1"),
+                  ("threshold_window", 0 < self.threshold_window <= 1, "(0, 1]"),
+                  ("bandwidth", self.bandwidth > 0, "> 0"),
+                  ("threshold_init", self.threshold_init > 0, "> 0"),
+                  ("target_l0", self.target_l0 is None or self.target_l0 > 0, "> 0 or null")]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"sae.{name}", getattr(self, name), allowed)
 
     def latents(self, d_in: int) -> int:
         """Number of latents for activations of width `d_in`."""
@@ -183,9 +218,48 @@ class TrainRunConfig:
     """Run directory: the suite, checkpoints, W&B files and the report go here."""
 
 
+@dataclass
+class EvalConfig:
+    tokens: int = 100_000
+    """Held-out evaluation tokens that pass the train mask (at least; whole batches)."""
+    batch_seqs: int = 8
+    """Sequences per evaluation forward batch; batches over 4096 positions are split (the clean
+    log-probs and probs of a batch, 2 x positions x vocab float32, are held in memory)."""
+    max_variants: int = 8
+    """Spliced passes starting at the same layer (SAE splice, zero and mean ablation of each
+    site) run together as one batch of up to this many x batch_seqs sequences."""
+    logit_chunk: int = 256
+    """Positions per LM-head call when scoring cross-entropy and KL."""
+    model_level: bool = True
+    """Also compute the model-level metrics (ce_*, delta_loss, loss_recovered, kl)."""
+    ce_mean: bool = False
+    """Also compute ce_mean (activation replaced by its mean over the evaluation tokens)."""
+    seed: int = 0
+    """Seed of the evaluation token stream (shuffles HF streaming sources)."""
+    device: str = "auto"
+    """cuda, cpu, or auto (cuda when available)."""
+
+
+@dataclass
+class EvalRunConfig:
+    suite: str = MISSING
+    """A suite directory (suite.json), one SAE folder (SAELens layout, cfg.json), or a folder of
+    SAE folders."""
+    model: Optional[ModelConfig] = None
+    """The model group; null means the model named by the suite (suite.json `model` or the SAE
+    metadata `model_name`), looked up in conf/model/."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Evaluation data: its held-out split (every `holdout_every`-th document), never trained on."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    out_dir: str = "runs/eval"
+    """Per-SAE JSONs, the suite table (Markdown, CSV) and the plots go here."""
+
+
 def register_configs() -> None:
-    """Register the run schema: every YAML group merged into it is type-checked."""
+    """Register the run schemas: every YAML group merged into them is type-checked."""
     ConfigStore.instance().store(name="train_schema", node=TrainRunConfig)
+    ConfigStore.instance().store(name="eval_schema", node=EvalRunConfig)
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -1,94 +1,425 @@
 """Evaluation of SAEs on held-out tokens (DESIGN.md section 8).
 
-Reconstruction metrics over the tokens that pass the train mask, accumulated in float64:
-fvu = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, mse = mean_tokens ||x - x_hat||^2 / d_in,
-cosine = mean_tokens cos(x, x_hat), l0 = mean_tokens #active latents, dead_frac = latents never
-active, dense_frac = latents active on more than 10% of tokens.
+`python -m sae_dist.evaluate suite=<path> [model=<name>] [eval.tokens=<int>] out_dir=<path>`
+(conf/eval.yaml) evaluates a suite directory, one SAE folder, or a folder of SAE folders on the
+held-out split of the data config (every `holdout_every`-th document, never trained on).
+
+Token sets. Reconstruction metrics use every token whose train_mask is True (special and chat
+control tokens, BOS / attention sinks are excluded exactly as in training; no outlier filter).
+Splices (SAE reconstruction, zeros, mean) replace the activation at exactly those positions and
+leave masked positions untouched. CE and KL count position t iff train_mask[t] is True and
+t + 1 is in the row, with target input_ids[t + 1]; the same positions for every CE and the KL.
+
+Metrics, accumulated in float64 over those tokens:
+- fvu = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, explained_variance = 1 - fvu,
+  mse = mean_tokens ||x - x_hat||^2 / d_in, cosine = mean_tokens cos(x, x_hat),
+  l0 = mean_tokens #active latents, dead_frac = latents never active, dense_frac = latents active
+  on more than 10% of tokens, and a histogram of log10 latent frequencies;
+- ce_clean, ce_spliced, ce_zero (ce_mean with eval.ce_mean), delta_loss = ce_spliced - ce_clean,
+  loss_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean),
+  kl = mean_tokens KL(p_clean || p_spliced).
+
+Efficiency (see `sae_dist.metrics`): one clean pass per batch serves every SAE's reconstruction
+metrics and ce_clean and caches the hidden state entering every needed layer; each spliced or
+ablated pass replays only the layers from its own layer on, batched with the other passes that
+start at the same layer, and the LM head runs only at the CE positions.
+
+Outputs under out_dir: saes/<hookpoint>.json (the metrics above plus the latent-frequency
+histogram, the SAE, suite, model, data and eval configs, splice and CE positions, token counts),
+suite_table.md / suite_table.csv (one row per SAE; Markdown adds layer x site tables),
+metrics_by_layer.png, l0_tradeoff.png, latent_frequency.png; metrics and plots also go to W&B.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass, field
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
 
+import hydra
 import torch
-from torch import nn
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sae_dist.data import TokenStream
+from sae_dist.checkpoint import CFG_FILE, CheckpointError, load_sae, read_suite_index
+from sae_dist.config import ConfigError, EvalRunConfig, ModelConfig, register_configs
+from sae_dist.data import TokenBatch, TokenStream
 from sae_dist.hookpoints import Hookpoint, capture
-from sae_dist.sae import SparseAutoencoder
+from sae_dist.metrics import (CE_POSITIONS, SPLICE_POSITIONS, ModelLevelAccumulator,
+                              NextTokenScorer, ce_positions, clean_pass, masked_edit, replay_from)
+from sae_dist.sae import Latents, SparseAutoencoder
 
 log = logging.getLogger(__name__)
 
 DENSE_THRESHOLD = 0.1
 """A latent active on more than this fraction of tokens counts as dense."""
+HIST_EDGES = [e / 2 for e in range(-14, 1)]
+"""Edges of the latent-frequency histogram in log10(fraction of tokens): 1e-7 .. 1 in half
+decades; frequencies below 1e-7 (but > 0) fall in the first bin; dead latents are counted apart."""
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+MAX_BATCH_TOKENS = 4096
+"""Default cap on the positions of one evaluation forward batch (memory of the clean log-probs:
+2 x 4096 x vocab x 4 bytes, 1.6 GB for SmolLM2, 5 GB for Qwen3)."""
+
+Reconstructor = Callable[[Tensor], Tensor]
+"""Any x [n, d_in] -> x_hat [n, d_in]; sparsity metrics are None for such a plain function."""
+SAELike = Union[SparseAutoencoder, Reconstructor]
+
+
+def reconstruct(sae: SAELike, x: Tensor) -> tuple[Tensor, Optional[Latents]]:
+    """x [n, d_in] float32 -> (x_hat [n, d_in], latents or None for a plain function)."""
+    if isinstance(sae, SparseAutoencoder):
+        latents = sae.encode(x.to(sae.W_dec.dtype))
+        return sae.decode(latents), latents
+    return sae(x), None
 
 
 @dataclass
 class ReconstructionAccumulator:
-    """Running float64 sums for one SAE; `update` per batch, `result` at the end."""
+    """Running float64 sums for one SAE; `update` per batch, `result` at the end. Sums of x are
+    taken around a shift (the first batch's mean) so the variance does not cancel."""
 
     d_in: int
-    d_sae: int
+    d_sae: Optional[int] = None
     n: int = 0
     sum_sq_err: float = 0.0
-    sum_sq_x: float = 0.0
     sum_cos: float = 0.0
     sum_l0: float = 0.0
-    sum_x: torch.Tensor = field(init=False)
-    fire_counts: torch.Tensor = field(init=False)
+    shift: Optional[Tensor] = None
+    sum_dx: Tensor = field(init=False)
+    sum_sq_dx: float = 0.0
+    fire_counts: Optional[Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.sum_x = torch.zeros(self.d_in, dtype=torch.float64)
-        self.fire_counts = torch.zeros(self.d_sae, dtype=torch.int64)
+        self.sum_dx = torch.zeros(self.d_in, dtype=torch.float64)
+        self.fire_counts = None if self.d_sae is None else torch.zeros(self.d_sae,
+                                                                       dtype=torch.int64)
 
     @torch.no_grad()
-    def update(self, sae: SparseAutoencoder, x: torch.Tensor) -> None:
-        """x [n, d_in] raw activations of tokens that pass the train mask."""
-        latents = sae.encode(x)
-        x_hat = sae.decode(latents)
+    def update(self, x: Tensor, x_hat: Tensor, latents: Optional[Latents] = None) -> None:
+        """x, x_hat [n, d_in] for the tokens that pass the train mask; latents of those tokens."""
+        if x.shape[0] == 0:
+            return
         x64, x_hat64 = x.double(), x_hat.double()
+        if self.shift is None:
+            self.shift = x64.mean(0).cpu()
+        dx = x64 - self.shift.to(x64.device)
         self.n += x.shape[0]
         self.sum_sq_err += float((x64 - x_hat64).pow(2).sum())
-        self.sum_sq_x += float(x64.pow(2).sum())
-        self.sum_x += x64.sum(0).cpu()
+        self.sum_dx += dx.sum(0).cpu()
+        self.sum_sq_dx += float(dx.pow(2).sum())
         self.sum_cos += float(nn.functional.cosine_similarity(x64, x_hat64, dim=1).sum())
-        self.sum_l0 += float(latents.l0().double().sum())
-        self.fire_counts += latents.fire_counts().cpu()
+        if latents is not None and self.fire_counts is not None:
+            self.sum_l0 += float(latents.l0().double().sum())
+            self.fire_counts += latents.fire_counts().cpu()
 
-    def result(self) -> dict[str, float]:
+    def frequency_histogram(self) -> Optional[dict[str, Any]]:
+        """{"log10_freq_edges", "counts" (latents per bin), "dead"} or None without latents."""
+        if self.fire_counts is None:
+            return None
+        freq = self.fire_counts.double() / self.n
+        alive = freq[freq > 0].log10().clamp(HIST_EDGES[0], HIST_EDGES[-1])
+        counts = torch.histogram(alive, torch.tensor(HIST_EDGES, dtype=torch.float64)).hist
+        return {"log10_freq_edges": HIST_EDGES, "counts": [int(c) for c in counts],
+                "dead": int((freq == 0).sum())}
+
+    def result(self) -> dict[str, Any]:
         if self.n == 0:
             raise ValueError("no evaluation tokens passed the mask")
-        mean = self.sum_x / self.n
-        total_var = self.sum_sq_x - self.n * float(mean.pow(2).sum())
-        fvu = self.sum_sq_err / total_var
-        freq = self.fire_counts.double() / self.n
-        return {"fvu": fvu, "explained_variance": 1 - fvu,
-                "mse": self.sum_sq_err / self.n / self.d_in, "cosine": self.sum_cos / self.n,
-                "l0": self.sum_l0 / self.n, "dead_frac": float((self.fire_counts == 0).double().mean()),
-                "dense_frac": float((freq > DENSE_THRESHOLD).double().mean()),
-                "tokens": self.n}
+        mean_dx = self.sum_dx / self.n
+        total_var = self.sum_sq_dx - self.n * float(mean_dx.pow(2).sum())
+        fvu = self.sum_sq_err / total_var if total_var > 0 else math.nan
+        out: dict[str, Any] = {"fvu": fvu, "explained_variance": 1 - fvu,
+                               "mse": self.sum_sq_err / self.n / self.d_in,
+                               "cosine": self.sum_cos / self.n,
+                               "l0": None, "dead_frac": None, "dense_frac": None,
+                               "tokens": self.n}
+        if self.fire_counts is not None:
+            freq = self.fire_counts.double() / self.n
+            out.update(l0=self.sum_l0 / self.n, dead_frac=float((freq == 0).double().mean()),
+                       dense_frac=float((freq > DENSE_THRESHOLD).double().mean()))
+        return out
+
+
+def take_batches(stream: TokenStream, n_tokens: int, n_seqs: int) -> list[TokenBatch]:
+    """Whole batches of `n_seqs` rows until at least `n_tokens` tokens pass the train mask."""
+    batches, seen = [], 0
+    for batch in stream.batches(n_seqs):
+        batches.append(batch)
+        seen += int(batch.train_mask.sum())
+        if seen >= n_tokens:
+            break
+    if seen < n_tokens:
+        log.warning("held-out data ran out after %d of %d tokens", seen, n_tokens)
+    return batches
+
+
+@torch.no_grad()
+def mean_activations(model: nn.Module, hookpoints: list[Hookpoint], batches: Sequence[TokenBatch],
+                     device: torch.device) -> dict[Hookpoint, Tensor]:
+    """Mean activation [d_model] (float64) of each hookpoint over the masked tokens of `batches`
+    (one extra pass, stopped after the last layer needed)."""
+    sums: dict[Hookpoint, Tensor] = {}
+    n = 0
+    for batch in batches:
+        mask = batch.train_mask.to(device)
+        acts = capture(model, hookpoints, batch.input_ids.to(device), stop_early=True)
+        for hp in hookpoints:
+            s = acts[hp][mask].double().sum(0)
+            sums[hp] = sums[hp] + s if hp in sums else s
+        n += int(mask.sum())
+    return {hp: s / n for hp, s in sums.items()}
+
+
+def split_batches(batches: Sequence[TokenBatch], max_tokens: int) -> list[TokenBatch]:
+    """The same rows, in the same order, in batches of at most max(1, max_tokens // T) rows."""
+    out = []
+    for b in batches:
+        rows = max(1, max_tokens // b.input_ids.shape[1])
+        out += [TokenBatch(i, m) for i, m in zip(b.input_ids.split(rows),
+                                                  b.train_mask.split(rows))]
+    return out
+
+
+@torch.no_grad()
+def evaluate_saes(model: nn.Module, saes: dict[Hookpoint, SAELike], batches: Sequence[TokenBatch],
+                  device: torch.device, model_level: bool = True, ce_mean: bool = False,
+                  max_variants: int = 8, logit_chunk: int = 256,
+                  max_batch_tokens: int = MAX_BATCH_TOKENS) -> dict[str, dict[str, Any]]:
+    """Reconstruction (and with `model_level` the model-level) metrics of every SAE over the
+    held-out `batches`; keyed by hookpoint name, in the order of `saes`. An SAE may be a plain
+    function x [n, d] -> x_hat [n, d] (sparsity metrics are then None). Batches are split to at
+    most `max_batch_tokens` positions per forward (the clean log-probs and probs of a batch,
+    2 x positions x vocab float32, are held in memory)."""
+    hps = list(saes)
+    batches = split_batches(batches, max_batch_tokens)
+    recon = {hp: ReconstructionAccumulator(_d_in(sae, model), getattr(sae, "d_sae", None))
+             for hp, sae in saes.items()}
+    ce = {hp: ModelLevelAccumulator() for hp in hps}
+    means = mean_activations(model, hps, batches, device) if model_level and ce_mean else {}
+    for batch in tqdm(batches, desc="eval", unit="batch", leave=False):
+        ids, mask = batch.input_ids.to(device), batch.train_mask.to(device)
+        if model_level:
+            clean = clean_pass(model, ids, hps, sorted({hp.layer for hp in hps}))
+            acts = clean.acts
+        else:
+            acts = capture(model, hps, ids, stop_early=True)
+        x_hats = {}
+        for hp, sae in saes.items():
+            x = acts[hp][mask].float()
+            x_hats[hp], latents = reconstruct(sae, x)
+            recon[hp].update(x, x_hats[hp], latents)
+        if model_level:
+            _model_level_batch(model, clean, ids, mask, x_hats, means, ce, max_variants,
+                               logit_chunk)
+    results = {}
+    for hp in hps:
+        res = recon[hp].result()
+        if model_level:
+            res.update(ce[hp].result())
+        res["latent_freq_hist"] = recon[hp].frequency_histogram()
+        results[hp.name] = res
+    return results
+
+
+def _d_in(sae: SAELike, model: nn.Module) -> int:
+    return sae.d_in if isinstance(sae, SparseAutoencoder) else model.config.hidden_size
+
+
+def _model_level_batch(model: nn.Module, clean, ids: Tensor, mask: Tensor,
+                       x_hats: dict[Hookpoint, Tensor], means: dict[Hookpoint, Tensor],
+                       acc: dict[Hookpoint, ModelLevelAccumulator], max_variants: int,
+                       logit_chunk: int) -> None:
+    """Score one batch: clean CE, then per start layer the SAE / zero / mean splices of every
+    hookpoint of that layer, batched `max_variants` at a time."""
+    sel, targets = ce_positions(ids, mask)
+    scorer = NextTokenScorer(model, clean.final, sel, targets, logit_chunk)
+    variants: dict[int, list[tuple[Hookpoint, str, Any]]] = {}
+    d_model = model.config.hidden_size
+    for hp, x_hat in x_hats.items():
+        acc[hp].add_clean(scorer.ce_clean)
+        kinds = [("spliced", x_hat), ("zero", x_hat.new_zeros(d_model))]
+        kinds += [("mean", means[hp])] if hp in means else []
+        variants.setdefault(hp.layer, []).extend((hp, k, masked_edit(mask, v)) for k, v in kinds)
+    for layer, vs in sorted(variants.items()):
+        for i in range(0, len(vs), max_variants):
+            group = vs[i:i + max_variants]
+            finals = replay_from(model, clean, layer, [{hp: edit} for hp, _, edit in group])
+            for (hp, kind, _), final in zip(group, finals):
+                ce, kl = scorer.score(final, with_kl=kind == "spliced")
+                acc[hp].add(kind, ce, kl)
 
 
 def evaluate_reconstruction(model: nn.Module, saes: dict[Hookpoint, SparseAutoencoder],
                             stream: TokenStream, n_tokens: int, forward_batch_seqs: int,
-                            device: torch.device) -> dict[str, dict[str, float]]:
-    """Reconstruction metrics of every SAE over at least `n_tokens` masked held-out tokens;
-    one forward pass (stopped after the last layer needed) serves all SAEs."""
-    accs = {hp: ReconstructionAccumulator(sae.d_in, sae.d_sae) for hp, sae in saes.items()}
-    seen = 0
-    bar = tqdm(total=n_tokens, desc="eval", unit="tok", leave=False)
-    for batch in stream.batches(forward_batch_seqs):
-        mask = batch.train_mask.to(device)
-        acts = capture(model, list(saes), batch.input_ids.to(device), stop_early=True)
-        for hp, sae in saes.items():
-            accs[hp].update(sae, acts[hp][mask].float())
-        seen += int(mask.sum())
-        bar.update(int(mask.sum()))
-        if seen >= n_tokens:
-            break
-    bar.close()
-    if seen < n_tokens:
-        log.warning("held-out data ran out after %d of %d tokens", seen, n_tokens)
-    return {hp.name: acc.result() for hp, acc in accs.items()}
+                            device: torch.device) -> dict[str, dict[str, Any]]:
+    """Reconstruction metrics only, over at least `n_tokens` masked held-out tokens of `stream`
+    (one forward pass per batch, stopped after the last layer needed)."""
+    return evaluate_saes(model, saes, take_batches(stream, n_tokens, forward_batch_seqs), device,
+                         model_level=False)
+
+
+def eval_context(suite: str, model: ModelConfig, data: Any, batches: Sequence[TokenBatch],
+                 **extra: Any) -> dict[str, Any]:
+    """What a per-SAE JSON records besides the metrics: suite, model and data configs, split,
+    splice and CE positions, and the sequences and tokens the evaluation read."""
+    return {"suite": suite, "model": asdict(model), "data": asdict(data), "split": "eval",
+            "splice_positions": SPLICE_POSITIONS, "ce_positions": CE_POSITIONS,
+            "sequences": sum(len(b.input_ids) for b in batches),
+            "lm_tokens": sum(b.input_ids.numel() for b in batches), **extra}
+
+
+def scalar_metrics(res: dict[str, Any]) -> dict[str, Any]:
+    """The scalar entries of one SAE's results (drops the frequency histogram)."""
+    return {k: v for k, v in res.items() if not isinstance(v, (dict, list))}
+
+
+# ------------------------------------------------------------------------- loading a suite
+
+def discover_saes(path: Path) -> tuple[dict[str, Path], Optional[str]]:
+    """{hookpoint name: SAE folder} of a suite dir (suite.json), one SAE folder (cfg.json) or a
+    folder of SAE folders, and the model name the suite or the SAEs' metadata give (or None)."""
+    path = Path(path)
+    if (path / "suite.json").is_file():
+        index = read_suite_index(path)
+        return {e["hookpoint"]: path / e["path"] for e in index["saes"]}, index.get("model")
+    folders = [path] if (path / CFG_FILE).is_file() else sorted(
+        p for p in path.glob("*") if (p / CFG_FILE).is_file())
+    if not folders:
+        raise ConfigError("suite", str(path), "a suite directory (suite.json), an SAE folder "
+                          "(cfg.json + sae_weights.safetensors) or a folder of SAE folders")
+    found: dict[str, Path] = {}
+    model = None
+    for folder in folders:
+        meta = json.loads((folder / CFG_FILE).read_text()).get("metadata", {})
+        name = hookpoint_name(meta, folder)
+        if name in found:
+            raise ConfigError("suite", str(path), f"one SAE per hookpoint ({name} appears in "
+                              f"{found[name]} and {folder}); evaluate them separately")
+        found[name] = folder
+        model = model or meta.get("model_name")
+    return found, model
+
+
+_TL_SITES = {"hook_resid_post": "resid", "hook_mlp_out": "mlp", "hook_attn_out": "attn"}
+
+
+def hookpoint_name(metadata: dict[str, Any], folder: Path) -> str:
+    """`layers.{i}.{site}` from our metadata, from a TransformerLens `hook_name`
+    (blocks.{i}.hook_resid_post / hook_mlp_out / hook_attn_out), or from the folder name."""
+    if "hookpoint" in metadata:
+        return metadata["hookpoint"]
+    parts = str(metadata.get("hook_name", "")).split(".")
+    if len(parts) == 3 and parts[0] == "blocks" and parts[2] in _TL_SITES:
+        return f"layers.{parts[1]}.{_TL_SITES[parts[2]]}"
+    return folder.name
+
+
+def model_config_for(name: str) -> ModelConfig:
+    """The conf/model/*.yaml whose file stem, `name` or `path` equals `name`."""
+    known = []
+    for path in sorted((CONF_DIR / "model").glob("*.yaml")):
+        raw = OmegaConf.load(path)
+        known.append(path.stem)
+        if name in (path.stem, raw.get("name"), raw.get("path")):
+            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
+    raise ConfigError("model", name, f"model=<name> with one of {', '.join(known)} (the suite "
+                      "names a model that has no conf/model/ entry)")
+
+
+def validate_eval(cfg: EvalRunConfig) -> None:
+    e = cfg.eval
+    for key, value in (("eval.tokens", e.tokens), ("eval.batch_seqs", e.batch_seqs),
+                       ("eval.max_variants", e.max_variants), ("eval.logit_chunk", e.logit_chunk)):
+        if value < 1:
+            raise ConfigError(key, value, ">= 1")
+    if e.device not in ("auto", "cpu", "cuda") and not e.device.startswith("cuda:"):
+        raise ConfigError("eval.device", e.device, "auto, cpu, cuda, cuda:<i>")
+    if not Path(cfg.suite).exists():
+        raise ConfigError("suite", cfg.suite, "an existing suite directory or SAE folder")
+
+
+# ---------------------------------------------------------------------------------- the run
+
+def run_evaluation(cfg: EvalRunConfig) -> dict[str, dict[str, Any]]:
+    """Load the suite and the model, evaluate, write JSONs / tables / plots and log to W&B."""
+    from sae_dist.models import load_model
+    from sae_dist.report import write_eval_outputs
+    from sae_dist.tracking import RunLogger
+
+    validate_eval(cfg)
+    folders, suite_model = discover_saes(Path(cfg.suite))
+    if cfg.model is None:
+        if not suite_model:
+            raise ConfigError("model", None, "model=<name>: the suite does not name its model")
+        cfg.model = model_config_for(suite_model)
+    device = torch.device(cfg.eval.device if cfg.eval.device != "auto" else
+                          "cuda" if torch.cuda.is_available() else "cpu")
+    saes, sae_info = {}, {}
+    for name, folder in folders.items():
+        hp = Hookpoint.parse(name, cfg.model.n_layers)
+        sae, sae_cfg = load_sae(folder, device)
+        if sae.d_in != cfg.model.d_model:
+            raise CheckpointError(f"{folder}: d_in={sae.d_in} but {cfg.model.name} has "
+                                  f"d_model={cfg.model.d_model}")
+        saes[hp] = sae.eval()
+        sae_info[hp.name] = {"path": str(folder), **{k: sae_cfg.get(k) for k in (
+            "architecture", "d_in", "d_sae", "k")}}
+    model, tokenizer = load_model(cfg.model, device)
+    batches = take_batches(TokenStream(cfg.data, tokenizer, "eval", seed=cfg.eval.seed),
+                           cfg.eval.tokens, cfg.eval.batch_seqs)
+    start = time.perf_counter()
+    results = evaluate_saes(model, saes, batches, device, cfg.eval.model_level, cfg.eval.ce_mean,
+                            cfg.eval.max_variants, cfg.eval.logit_chunk)
+    seconds = time.perf_counter() - start
+    context = eval_context(str(cfg.suite), cfg.model, cfg.data, batches, eval=asdict(cfg.eval),
+                           seconds=seconds)
+    out_dir = Path(cfg.out_dir)
+    files = write_eval_outputs(results, out_dir, context, sae_info)
+    logger = RunLogger(cfg.logger, out_dir, asdict(cfg), name=f"eval-{Path(cfg.suite).name}")
+    flat = {f"{hp}/{k}": v for hp, r in results.items() for k, v in scalar_metrics(r).items()
+            if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))}
+    logger.log(flat, step=0)
+    logger.summary(flat)
+    _log_images(logger, files["plots"])
+    logger.finish()
+    print(f"\n{files['table_md'].read_text()}\nEvaluated {len(saes)} SAEs on "
+          f"{results[next(iter(results))]['tokens']} held-out tokens in {seconds:.1f} s; "
+          f"outputs in {out_dir}\nW&B run: {logger.location}")
+    return results
+
+
+def _log_images(logger, pngs: list[Path]) -> None:
+    """The plots as W&B images (nothing without a W&B run)."""
+    if logger.run is not None:
+        import wandb
+
+        logger.run.log({f"eval/{p.stem}": wandb.Image(str(p)) for p in pngs}, step=0)
+
+
+def config_from_hydra(dcfg: DictConfig) -> EvalRunConfig:
+    """Typed config from Hydra's; in multirun each job writes to its own Hydra job directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    cfg: EvalRunConfig = OmegaConf.to_object(dcfg)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        cfg.out_dir = HydraConfig.get().runtime.output_dir
+    return cfg
+
+
+register_configs()
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="eval")
+def main(dcfg: DictConfig) -> None:
+    run_evaluation(config_from_hydra(dcfg))
+
+
+if __name__ == "__main__":
+    main()

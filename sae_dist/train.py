@@ -57,7 +57,7 @@ class SAETrainer:
         self.hookpoint, self.sae, self.dead_tokens = hookpoint, sae, cfg.sae.dead_tokens
         self.n_steps = max(1, t.tokens // t.batch_size)
         lr = t.lr if t.lr is not None else 2e-4 / math.sqrt(sae.d_sae / 2**14)
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr)
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)  # 5x faster on CPU
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, self.n_steps, t.lr_warmup_frac, t.lr_decay_frac))
         self.grad_clip = t.grad_clip
@@ -76,6 +76,7 @@ class SAETrainer:
             self.scale = math.sqrt(x.shape[1] / float(x.pow(2).sum(1).mean()))
             self.sae.init_b_dec(x * self.scale)
         dead = self.tokens_since_fired >= self.dead_tokens
+        self.sae.set_progress(self.step_count / self.n_steps)
         out = self.sae(x * self.scale, dead_mask=dead)
         loss = sum(out.losses.values())
         self.optimizer.zero_grad(set_to_none=True)
@@ -85,6 +86,7 @@ class SAETrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.sae.normalize_decoder()
+        self.sae.after_step(out)
         fired = out.latents.fire_counts() > 0
         self.tokens_since_fired += x.shape[0]
         self.tokens_since_fired[fired] = 0
@@ -206,16 +208,20 @@ def train(cfg: TrainRunConfig) -> dict[str, dict[str, float]]:
 
 
 def finish_suite(run: TrainingRun) -> dict[str, dict[str, float]]:
-    """Fold the input scales, evaluate every SAE on held-out tokens, save the suite (SAELens
-    layout + suite.json), log artifacts, write and print the report."""
+    """Fold the input scales, evaluate every SAE on held-out tokens (reconstruction and
+    model-level metrics, sae_dist.evaluate), save the suite (SAELens layout + suite.json), log
+    artifacts, write the evaluation outputs (eval/) and the report, print the table."""
+    from sae_dist.evaluate import eval_context, evaluate_saes, scalar_metrics, take_batches
+    from sae_dist.report import EVAL_COLUMNS, write_eval_outputs
+
     cfg, suite_dir = run.cfg, run.out_dir / "suite"
     saes = {tr.hookpoint: tr.folded_sae().eval() for tr in run.trainers.values()}
     eval_stream = TokenStream(cfg.data, run.tokenizer, "eval", seed=cfg.train.seed)
-    results = evaluate_reconstruction(run.model, saes, eval_stream, cfg.train.eval_tokens,
-                                      cfg.train.forward_batch_seqs, run.device)
+    batches = take_batches(eval_stream, cfg.train.eval_tokens, cfg.train.forward_batch_seqs)
+    results = evaluate_saes(run.model, saes, batches, run.device)
     entries = []
     for hp, sae in saes.items():
-        trainer, res = run.trainers[hp.name], results[hp.name]
+        trainer, res = run.trainers[hp.name], scalar_metrics(results[hp.name])
         metadata = {
             "model_name": cfg.model.path or cfg.model.name, "hook_name": hp.saelens_hook_name,
             "hookpoint": hp.name, "site": hp.site, "layer": hp.layer,
@@ -224,20 +230,25 @@ def finish_suite(run: TrainingRun) -> dict[str, dict[str, float]]:
             "training_tokens": trainer.step_count * cfg.train.batch_size,
             "input_scale": trainer.scale, "outliers_dropped": run.producer.stats.outliers[hp.name],
             "eval_tokens": res["tokens"], "fvu": res["fvu"], "l0": res["l0"],
-            "dead_frac": res["dead_frac"]}
+            "dead_frac": res["dead_frac"], "delta_loss": res["delta_loss"],
+            "loss_recovered": res["loss_recovered"], "kl": res["kl"]}
         save_sae(sae, suite_dir / hp.name, metadata)
         run.logger.log_sae_artifact(suite_dir / hp.name, f"sae-{hp.name}", metadata)
         entries.append({"hookpoint": hp.name, "path": hp.name, **res})
     write_suite_index(suite_dir, entries, {"model": cfg.model.name,
                                            "architecture": cfg.sae.architecture,
                                            "training_tokens": run.tokens_trained()})
-    run.logger.summary({f"{hp}/eval_{k}": v for hp, r in results.items() for k, v in r.items()})
-    table = markdown_table(results)
+    run.logger.summary({f"{hp}/eval_{k}": v for hp, r in results.items()
+                        for k, v in scalar_metrics(r).items()})
+    table = markdown_table(results, EVAL_COLUMNS)
+    write_eval_outputs(results, run.out_dir / "eval", eval_context(
+        str(suite_dir), cfg.model, cfg.data, batches))
     curves = plot_training_curves(run.out_dir / "metrics.jsonl", run.out_dir / "fvu_curve.png")
     (run.out_dir / "report.md").write_text(
         f"# Training report: {cfg.model.name}\n\nHeld-out metrics ({cfg.train.eval_tokens} "
         f"tokens):\n\n{table}\n\nSuite: `{suite_dir}`\nW&B: `{run.logger.location}`\n"
-        f"Training curves: `{curves}`\n")
+        f"Training curves: `{curves}`\nEvaluation (per-SAE JSON, layer x site tables, plots): "
+        f"`{run.out_dir / 'eval'}`\n")
     run.logger.finish()
     print(f"\n{table}\n\nSAE suite written to {suite_dir}\nW&B run: {run.logger.location}\n"
           f"Report: {run.out_dir / 'report.md'}")

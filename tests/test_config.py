@@ -20,7 +20,7 @@ def no_model_load(monkeypatch):
     ("sites.layers=[6,30]", r"sites.layers=30 is not allowed; allowed: 0..29"),
     ("sites.sites=[resid,mlp_out]", r"sites.sites='mlp_out' .*allowed: resid, mlp, attn"),
     ("+sites.hookpoints=[layers.2.attention]", r"'layers.2.attention'.*layers\.\{0\.\.29\}"),
-    ("sae.k=10000", r"sae.k=10000 is not allowed; allowed: 1..9216 \(d_sae\)"),
+    ("sae.k=10000", r"sae.k=10000 is not allowed; allowed: 1..4608 \(d_sae\)"),
     ("sae.architecture=gated", r"sae.architecture='gated'.*allowed: .*topk"),
     ("train.tokens=0", r"train.tokens=0 .*> 0"),
     ("model.dtype=int8", r"model.dtype='int8'.*float32, bfloat16, float16"),

@@ -135,8 +135,18 @@ def sample_tokens(dictionary: torch.Tensor, n: int, n_active: int,
     return x + 0.01 * torch.randn(n, d, generator=gen)
 
 
+@pytest.fixture
+def one_thread():
+    """Run on one intra-op thread: the tiny ops of the toy training are no slower on one, and
+    two threads become ~50x slower when other processes compete for the cores."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
 @pytest.mark.slow
-def test_topk_recovers_synthetic_dictionary():
+def test_topk_recovers_synthetic_dictionary(one_thread):
     """256 unit directions in d_in=128, 8 active per token; a 512-latent TopK SAE (k=8) trained
     with Adam, unit-norm decoder, parallel-grad removal and AuxK on dead latents.
     (At d_in=64 the encoder's interference between 8+ active directions floors FVU near 0.18.)

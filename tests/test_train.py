@@ -111,3 +111,20 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
         b, _ = load_suite_sae(resumed / "suite", name)
         for key, value in a.state_dict().items():
             torch.testing.assert_close(b.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_trains_from_real_chats(tmp_path):
+    """The demo's model and data path for real (GGUF dequantised and cached, ChatML template),
+    on a tiny budget: every hookpoint gets its tokens and a held-out FVU below that of the mean."""
+    cfg = compose_train_config([
+        "experiment=demo", "logger=none", f"out_dir={tmp_path}", "sites.layers=[3]",
+        "sae.expansion=2", "sae.k=16", "train.tokens=4096", "train.batch_size=512",
+        "train.buffer_batches=4", "train.forward_batch_seqs=4", "train.eval_tokens=1000"])
+    results = train(cfg)
+    assert list(results) == ["layers.3.resid", "layers.3.mlp", "layers.3.attn"]
+    for res in results.values():
+        assert 0 < res["fvu"] < 1 and res["l0"] <= 16 and res["tokens"] >= 1000
+    meta = load_suite_sae(tmp_path / "suite", "layers.3.attn")[1]["metadata"]
+    assert meta["hook_name"] == "blocks.3.hook_attn_out"
+    assert meta["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"

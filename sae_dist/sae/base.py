@@ -5,6 +5,9 @@ An architecture is one file with a `SparseAutoencoder` subclass decorated with
 loss terms, `aux_losses`; it may override `_decode_latents` for a faster decoder. Parameters,
 decoder constraints, input-scale folding and the SAELens v6 layout are shared.
 
+The trainer calls `set_progress` before each step (scheduled loss coefficients read
+`self.progress`) and `after_step` after the optimizer step (running statistics).
+
 Shapes: B tokens, d_in activation width, d_sae latents, k active latents per token.
 """
 
@@ -32,6 +35,8 @@ def register(name: str) -> Callable[[type[S]], type[S]]:
         if name in SAE_REGISTRY:
             raise ValueError(f"SAE architecture {name!r} is registered twice")
         cls.architecture = name
+        if "saelens_architecture" not in cls.__dict__:
+            cls.saelens_architecture = name
         SAE_REGISTRY[name] = cls
         return cls
 
@@ -105,12 +110,16 @@ class SparseAutoencoder(nn.Module):
     """
 
     architecture: ClassVar[str]
+    saelens_architecture: ClassVar[str]
+    """The SAELens v6 `architecture` this class exports as (default: `architecture`)."""
     saelens_fields: ClassVar[tuple[str, ...]] = ()
     """`SAEConfig` fields written to, and read back from, the SAELens cfg (e.g. "k")."""
 
     def __init__(self, cfg: SAEConfig, d_in: int):
         super().__init__()
         self.cfg, self.d_in, self.d_sae = cfg, d_in, cfg.latents(d_in)
+        self.progress = 1.0
+        """Fraction of training done, set by the trainer (`set_progress`); 1 outside training."""
         self.W_enc = nn.Parameter(torch.empty(d_in, self.d_sae))
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.W_dec = nn.Parameter(torch.empty(self.d_sae, d_in))
@@ -165,6 +174,20 @@ class SparseAutoencoder(nn.Module):
         losses.update(self.aux_losses(x, x_hat, latents, pre, dead_mask))
         return SAEOutput(x_hat, latents, losses)
 
+    # --- training schedule and statistics --------------------------------------------------
+
+    def set_progress(self, progress: float) -> None:
+        """Fraction of training done (0 at the first step) for coefficient warm-ups."""
+        self.progress = progress
+
+    def warmup(self, frac: float) -> float:
+        """Linear warm-up factor in [0, 1]: progress / frac, 1 once progress >= frac."""
+        return 1.0 if frac <= 0 else min(1.0, self.progress / frac)
+
+    @torch.no_grad()
+    def after_step(self, out: SAEOutput) -> None:
+        """Update running statistics from a training step's output (none by default)."""
+
     # --- training-time constraints ---------------------------------------------------------
 
     @torch.no_grad()
@@ -207,7 +230,7 @@ class SparseAutoencoder(nn.Module):
 
     def saelens_cfg(self) -> dict:
         """SAELens v6 cfg keys describing this SAE (metadata is added by the checkpoint code)."""
-        cfg = {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae,
+        cfg = {"architecture": self.saelens_architecture, "d_in": self.d_in, "d_sae": self.d_sae,
                "dtype": "float32", "apply_b_dec_to_input": True,
                "normalize_activations": "none", "reshape_activations": "none"}
         cfg.update({name: getattr(self.cfg, name) for name in self.saelens_fields})
@@ -225,5 +248,19 @@ class SparseAutoencoder(nn.Module):
         fields = {name: cfg[name] for name in cls.saelens_fields}
         sae_cfg = SAEConfig(architecture=cls.architecture, d_sae=int(cfg["d_sae"]), **fields)
         sae = cls(sae_cfg, int(cfg["d_in"]))
-        sae.load_state_dict(tensors)
+        sae.load_saelens_tensors(tensors)
         return sae
+
+    @torch.no_grad()
+    def load_saelens_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Copy SAELens tensors (names and shapes as `saelens_tensors` writes them, any float
+        dtype) into the parameters."""
+        params = dict(self.named_parameters())
+        if set(tensors) != set(params):
+            raise ValueError(f"SAELens tensors {sorted(tensors)} do not match the "
+                             f"{self.architecture} parameters {sorted(params)}")
+        for name, p in params.items():
+            if tensors[name].shape != p.shape:
+                raise ValueError(f"SAELens tensor {name} has shape {tuple(tensors[name].shape)}; "
+                                 f"expected {tuple(p.shape)}")
+            p.copy_(tensors[name])

@@ -39,19 +39,29 @@ class TopKSAE(SparseAutoencoder):
         self.k_aux = min(cfg.k_aux or d_in // 2, self.d_sae)
         self.sparse = sparse
 
-    def _activate(self, x: Tensor, pre: Tensor, indices: Tensor) -> Tensor:
-        """relu(pre) gathered at indices int64 [B, j] -> [B, j], differentiable in the weights."""
+    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Latents to keep, from pre-activations [B, d_sae] (no graph): int64 indices [B, j]
+        and a bool mask [B, j] of the entries to keep, or None to keep all (here: top k)."""
+        return pre.topk(self.k, dim=1, sorted=False).indices, None
+
+    def _activate(self, x: Tensor, pre: Tensor, indices: Tensor,
+                  keep: Tensor | None = None) -> Tensor:
+        """relu(pre) gathered at indices int64 [B, j], zero where `keep` [B, j] is False ->
+        [B, j], differentiable in the weights."""
         if not self.sparse:
-            return torch.relu(pre.gather(1, indices))
+            values = torch.relu(pre.gather(1, indices))
+            return values if keep is None else values * keep
         pre_top = pre.detach().gather(1, indices)
+        if keep is not None:
+            pre_top = pre_top.masked_fill(~keep, 0)
         return TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, pre_top, indices)
 
     def _encode(self, x: Tensor) -> tuple[Latents, Tensor]:
-        """x [B, d_in] -> (values/indices [B, k], pre [B, d_sae]; pre has no graph if sparse)."""
+        """x [B, d_in] -> (values/indices [B, j], pre [B, d_sae]; pre has no graph if sparse)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse):
             pre = self.pre_acts(x)
-        indices = pre.detach().topk(self.k, dim=1, sorted=False).indices
-        return Latents(self._activate(x, pre, indices), indices, self.d_sae), pre
+        indices, keep = self._select(pre.detach())
+        return Latents(self._activate(x, pre, indices, keep), indices, self.d_sae), pre
 
     def _decode_latents(self, latents: Latents) -> Tensor:
         """[B, d_in] = sum_j values[:, j] * W_dec[indices[:, j]] (embedding_bag if sparse)."""

@@ -1,0 +1,247 @@
+"""Model-level evaluation machinery: one clean forward pass, spliced passes that start at the
+spliced layer, and next-token cross-entropy / KL at a fixed set of positions (DESIGN.md
+section 8).
+
+The cheapest correct scheme, and why:
+
+- A splice at layer L changes nothing before layer L, so a spliced pass need not repeat layers
+  0..L-1: the clean pass records the hidden state entering each needed layer (and the keyword
+  arguments the HF model hands every decoder layer: rotary position embeddings, attention mask,
+  position ids), and a spliced pass replays only layers L..N-1, the final norm and the LM head
+  (`replay_from`). The splice hook fires inside the replayed layer L as in a full forward.
+- A spliced pass cannot stop early: CE and KL need the logits, so every later layer runs.
+- Several passes that start at the same layer (the SAE splice, the zero and the optional mean
+  ablation of every site of that layer) run as one batch of `n_variants x B` sequences; each
+  variant's hook edits only its own rows.
+- The LM head (often the largest matmul of a small model) runs only at the CE positions, in
+  chunks of `chunk` positions, so the [B, T, vocab] logits never exist; the clean log-probs at
+  the CE positions are computed once per batch and reused by every variant.
+
+Cost per batch: one clean pass + sum over variants of (N - L_v) / N passes + one LM head per
+variant, instead of (1 + n_variants) full passes.
+
+Positions (the same for ce_clean, ce_spliced, ce_zero, ce_mean and kl): position t of a row
+counts iff train_mask[t] is True and t + 1 exists in the row; its target is input_ids[t + 1].
+Splices replace the activation at every position whose train_mask is True and leave masked
+positions (BOS / attention sinks, chat control tokens) untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from sae_dist.hookpoints import FAMILIES, HookFn, Hookpoint, decoder_layers, family_of, hooks
+
+SPLICE_POSITIONS = "train_mask"
+"""Where splices act: every position whose train_mask is True (others keep the clean value)."""
+CE_POSITIONS = "t with train_mask[t] and t+1 in the row; target input_ids[t+1]"
+"""The positions of every cross-entropy and KL metric."""
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The decoder stack (`model.model` for Llama/Qwen families), holding layers and norm."""
+    return model.get_submodule(FAMILIES[family_of(model)][0].rsplit(".", 1)[0])
+
+
+def ce_positions(input_ids: Tensor, train_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(sel bool [B, T], targets int64 [n]): positions t with train_mask[t] and t < T-1, and
+    their next tokens input_ids[t+1] (row-major order, as `h[sel]` selects)."""
+    sel = train_mask.clone()
+    sel[:, -1] = False
+    targets = torch.zeros_like(input_ids)
+    targets[:, :-1] = input_ids[:, 1:]
+    return sel, targets[sel]
+
+
+@dataclass
+class CleanPass:
+    """What one clean forward pass of a batch [B, T] leaves for the metrics and the replays."""
+
+    acts: dict[Hookpoint, Tensor]
+    """Activation [B, T, d_model] at every evaluated hookpoint (model dtype)."""
+    layer_inputs: dict[int, Tensor]
+    """Hidden state [B, T, d_model] entering each layer a replay starts at."""
+    layer_kwargs: dict[int, dict[str, Any]]
+    """Keyword arguments the model passed to each decoder layer >= the first replay layer."""
+    final: Tensor
+    """Final-normed hidden state [B, T, d_model] (input of the LM head)."""
+
+
+@torch.no_grad()
+def clean_pass(model: nn.Module, input_ids: Tensor, hookpoints: list[Hookpoint],
+               start_layers: list[int]) -> CleanPass:
+    """Run the decoder stack once (no LM head) and record activations, layer inputs and kwargs."""
+    layers = decoder_layers(model)
+    acts: dict[Hookpoint, Tensor] = {}
+    inputs: dict[int, Tensor] = {}
+    kwargs: dict[int, dict[str, Any]] = {}
+    first = min(start_layers, default=len(layers))
+
+    def store(hp: Hookpoint) -> HookFn:
+        return lambda act: acts.__setitem__(hp, act.detach()) or None
+
+    def pre(i: int):
+        def hook(module, args, kw):
+            if i in start_layers:
+                inputs[i] = (args[0] if args else kw["hidden_states"]).detach()
+            kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
+        return hook
+
+    handles = [layers[i].register_forward_pre_hook(pre(i), with_kwargs=True)
+               for i in range(first, len(layers))]
+    try:
+        with hooks(model, {hp: store(hp) for hp in hookpoints}):
+            out = base_model(model)(input_ids=input_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return CleanPass(acts, inputs, kwargs, out.last_hidden_state)
+
+
+def _repeat_rows(obj: Any, batch: int, n: int) -> Any:
+    """Tile tensors whose leading dim is the batch size `batch` (> 1) n times; recurse tuples."""
+    if isinstance(obj, Tensor) and obj.dim() > 0 and obj.shape[0] == batch and batch > 1:
+        return obj.repeat(n, *([1] * (obj.dim() - 1)))
+    if isinstance(obj, tuple):
+        return tuple(_repeat_rows(o, batch, n) for o in obj)
+    return obj
+
+
+Edit = Callable[[Tensor], None]
+"""A variant's splice: edits, in place, the activation rows [B, T, d] of its own batch slice
+(a view of a fresh copy, never the module's own output)."""
+
+
+@torch.no_grad()
+def replay_from(model: nn.Module, clean: CleanPass, start: int,
+                variants: list[dict[Hookpoint, Edit]]) -> Tensor:
+    """Final-normed hidden states [n_variants, B, T, d] of the spliced passes `variants`, all run
+    as one batch from layer `start` (every hookpoint in `variants` must be at a layer >=
+    `start`; layers before `start` are taken from the clean pass)."""
+    h0 = clean.layer_inputs[start]
+    n, batch = len(variants), h0.shape[0]
+    by_hp: dict[Hookpoint, list[tuple[int, Edit]]] = {}
+    for v, edits in enumerate(variants):
+        for hp, fn in edits.items():
+            if hp.layer < start:
+                raise ValueError(f"{hp} is before the replay start layer {start}")
+            by_hp.setdefault(hp, []).append((v, fn))
+
+    def hook(edits: list[tuple[int, Edit]]) -> HookFn:
+        def fn(act: Tensor) -> Tensor:
+            out = act.clone()
+            for v, edit in edits:
+                edit(out[v * batch:(v + 1) * batch])
+            return out
+        return fn
+
+    h = h0.repeat(n, *([1] * (h0.dim() - 1)))
+    layers = decoder_layers(model)
+    with hooks(model, {hp: hook(e) for hp, e in by_hp.items()}):
+        for i in range(start, len(layers)):
+            kw = {k: _repeat_rows(v, batch, n) for k, v in clean.layer_kwargs[i].items()}
+            h = layers[i](h, **kw)
+            h = h[0] if isinstance(h, tuple) else h
+    h = base_model(model).norm(h)
+    return h.view(n, batch, *h.shape[1:])
+
+
+def masked_edit(mask: Tensor, values: Tensor) -> Edit:
+    """In-place splice setting the activation at the True positions of mask [B, T] to
+    values [n, d] (one row per True position, row-major) or [d] (the same vector everywhere)."""
+    def edit(view: Tensor) -> None:
+        view[mask] = values.to(view.dtype) if values.dim() == 2 else \
+            values.to(view.dtype).expand(int(mask.sum()), -1)
+    return edit
+
+
+class NextTokenScorer:
+    """Clean next-token distributions at the CE positions of one batch, to score spliced passes.
+
+    `final` [B, T, d] (clean, final-normed), `sel` bool [B, T], `targets` int64 [n]. The LM
+    head runs on `chunk` positions at a time, in the model's dtype like the HF forward; the
+    log-softmax is taken in float32. Per position, CE = -log p(target) and
+    KL(p_clean || p) = <p_clean, log p_clean - log p> (a row-wise dot product of the
+    difference, which stays accurate for small KL; exactly 0 when the logits equal the clean
+    ones). The clean log-probs and probs (float32, 2 x n x vocab) are kept for the batch.
+    """
+
+    def __init__(self, model: nn.Module, final: Tensor, sel: Tensor, targets: Tensor,
+                 chunk: int = 256):
+        self.head, self.sel, self.chunk = model.get_output_embeddings(), sel, chunk
+        self.targets = targets.split(chunk)
+        self.p_clean, self.logp_clean, ce = [], [], []
+        for h, t in zip(final[sel].split(chunk), self.targets):
+            z = self.head(h).float()
+            self.logp_clean.append(torch.log_softmax(z, -1))
+            self.p_clean.append(torch.softmax(z, -1))
+            ce.append(-self.logp_clean[-1].gather(1, t[:, None])[:, 0])
+        self.ce_clean = torch.cat(ce).double()
+
+    @property
+    def n(self) -> int:
+        return int(self.sel.sum())
+
+    @torch.no_grad()
+    def score(self, final: Tensor, with_kl: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+        """final [B, T, d] of a spliced pass -> per-position (CE, KL(p_clean || p_spliced) or
+        None without `with_kl`), float64 [n] each."""
+        ce, kl = [], []
+        for h, p, logp_clean, t in zip(final[self.sel].split(self.chunk), self.p_clean,
+                                       self.logp_clean, self.targets):
+            logp = torch.log_softmax(self.head(h).float(), -1)
+            ce.append(-logp.gather(1, t[:, None])[:, 0])
+            if with_kl:
+                kl.append(_dot(p, logp.neg_().add_(logp_clean)).double())  # log p_c - log p
+        return torch.cat(ce).double(), torch.cat(kl) if with_kl else None
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot products of a, b [m, v] -> [m] without an [m, v] temporary."""
+    return torch.bmm(a[:, None, :], b[:, :, None])[:, 0, 0]
+
+
+MODEL_KINDS = ("spliced", "zero", "mean")
+
+
+@dataclass
+class ModelLevelAccumulator:
+    """Float64 sums of per-position CE (clean and per kind of splice) and KL for one SAE."""
+
+    n: int = 0
+    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl"), 0.0))
+    has_mean: bool = False
+
+    def add_clean(self, ce_clean: Tensor) -> None:
+        self.n += ce_clean.numel()
+        self.sums["ce_clean"] += float(ce_clean.sum())
+
+    def add(self, kind: str, ce: Tensor, kl: Optional[Tensor] = None) -> None:
+        """CE (and for kind 'spliced' the KL) per position [n] of one batch."""
+        self.sums[f"ce_{kind}"] += float(ce.sum())
+        self.has_mean |= kind == "mean"
+        if kind == "spliced" and kl is not None:
+            self.sums["kl"] += float(kl.sum())
+
+    def result(self) -> dict[str, float]:
+        if self.n == 0:
+            raise ValueError("no evaluation position passed the mask")
+        m = {k: v / self.n for k, v in self.sums.items()}
+        out = {"ce_clean": m["ce_clean"], "ce_spliced": m["ce_spliced"], "ce_zero": m["ce_zero"],
+               "delta_loss": m["ce_spliced"] - m["ce_clean"],
+               "loss_recovered": _ratio(m["ce_zero"] - m["ce_spliced"],
+                                        m["ce_zero"] - m["ce_clean"]),
+               "kl": m["kl"], "ce_tokens": self.n}
+        if self.has_mean:
+            out["ce_mean"] = m["ce_mean"]
+        return out
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is 0 (ablating the site does not change the loss at all)."""
+    return a / b if b != 0 else float("nan")

@@ -1,0 +1,119 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024; the Gemma Scope recipe).
+
+z_i = pre_i * H(pre_i - theta_i), one threshold theta_i > 0 per latent, trained as its logarithm.
+H has no useful derivative, so theta learns through straight-through estimators with a
+rectangle kernel K(u) = 1{|u| < 1/2} of width `bandwidth` (eps):
+
+    d z_i / d theta_i := -(theta_i / eps) K((pre_i - theta_i) / eps)
+    d H(pre_i - theta_i) / d theta_i := -(1 / eps) K((pre_i - theta_i) / eps)
+
+while pre_i gets the plain gradient H(pre_i - theta_i) from z_i and none from the L0 penalty.
+The loss is FVU + coef * mean_tokens L0 (coef warmed up linearly), or with a target L0,
+FVU + coef * (L0 / target - 1)^2 over the batch mean L0.
+
+Latents are dense ([B, d_sae]); the SAELens export holds `threshold = exp(log_threshold)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sae_dist.config import SAEConfig
+from sae_dist.sae.base import Latents, SparseAutoencoder, register
+
+
+def rectangle(u: Tensor) -> Tensor:
+    """K(u) = 1 where |u| < 1/2, else 0 (same dtype as u)."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class JumpReLUFn(torch.autograd.Function):
+    """pre [B, d_sae], threshold [d_sae] (>= 0), bandwidth -> pre * H(pre - threshold) with the
+    straight-through threshold gradient -(threshold / eps) K((pre - threshold) / eps). Under
+    autocast `pre` may be bfloat16; the comparison is made in the threshold's dtype."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_pre = grad * (pre > threshold)
+        kernel = rectangle((pre - threshold) / eps)
+        grad_threshold = -(threshold / eps) * (kernel * grad).sum(0)
+        return grad_pre, grad_threshold.to(threshold.dtype), None
+
+
+class StepFn(torch.autograd.Function):
+    """pre [B, d_sae], threshold [d_sae], bandwidth -> H(pre - threshold) with the
+    straight-through threshold gradient -(1 / eps) K((pre - threshold) / eps) and none for pre."""
+
+    @staticmethod
+    def forward(ctx: Any, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
+        pre, threshold = ctx.saved_tensors
+        eps = ctx.bandwidth
+        kernel = rectangle((pre - threshold) / eps)
+        return None, (-(kernel * grad).sum(0) / eps).to(threshold.dtype), None
+
+
+@register("jumprelu")
+class JumpReLUSAE(SparseAutoencoder):
+    """JumpReLU SAE with a per-latent threshold and an L0 penalty.
+
+    `log_threshold` [d_sae] is float64, so that `threshold` (float32, exported to SAELens as
+    `threshold`) and the value read back from SAELens are bit-identical.
+    """
+
+    def __init__(self, cfg: SAEConfig, d_in: int):
+        super().__init__(cfg, d_in)
+        init = torch.full((self.d_sae,), cfg.threshold_init, dtype=torch.float64)
+        self.log_threshold = nn.Parameter(init.log())
+
+    @property
+    def threshold(self) -> Tensor:
+        """[d_sae] exp(log_threshold) in the dtype of W_enc (differentiable)."""
+        return self.log_threshold.exp().to(self.W_enc.dtype)
+
+    def _encode(self, x: Tensor) -> tuple[Latents, Tensor]:
+        """x [B, d_in] -> (dense latents [B, d_sae], pre [B, d_sae] with graph)."""
+        pre = self.pre_acts(x)
+        values = JumpReLUFn.apply(pre, self.threshold, self.cfg.bandwidth)
+        return Latents(values, None, self.d_sae), pre
+
+    def aux_losses(self, x: Tensor, x_hat: Tensor, latents: Latents, pre: Tensor,
+                   dead_mask: Tensor | None) -> dict[str, Tensor]:
+        """{"l0": warm-up * l0_coef * L0 term}, the L0 counted through `StepFn` so that the
+        thresholds (only they) get its gradient."""
+        l0 = StepFn.apply(pre, self.threshold, self.cfg.bandwidth).sum(1).mean()
+        target = self.cfg.target_l0
+        term = l0 if target is None else (l0 / target - 1).pow(2)
+        return {"l0": self.cfg.l0_coef * self.warmup(self.cfg.l0_warmup_frac) * term}
+
+    def saelens_tensors(self) -> dict[str, Tensor]:
+        """W_enc, b_enc, W_dec, b_dec and threshold [d_sae] (float32)."""
+        tensors = super().saelens_tensors()
+        del tensors["log_threshold"]
+        tensors["threshold"] = self.threshold.detach().float().cpu().contiguous()
+        return tensors
+
+    @torch.no_grad()
+    def load_saelens_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of `saelens_tensors`: log_threshold = log(threshold) in float64. A threshold
+        <= 0 is read as 0: SAELens computes relu(pre) * H(pre - threshold), which is then relu."""
+        tensors = dict(tensors)
+        threshold = tensors.pop("threshold").to(torch.float64).clamp_min(0)
+        tensors["log_threshold"] = threshold.log()
+        super().load_saelens_tensors(tensors)
