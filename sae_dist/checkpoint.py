@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -102,14 +103,73 @@ def load_suite_sae(suite_dir: Path, hookpoint: str, device: str | torch.device =
     return load_sae(Path(suite_dir) / entry["path"], device)
 
 
-def save_training_state(folder: Path, state: dict[str, Any]) -> None:
-    """Atomically write a resumable training checkpoint (any torch-serialisable dict)."""
-    write_atomically(folder, lambda tmp: torch.save(state, tmp / "state.pt"))
+# --- resumable training checkpoints ----------------------------------------------------------
+# <out_dir>/checkpoint/: run.pt (forward batches, data_shards, process count, trainer kind,
+# producer counts), shards/<v>.pt (token stream position and outlier filters of data shard v),
+# buffers/<hookpoint>/<v>.pt (shuffle buffer of a hookpoint and shard), saes/<hookpoint>.pt (SAE
+# weights, Adam state by parameter name, input scale, dead counters, step, LR schedule), and
+# under DeepSpeed deepspeed/ (accelerate.save_state). Every process writes its parts into
+# .checkpoint.tmp/; the main process then swaps it in (checkpoint -> .checkpoint.old, tmp ->
+# checkpoint, old removed), so a crash at any point leaves one complete checkpoint.
 
 
-def load_training_state(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / "state.pt"
+def _paths(dest: Path) -> tuple[Path, Path]:
+    return dest.with_name(f".{dest.name}.tmp"), dest.with_name(f".{dest.name}.old")
+
+
+def begin_checkpoint(dest: Path, is_main: bool, barrier: Callable[[], None]) -> Path:
+    """An empty temporary folder for the parts of a checkpoint to `dest` (collective)."""
+    tmp, _ = _paths(Path(dest))
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    return tmp
+
+
+def save_part(tmp: Path, name: str, state: Any) -> None:
+    """Write one part (any torch-serialisable object) of a checkpoint being written."""
+    path = tmp / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def commit_checkpoint(tmp: Path, dest: Path, is_main: bool, barrier: Callable[[], None]
+                      ) -> None:
+    """Once every process wrote its parts, move `tmp` into place as `dest` (collective)."""
+    barrier()
+    if is_main:
+        _, old = _paths(Path(dest))
+        shutil.rmtree(old, ignore_errors=True)
+        if dest.exists():
+            dest.rename(old)
+        tmp.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def checkpoint_exists(dest: Path) -> bool:
+    """Whether a complete checkpoint is at `dest`; one left as .old by a crash during the swap
+    is recovered (renamed back) first."""
+    dest = Path(dest)
+    _, old = _paths(dest)
+    if not (dest / "run.pt").exists() and (old / "run.pt").exists():
+        try:
+            old.rename(dest)
+        except OSError:  # another process recovered it
+            pass
+    return (dest / "run.pt").exists()
+
+
+def load_part(dest: Path, name: str) -> Any:
+    path = Path(dest) / name
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"training checkpoint {path} is unreadable: {e}") from e
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"training checkpoint part {path} is missing or unreadable: {e}"
+                              ) from e
+
+
+def saved_data_shards(dest: Path) -> int | None:
+    """The data_shards of the checkpoint at `dest`, None without one."""
+    return load_part(dest, "run.pt")["data_shards"] if checkpoint_exists(dest) else None

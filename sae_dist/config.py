@@ -8,13 +8,16 @@ raises `ConfigError` naming the key, the value and what is allowed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+"""The Hydra configs (conf/ next to the package, as in a source checkout or editable install)."""
 SITES = ("resid", "mlp", "attn")
-TRAINER_KINDS = ("single", "ddp", "zero2", "zero3")
+TRAINER_KINDS = ("single", "ddp", "zero2", "zero3", "sharded")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -156,7 +159,11 @@ class TrainConfig:
     tokens: int = 300_000
     """Training tokens per hookpoint (tokens that pass the train mask)."""
     batch_size: int = 4096
-    """SAE training batch in tokens (global: summed over ranks)."""
+    """SAE training batch in tokens (global: summed over processes; a multiple of data_shards)."""
+    data_shards: Optional[int] = None
+    """Virtual data shards (null: the number of processes). The data order depends on this, not
+    on the process count: a run resumes on any number of processes dividing it, and one process
+    with data_shards=n reproduces an n-process run."""
     lr: Optional[float] = None
     """Adam learning rate; null means 2e-4 / sqrt(d_sae / 16384) (Gao et al. scaling)."""
     lr_warmup_frac: float = 0.05
@@ -184,11 +191,15 @@ class TrainConfig:
 @dataclass
 class TrainerConfig:
     kind: str = "single"
-    """single (one process), ddp (accelerate DDP), zero2 / zero3 (DeepSpeed through accelerate)."""
+    """single (one process), ddp (accelerate DDP), zero2 / zero3 (DeepSpeed through accelerate),
+    sharded (each process trains a balanced subset of the SAEs on every process's activations)."""
     mixed_precision: str = "no"
     """accelerate mixed precision of the SAE step: no, bf16 or fp16."""
     deepspeed_config: Optional[str] = None
     """DeepSpeed JSON config (trainer zero2/zero3)."""
+    timeout_s: float = 600.0
+    """Seconds a collective may wait for the other processes before the run fails (a dead or
+    stuck process ends the run with an error instead of a hang)."""
 
 
 @dataclass
@@ -289,6 +300,11 @@ def validate(cfg: TrainRunConfig) -> None:
     _check(t.tokens > 0, "train.tokens", t.tokens, "> 0")
     _check(t.batch_size > 0, "train.batch_size", t.batch_size, "> 0")
     _check(t.buffer_batches >= 2, "train.buffer_batches", t.buffer_batches, ">= 2")
+    shards = t.data_shards or 1
+    _check(shards >= 1, "train.data_shards", t.data_shards, ">= 1 or null")
+    _check(t.batch_size % shards == 0 and t.forward_batch_seqs % shards == 0,
+           "train.data_shards", t.data_shards,
+           "a divisor of train.batch_size and train.forward_batch_seqs")
     _check(0 <= t.lr_warmup_frac + t.lr_decay_frac <= 1, "train.lr_warmup_frac",
            t.lr_warmup_frac, "warm-up + decay fractions within [0, 1]")
     d = cfg.data

@@ -1,15 +1,18 @@
 """The activation producer: LM forward passes with capture hooks at every requested hookpoint,
-stopped after the last layer needed; per hookpoint the masked, outlier-filtered activations go
-into an in-memory shuffle buffer that hands out training batches. Nothing touches disk."""
+stopped after the last layer needed; per data shard and hookpoint the masked, outlier-filtered
+activations go into an in-memory shuffle buffer that hands out training batches. Nothing
+touches disk."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Iterator
+
 import torch
 from torch import nn
 
-from sae_dist.data import TokenBatch
+from sae_dist.data import TokenBatch, TokenStream
 from sae_dist.hookpoints import Hookpoint, capture
 
 log = logging.getLogger(__name__)
@@ -51,8 +54,9 @@ class OutlierFilter:
 
 
 class ShuffleBuffer:
-    """Token buffer of `capacity` rows: once full it is shuffled and hands out `batch_size`
-    batches until half empty, so consecutive (correlated) tokens are spread over many batches."""
+    """Token buffer of `capacity` rows: once full it is shuffled and its rows beyond half the
+    capacity become `batch_size` batches ready to `pop`, so consecutive (correlated) tokens are
+    spread over many batches."""
 
     def __init__(self, capacity: int, batch_size: int, generator: torch.Generator):
         if capacity < 2 * batch_size:
@@ -60,27 +64,37 @@ class ShuffleBuffer:
         self.capacity, self.batch_size, self.generator = capacity, batch_size, generator
         self.chunks: list[torch.Tensor] = []
         self.size = 0
+        self.ready: list[torch.Tensor] = []
 
-    def push(self, acts: torch.Tensor) -> list[torch.Tensor]:
-        """Add rows [n, d]; returns the training batches [batch_size, d] that became ready."""
+    def push(self, acts: torch.Tensor) -> None:
+        """Add rows [n, d]; when the buffer is full, shuffle it and make batches ready."""
         self.chunks.append(acts)
         self.size += acts.shape[0]
         if self.size < self.capacity:
-            return []
+            return
         data = torch.cat(self.chunks)
         perm = torch.randperm(data.shape[0], generator=self.generator).to(data.device)
         data = data[perm]
         n_out = (data.shape[0] - self.capacity // 2) // self.batch_size * self.batch_size
         self.chunks, self.size = [data[n_out:]], data.shape[0] - n_out
-        return list(data[:n_out].split(self.batch_size))
+        self.ready += data[:n_out].split(self.batch_size)
+
+    def available(self) -> int:
+        """Number of batches ready."""
+        return len(self.ready)
+
+    def pop(self) -> torch.Tensor:
+        """The oldest ready batch [batch_size, d]."""
+        return self.ready.pop(0)
 
     def state_dict(self) -> dict:
         return {"data": torch.cat(self.chunks) if self.chunks else torch.empty(0),
-                "generator": self.generator.get_state()}
+                "ready": list(self.ready), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.chunks = [state["data"]] if state["data"].numel() else []
         self.size = state["data"].shape[0] if state["data"].numel() else 0
+        self.ready = list(state["ready"])
         self.generator.set_state(state["generator"])
 
 
@@ -91,32 +105,63 @@ class ProducerStats:
     """Tokens through the LM (all positions)."""
     train_tokens: int = 0
     """Tokens passing the train mask (before outlier filtering)."""
-    outliers: dict[str, int] = field(default_factory=dict)
-    nonfinite: dict[str, int] = field(default_factory=dict)
 
 
 class ActivationProducer:
-    """One forward pass per token batch feeds every hookpoint. Yields, per forward pass, the
-    filtered activations {hookpoint name: float32 [n_kept, d_model]} on `device`."""
+    """One LM forward pass per step feeds every hookpoint of every data shard this process
+    hosts: each shard's token stream gives `seqs_per_shard` rows, the rows of all shards go
+    through the model together, and each shard filters its own rows (`OutlierFilter` per shard
+    and hookpoint). Yields float32 activations on `device`."""
 
     def __init__(self, model: nn.Module, hookpoints: list[Hookpoint], max_norm_multiple: float,
-                 device: torch.device):
+                 device: torch.device, streams: dict[int, TokenStream], seqs_per_shard: int):
         self.model, self.hookpoints, self.device = model, hookpoints, device
-        self.filters = {hp.name: OutlierFilter(max_norm_multiple) for hp in hookpoints}
+        self.streams, self.seqs_per_shard = streams, seqs_per_shard
+        self.filters = {v: {hp.name: OutlierFilter(max_norm_multiple) for hp in hookpoints}
+                        for v in streams}
         self.stats = ProducerStats()
+        self._batches: dict[int, Iterator[TokenBatch]] = {}
 
-    def activations(self, batch: TokenBatch) -> dict[str, torch.Tensor]:
-        """The filtered training activations of one token batch."""
-        ids = batch.input_ids.to(self.device)
-        mask = batch.train_mask.to(self.device)
+    def next_batches(self) -> dict[int, TokenBatch] | None:
+        """The next token batch of every hosted shard; None once any shard's stream ran out."""
+        out = {}
+        for v, stream in self.streams.items():
+            if v not in self._batches:
+                self._batches[v] = stream.batches(self.seqs_per_shard)
+            batch = next(self._batches[v], None)
+            if batch is None:
+                return None
+            out[v] = batch
+        return out
+
+    def activations(self, batches: dict[int, TokenBatch]) -> dict[int, dict[str, torch.Tensor]]:
+        """{shard: {hookpoint name: filtered activations [n_kept, d_model]}} of one step."""
+        ids = torch.cat([b.input_ids for b in batches.values()]).to(self.device)
+        mask = torch.cat([b.train_mask for b in batches.values()]).to(self.device)
         acts = capture(self.model, self.hookpoints, ids, stop_early=True)
         self.stats.forward_passes += 1
         self.stats.tokens += ids.numel()
         self.stats.train_tokens += int(mask.sum())
-        out = {}
+        rows = [b.input_ids.shape[0] for b in batches.values()]
+        out: dict[int, dict[str, torch.Tensor]] = {v: {} for v in batches}
         for hp in self.hookpoints:
-            filt = self.filters[hp.name]
-            out[hp.name] = filt(acts[hp][mask].float())
-            self.stats.outliers[hp.name] = filt.dropped_outliers
-            self.stats.nonfinite[hp.name] = filt.dropped_nonfinite
+            for v, a, m in zip(batches, acts[hp].split(rows), mask.split(rows)):
+                out[v][hp.name] = self.filters[v][hp.name](a[m].float())
         return out
+
+    def dropped(self) -> dict[str, dict[str, int]]:
+        """{"outliers" | "nonfinite": {hookpoint name: tokens dropped on this process}}."""
+        return {kind: {hp.name: sum(getattr(f[hp.name], f"dropped_{kind}")
+                                    for f in self.filters.values()) for hp in self.hookpoints}
+                for kind in ("outliers", "nonfinite")}
+
+    def state_dict(self, shard: int) -> dict:
+        """One hosted shard's position: its stream and filters."""
+        return {"stream": self.streams[shard].state_dict(),
+                "filters": {n: f.state_dict() for n, f in self.filters[shard].items()}}
+
+    def load_state_dict(self, shard: int, state: dict) -> None:
+        self.streams[shard].load_state_dict(state["stream"])
+        self._batches.pop(shard, None)
+        for name, f in self.filters[shard].items():
+            f.load_state_dict(state["filters"][name])

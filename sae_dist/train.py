@@ -1,234 +1,325 @@
-"""Train one SAE per hookpoint from a single streaming producer (DESIGN.md section 7).
+"""Train one SAE per hookpoint from a streaming producer (DESIGN.md section 7).
 
-`python -m sae_dist.train experiment=demo` — see conf/train.yaml. The loop (`train`) reads:
-token batch -> one LM forward -> per hookpoint: shuffle buffer -> SAE steps; every SAE sees
+`python -m sae_dist.train experiment=demo` — see conf/train.yaml; several processes with
+`accelerate launch` / torchrun and `trainer=ddp|zero2|zero3|sharded`. The loop (`train`) reads:
+token batches of the hosted data shards -> one LM forward -> per hookpoint and shard: shuffle
+buffer (sharded: on the hookpoint's owner) -> lockstep steps of every SAE; every SAE sees
 `train.tokens` tokens, then the folded SAEs are evaluated on held-out tokens and saved.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import math
+import resource
+import shutil
 import time
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from sae_dist.config import TrainRunConfig, register_configs, validate
+from sae_dist.checkpoint import (CheckpointError, begin_checkpoint, checkpoint_exists,
+                                 commit_checkpoint, load_part, load_sae, save_part, save_sae,
+                                 saved_data_shards, write_suite_index)
+from sae_dist.config import CONF_DIR, TrainRunConfig, register_configs, validate
 from sae_dist.data import TokenStream
-from sae_dist.hookpoints import Hookpoint, grid_hookpoints
+from sae_dist.distributed import (Topology, all_min, assign_hookpoints, barrier,
+                                  broadcast_object, gather_dicts, gather_rows,
+                                  init_process_group, sum_counts)
+from sae_dist.evaluate import eval_context, evaluate_saes, scalar_metrics, take_batches
+from sae_dist.hookpoints import grid_hookpoints
 from sae_dist.models import load_model
-from sae_dist.producer import ActivationProducer, ShuffleBuffer
-from sae_dist.checkpoint import (load_training_state, save_sae, save_training_state,
-                                 write_suite_index)
-from sae_dist.evaluate import evaluate_reconstruction
-from sae_dist.report import markdown_table, plot_training_curves
-from sae_dist.sae import SparseAutoencoder, build_sae
+from sae_dist.producer import ActivationProducer, ProducerStats, ShuffleBuffer
+from sae_dist.report import EVAL_COLUMNS, markdown_table, plot_training_curves, write_eval_outputs
+from sae_dist.sae import SparseAutoencoder
 from sae_dist.tracking import RunLogger
+from sae_dist.trainer import SuiteTrainer
 
 log = logging.getLogger(__name__)
 
 
-def lr_factor(step: int, n_steps: int, warmup_frac: float, decay_frac: float) -> float:
-    """Linear warm-up over the first `warmup_frac` of steps, constant, then linear decay to zero
-    over the last `decay_frac`."""
-    warmup, decay = max(1, round(warmup_frac * n_steps)), round(decay_frac * n_steps)
-    if step < warmup:
-        return (step + 1) / warmup
-    if decay and step >= n_steps - decay:
-        return max(0.0, (n_steps - step) / decay)
-    return 1.0
-
-
-class SAETrainer:
-    """One hookpoint's SAE with its Adam optimizer, LR schedule, input scale (set from the first
-    batch so that E||x * scale||^2 = d_in) and dead-latent counters."""
-
-    def __init__(self, hookpoint: Hookpoint, sae: SparseAutoencoder, cfg: TrainRunConfig):
-        t = cfg.train
-        self.hookpoint, self.sae, self.dead_tokens = hookpoint, sae, cfg.sae.dead_tokens
-        self.n_steps = max(1, t.tokens // t.batch_size)
-        lr = t.lr if t.lr is not None else 2e-4 / math.sqrt(sae.d_sae / 2**14)
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)  # 5x faster on CPU
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
-            s, self.n_steps, t.lr_warmup_frac, t.lr_decay_frac))
-        self.grad_clip = t.grad_clip
-        self.scale: float | None = None
-        self.step_count = 0
-        self.tokens_since_fired = torch.zeros(sae.d_sae, dtype=torch.long,
-                                              device=sae.W_dec.device)
-
-    @property
-    def done(self) -> bool:
-        return self.step_count >= self.n_steps
-
-    def step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimizer step on raw activations x [batch, d_in]; returns detached metrics."""
-        if self.scale is None:
-            self.scale = math.sqrt(x.shape[1] / float(x.pow(2).sum(1).mean()))
-            self.sae.init_b_dec(x * self.scale)
-        dead = self.tokens_since_fired >= self.dead_tokens
-        self.sae.set_progress(self.step_count / self.n_steps)
-        out = self.sae(x * self.scale, dead_mask=dead)
-        loss = sum(out.losses.values())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.sae.remove_parallel_decoder_grad()
-        torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.sae.normalize_decoder()
-        self.sae.after_step(out)
-        fired = out.latents.fire_counts() > 0
-        self.tokens_since_fired += x.shape[0]
-        self.tokens_since_fired[fired] = 0
-        self.step_count += 1
-        return {"loss": loss.detach(), "fvu": out.losses["fvu"].detach(),
-                "l0": out.latents.l0().mean().detach(), "dead_frac": dead.float().mean(),
-                "lr": torch.tensor(self.scheduler.get_last_lr()[0])}
-
-    def folded_sae(self) -> SparseAutoencoder:
-        """The SAE for raw activations (input scale folded into the weights)."""
-        return self.sae.folded(self.scale)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scale": self.scale,
-                "step_count": self.step_count, "tokens_since_fired": self.tokens_since_fired}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sae.load_state_dict(state["sae"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scale, self.step_count = state["scale"], state["step_count"]
-        self.tokens_since_fired.copy_(state["tokens_since_fired"])
-
-
 class TrainingRun:
-    """Everything a run holds: model, token stream, producer, one trainer and buffer per
-    hookpoint, the logger. Built by `setup`, checkpointed by `save`/`restore`."""
+    """Everything a process holds: model, producer over its data shards, the trainer of its
+    SAEs, one shuffle buffer per (trained hookpoint, data shard), the logger (main process).
+    Built by `__init__`, checkpointed by `save` / `restore` (sae_dist.checkpoint)."""
 
     def __init__(self, cfg: TrainRunConfig):
         validate(cfg)
-        self.cfg, self.out_dir = cfg, Path(cfg.out_dir)
-        if cfg.trainer.kind != "single":
-            raise NotImplementedError(f"trainer={cfg.trainer.kind} is not implemented yet; "
-                                      "use trainer=single")
-        self.accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision)
+        self.cfg, t = cfg, cfg.train
+        topology = init_process_group(cfg.trainer.timeout_s) or Topology(0, 1, 1)
+        self.out_dir = Path(broadcast_object(cfg.out_dir, topology))
+        shards = (t.data_shards or (t.resume and saved_data_shards(self.checkpoint_dir))
+                  or topology.world)
+        self.topology = Topology(topology.rank, topology.world, shards)
+        self.accelerator = make_accelerator(cfg, self.topology.world)
         self.device = self.accelerator.device
         self.hookpoints = grid_hookpoints(cfg.sites, cfg.model.n_layers)
-        torch.manual_seed(cfg.train.seed)
         self.model, self.tokenizer = load_model(cfg.model, self.device)
-        self.stream = TokenStream(cfg.data, self.tokenizer, "train", seed=cfg.train.seed)
-        self.producer = ActivationProducer(self.model, self.hookpoints,
-                                           cfg.data.max_norm_multiple, self.device)
-        capacity = cfg.train.buffer_batches * cfg.train.batch_size
-        self.trainers: dict[str, SAETrainer] = {}
-        self.buffers: dict[str, ShuffleBuffer] = {}
-        for i, hp in enumerate(self.hookpoints):
-            sae = build_sae(cfg.sae, cfg.model.d_model).to(self.device)
-            self.trainers[hp.name] = SAETrainer(hp, sae, cfg)
-            gen = torch.Generator().manual_seed(cfg.train.seed * 1000 + i)
-            self.buffers[hp.name] = ShuffleBuffer(capacity, cfg.train.batch_size, gen)
+        streams = {v: TokenStream(cfg.data, self.tokenizer, "train", v, shards, t.seed)
+                   for v in self.topology.shards}
+        self.producer = ActivationProducer(self.model, self.hookpoints, cfg.data.max_norm_multiple,
+                                           self.device, streams, t.forward_batch_seqs // shards)
+        self.sharded = cfg.trainer.kind == "sharded"
+        d_sae = cfg.sae.latents(cfg.model.d_model)
+        self.owners = (assign_hookpoints({hp.name: d_sae * cfg.model.d_model
+                                          for hp in self.hookpoints}, self.topology.world)
+                       if self.sharded else {hp.name: self.topology.rank for hp in self.hookpoints})
+        owned = [hp for hp in self.hookpoints if self.owners[hp.name] == self.topology.rank]
+        self.trainer = SuiteTrainer(owned, cfg, cfg.model.d_model, self.accelerator,
+                                    self.topology.world)
+        buffer_shards = range(shards) if self.sharded else self.topology.shards
+        self.buffers = {hp.name: {v: ShuffleBuffer(
+            t.buffer_batches * t.batch_size // shards, t.batch_size // shards,
+            torch.Generator().manual_seed(t.seed * 1000 + i + 100_003 * v))
+            for v in buffer_shards} for i, hp in enumerate(self.hookpoints) if hp in owned}
         self.forward_batches = 0
-        self.logger = RunLogger(cfg.logger, self.out_dir, asdict(cfg),
-                                name=self.out_dir.name)
-        log.info("training %d SAEs (%s, d_sae=%d, k=%d) on %s for %d tokens each",
-                 len(self.trainers), cfg.sae.architecture, cfg.sae.latents(cfg.model.d_model),
-                 cfg.sae.k, ", ".join(self.trainers), cfg.train.tokens)
+        self.logger = (RunLogger(cfg.logger, self.out_dir, asdict(cfg), name=self.out_dir.name)
+                       if self.topology.is_main else None)
+        log.info("process %d/%d trains %d of %d SAEs (%s, d_sae=%d, k=%d; %s) on data shards %s"
+                 " of %d, for %d tokens each", self.topology.rank, self.topology.world,
+                 len(owned), len(self.hookpoints), cfg.sae.architecture, d_sae, cfg.sae.k,
+                 cfg.trainer.kind, self.topology.shards, shards, t.tokens)
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.out_dir / "checkpoint"
 
-    def save(self) -> None:
-        save_training_state(self.checkpoint_dir, {
-            "trainers": {n: t.state_dict() for n, t in self.trainers.items()},
-            "buffers": {n: b.state_dict() for n, b in self.buffers.items()},
-            "filters": {n: f.state_dict() for n, f in self.producer.filters.items()},
-            "stream": self.stream.state_dict(), "producer_stats": self.producer.stats,
-            "forward_batches": self.forward_batches, "rng": torch.get_rng_state()})
+    @property
+    def multiprocess(self) -> bool:
+        return self.topology.world > 1
 
-    def restore(self) -> None:
-        state = load_training_state(self.checkpoint_dir)
-        for name, trainer in self.trainers.items():
-            trainer.load_state_dict(state["trainers"][name])
-            self.buffers[name].load_state_dict(state["buffers"][name])
-            self.producer.filters[name].load_state_dict(state["filters"][name])
-        self.stream.load_state_dict(state["stream"])
-        self.producer.stats = state["producer_stats"]
-        self.forward_batches = state["forward_batches"]
-        torch.set_rng_state(state["rng"])
-        log.info("resumed from %s after %d forward batches", self.checkpoint_dir,
-                 self.forward_batches)
+    def distribute(self, acts: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Push one step's activations {shard: {hookpoint: rows}} into the buffers; sharded:
+        each hookpoint's rows of every process go to its owner first (one gather per hosted
+        shard slot and hookpoint)."""
+        if not self.sharded:
+            for name, per_shard in self.buffers.items():
+                for v, buffer in per_shard.items():
+                    buffer.push(acts[v][name])
+            return
+        world = self.topology.world
+        for hp in self.hookpoints:
+            owner = self.owners[hp.name]
+            for slot, v in enumerate(self.topology.shards):
+                parts = gather_rows(acts[v][hp.name], owner, world)
+                for rank, rows in enumerate(parts or []):
+                    self.buffers[hp.name][rank + slot * world].push(rows)
+
+    def ready_steps(self) -> int:
+        """Steps every SAE of this process (all processes under data parallelism) can take now:
+        each needs a ready batch in each of its shard buffers."""
+        local = min((b.available() for per_shard in self.buffers.values()
+                     for b in per_shard.values()), default=0)
+        local = min(local, self.trainer.n_steps - self.trainer.step_count)
+        return all_min(local, self.multiprocess and not self.sharded)
+
+    def next_batches(self) -> dict[str, torch.Tensor]:
+        """{hookpoint: this process's part of the global batch}: one batch per shard buffer,
+        concatenated in shard order."""
+        return {name: torch.cat([per_shard[v].pop() for v in sorted(per_shard)])
+                for name, per_shard in self.buffers.items()}
+
+    def all_done(self) -> bool:
+        return bool(all_min(int(self.trainer.done), self.multiprocess))
 
     def tokens_trained(self) -> int:
-        """Tokens seen by the SAE that is furthest behind."""
-        return min(t.step_count for t in self.trainers.values()) * self.cfg.train.batch_size
+        return self.trainer.step_count * self.cfg.train.batch_size
+
+    def dropped(self) -> dict[str, dict[str, int]]:
+        """Tokens dropped by the outlier / non-finite filters, summed over processes."""
+        return sum_counts(self.producer.dropped(), self.multiprocess)
+
+    def save(self) -> None:
+        """Checkpoint: every process writes its part into a temporary folder (hosted shards'
+        streams and filters, its buffers, its SAEs' trainer state; DeepSpeed its partitions),
+        then the main process moves it into place. Layout: sae_dist.checkpoint."""
+        topo = self.topology
+        tmp = begin_checkpoint(self.checkpoint_dir, topo.is_main, barrier)
+        for v in topo.shards:
+            save_part(tmp, f"shards/{v}.pt", self.producer.state_dict(v))
+        for name, per_shard in self.buffers.items():
+            for v, buffer in per_shard.items():
+                save_part(tmp, f"buffers/{name}/{v}.pt", buffer.state_dict())
+        if topo.is_main or self.sharded:
+            for name in self.trainer.names:
+                save_part(tmp, f"saes/{name}.pt", self.trainer.state_dict(name))
+        if self.trainer.zero_stage:
+            self.accelerator.save_state(str(tmp / "deepspeed"))
+        stats = sum_counts({"p": asdict(self.producer.stats)}, self.multiprocess)["p"]
+        if topo.is_main:
+            save_part(tmp, "run.pt", {"forward_batches": self.forward_batches,
+                                      "data_shards": topo.data_shards, "world": topo.world,
+                                      "kind": self.cfg.trainer.kind, "producer_stats": stats})
+        commit_checkpoint(tmp, self.checkpoint_dir, topo.is_main, barrier)
+
+    def restore(self) -> bool:
+        """Resume from `checkpoint_dir` if there is one (any process count dividing its
+        data_shards; DeepSpeed: the same count and kind); True when resumed."""
+        if not self.cfg.train.resume or not checkpoint_exists(self.checkpoint_dir):
+            return False
+        ckpt, topo = self.checkpoint_dir, self.topology
+        run = load_part(ckpt, "run.pt")
+        if self.trainer.zero_stage and (run["world"], run["kind"]) != (topo.world,
+                                                                     self.cfg.trainer.kind):
+            raise CheckpointError(f"{ckpt} was written by trainer={run['kind']} on "
+                                  f"{run['world']} processes; DeepSpeed resumes only as it was")
+        for v in topo.shards:
+            self.producer.load_state_dict(v, load_part(ckpt, f"shards/{v}.pt"))
+        for name, per_shard in self.buffers.items():
+            for v, buffer in per_shard.items():
+                buffer.load_state_dict(load_part(ckpt, f"buffers/{name}/{v}.pt"))
+        for name in self.trainer.names:
+            self.trainer.load_state_dict(name, load_part(ckpt, f"saes/{name}.pt"))
+        if self.trainer.zero_stage:
+            self.trainer.prepare()
+            self.accelerator.load_state(str(ckpt / "deepspeed"))
+        self.forward_batches = run["forward_batches"]
+        if topo.is_main:
+            self.producer.stats = ProducerStats(**run["producer_stats"])
+        log.info("resumed from %s after %d forward batches (%d tokens per SAE)", ckpt,
+                 self.forward_batches, self.tokens_trained())
+        return True
+
+
+def make_accelerator(cfg: TrainRunConfig, world: int) -> Accelerator:
+    """accelerate for `trainer.kind`: DeepSpeed plugin for zero2/zero3 (config file, stage,
+    gradient clipping), collective timeout; checks that DDP really spans the processes."""
+    trainer = cfg.trainer
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=trainer.timeout_s))
+    kwargs = {"mixed_precision": trainer.mixed_precision, "kwargs_handlers": [timeout],
+              # one LR step per optimizer step, whatever the process count
+              "step_scheduler_with_optimizer": False,
+              "cpu": not torch.cuda.is_available() and trainer.kind not in ("zero2", "zero3")}
+    if trainer.kind in ("zero2", "zero3"):
+        plugin = DeepSpeedPlugin(hf_ds_config=trainer.deepspeed_config,
+                                 zero_stage=int(trainer.kind[-1]),
+                                 gradient_clipping=cfg.train.grad_clip,
+                                 zero3_init_flag=False)  # the LM is not partitioned
+        # DeepSpeed's own batch bookkeeping: one "sample" (a whole local batch) per process
+        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=1, train_batch_size=world,
+                                       gradient_accumulation_steps=1)
+        kwargs["deepspeed_plugin"] = plugin
+    accelerator = Accelerator(**kwargs)
+    if trainer.kind == "ddp" and world > 1 and accelerator.num_processes != world:
+        raise RuntimeError(f"trainer=ddp with {world} processes, but accelerate set up "
+                           f"{accelerator.num_processes}")
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    if trainer.kind in ("zero2", "zero3") and not deepspeed:
+        raise RuntimeError(f"trainer={trainer.kind} needs DeepSpeed, which accelerate did not "
+                           "enable (`accelerate launch --cpu` disables it): launch with "
+                           "`accelerate launch --use_deepspeed --num_processes N` or torchrun "
+                           "(on CPU with DS_ACCELERATOR=cpu)")
+    if trainer.kind != "single" and world == 1:
+        log.warning("trainer=%s in a single process (`accelerate launch --cpu` starts one "
+                    "process without MPI: on CPU use `accelerate launch --multi_gpu "
+                    "--num_processes N` or torchrun, which run gloo)", trainer.kind)
+    return accelerator
 
 
 def train(cfg: TrainRunConfig) -> dict[str, dict[str, float]]:
-    """Run the whole training job; returns the held-out metrics per hookpoint."""
+    """Run the whole training job; returns the held-out metrics per hookpoint (main process;
+    {} on the others)."""
     run = TrainingRun(cfg)
-    if cfg.train.resume and (run.checkpoint_dir / "state.pt").exists():
-        run.restore()
+    run.restore()
     t, start, start_tokens = cfg.train, time.perf_counter(), run.producer.stats.train_tokens
-    bar = tqdm(total=t.tokens, initial=run.tokens_trained(), unit="tok", desc="train SAEs")
+    bar = tqdm(total=t.tokens, initial=run.tokens_trained(), unit="tok", desc="train SAEs",
+               disable=not run.topology.is_main)
     metrics: dict[str, dict[str, torch.Tensor]] = {}
-    for batch in run.stream.batches(t.forward_batch_seqs):
-        for name, acts in run.producer.activations(batch).items():
-            trainer = run.trainers[name]
-            for x in run.buffers[name].push(acts):
-                if not trainer.done:
-                    metrics[name] = trainer.step(x)
+    while not run.all_done():
+        batches = run.producer.next_batches()
+        if not all_min(int(batches is not None), run.multiprocess):
+            break
+        run.distribute(run.producer.activations(batches))
+        for _ in range(run.ready_steps()):
+            metrics = run.trainer.step(run.next_batches())
         run.forward_batches += 1
         tok_per_s = (run.producer.stats.train_tokens - start_tokens) / (time.perf_counter() - start)
         bar.update(run.tokens_trained() - bar.n)
-        bar.set_postfix(tok_s=f"{tok_per_s:.0f}")
-        if metrics and run.forward_batches % t.log_every == 0:
-            run.logger.log(_flatten(metrics, run.producer, tok_per_s), step=run.tokens_trained())
-        if all(tr.done for tr in run.trainers.values()):
-            break
+        bar.set_postfix(tok_s=f"{tok_per_s * run.topology.world:.0f}")
+        if run.forward_batches % t.log_every == 0:
+            log_metrics(run, metrics, tok_per_s)
         if t.checkpoint_every and run.forward_batches % t.checkpoint_every == 0:
             run.save()
     bar.close()
-    if not all(tr.done for tr in run.trainers.values()):
+    if not run.all_done():
         log.warning("training data ran out after %d tokens per SAE", run.tokens_trained())
-    if metrics:
-        run.logger.log(_flatten(metrics, run.producer, tok_per_s), step=run.tokens_trained())
+    log_metrics(run, metrics, tok_per_s)
+    write_train_stats(run, time.perf_counter() - start, start_tokens)
     return finish_suite(run)
+
+
+def write_train_stats(run: TrainingRun, seconds: float, start_tokens: int) -> None:
+    """`train_stats.json` (main process): training wall time, LM tokens (passing the mask) per
+    second over all processes, and per process its peak resident memory and SAE memory."""
+    rank = run.topology.rank
+    mine = {f"process{rank}/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **{f"process{rank}/{k}": v for k, v in run.trainer.memory_mb().items()}}
+    if torch.cuda.is_available():
+        mine[f"process{rank}/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    per_process = gather_dicts(mine, run.multiprocess)
+    tokens = sum_counts({"t": {"n": run.producer.stats.train_tokens - start_tokens}},
+                        run.multiprocess)["t"]["n"]
+    if not run.topology.is_main:
+        return
+    stats = {"trainer": run.cfg.trainer.kind, "processes": run.topology.world,
+             "data_shards": run.topology.data_shards, "saes": len(run.hookpoints),
+             "train_seconds": seconds, "lm_train_tokens_per_s": tokens / seconds,
+             "sae_tokens_trained": run.tokens_trained(), **per_process}
+    (run.out_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
+    run.logger.summary(stats)
+    log.info("training: %.1f s, %.0f LM tokens/s over %d processes", seconds,
+             tokens / seconds, run.topology.world)
+
+
+def log_metrics(run: TrainingRun, metrics: dict[str, dict[str, torch.Tensor]],
+                tok_per_s: float) -> None:
+    """Log the last step's metrics of every SAE, the drop counts and the LM tokens/s summed
+    over processes (a collective; the main process writes)."""
+    local = {f"{hp}/{k}": float(v) for hp, m in metrics.items() for k, v in m.items()}
+    merged = gather_dicts(local, run.multiprocess and run.sharded)
+    dropped = run.dropped()
+    rate = sum_counts({"t": {"tok_s": tok_per_s}}, run.multiprocess)["t"]["tok_s"]
+    if run.logger is None or not merged:
+        return
+    merged.update({f"{hp}/{kind}_dropped": n for kind, per_hp in dropped.items()
+                   for hp, n in per_hp.items()})
+    merged["tokens_per_s"] = rate
+    run.logger.log(merged, step=run.tokens_trained())
 
 
 def finish_suite(run: TrainingRun) -> dict[str, dict[str, float]]:
     """Fold the input scales, evaluate every SAE on held-out tokens (reconstruction and
     model-level metrics, sae_dist.evaluate), save the suite (SAELens layout + suite.json), log
-    artifacts, write the evaluation outputs (eval/) and the report, print the table."""
-    from sae_dist.evaluate import eval_context, evaluate_saes, scalar_metrics, take_batches
-    from sae_dist.report import EVAL_COLUMNS, write_eval_outputs
-
+    artifacts, write the evaluation outputs (eval/) and the report, print the table. Main
+    process only, after collecting the SAEs of the others (hookpoint sharding)."""
     cfg, suite_dir = run.cfg, run.out_dir / "suite"
-    saes = {tr.hookpoint: tr.folded_sae().eval() for tr in run.trainers.values()}
+    trained = collect_saes(run)
+    dropped = run.dropped()
+    if not run.topology.is_main:
+        return {}
+    saes = {hp: trained[hp.name][0].eval() for hp in run.hookpoints}
     eval_stream = TokenStream(cfg.data, run.tokenizer, "eval", seed=cfg.train.seed)
     batches = take_batches(eval_stream, cfg.train.eval_tokens, cfg.train.forward_batch_seqs)
     results = evaluate_saes(run.model, saes, batches, run.device)
     entries = []
     for hp, sae in saes.items():
-        trainer, res = run.trainers[hp.name], scalar_metrics(results[hp.name])
+        res = scalar_metrics(results[hp.name])
         metadata = {
             "model_name": cfg.model.path or cfg.model.name, "hook_name": hp.saelens_hook_name,
             "hookpoint": hp.name, "site": hp.site, "layer": hp.layer,
             "context_size": cfg.data.context_size, "dataset_path": cfg.data.source,
             "prepend_bos": cfg.data.prepend_bos, "exclude_special_tokens": True,
-            "training_tokens": trainer.step_count * cfg.train.batch_size,
-            "input_scale": trainer.scale, "outliers_dropped": run.producer.stats.outliers[hp.name],
+            **trained[hp.name][1], "outliers_dropped": dropped["outliers"][hp.name],
             "eval_tokens": res["tokens"], "fvu": res["fvu"], "l0": res["l0"],
             "dead_frac": res["dead_frac"], "delta_loss": res["delta_loss"],
             "loss_recovered": res["loss_recovered"], "kl": res["kl"]}
@@ -237,7 +328,10 @@ def finish_suite(run: TrainingRun) -> dict[str, dict[str, float]]:
         entries.append({"hookpoint": hp.name, "path": hp.name, **res})
     write_suite_index(suite_dir, entries, {"model": cfg.model.name,
                                            "architecture": cfg.sae.architecture,
-                                           "training_tokens": run.tokens_trained()})
+                                           "training_tokens": run.tokens_trained(),
+                                           "trainer": cfg.trainer.kind,
+                                           "processes": run.topology.world,
+                                           "data_shards": run.topology.data_shards})
     run.logger.summary({f"{hp}/eval_{k}": v for hp, r in results.items()
                         for k, v in scalar_metrics(r).items()})
     table = markdown_table(results, EVAL_COLUMNS)
@@ -255,12 +349,30 @@ def finish_suite(run: TrainingRun) -> dict[str, dict[str, float]]:
     return results
 
 
-def _flatten(metrics: dict[str, dict[str, torch.Tensor]], producer: ActivationProducer,
-             tok_per_s: float) -> dict[str, float]:
-    out = {f"{hp}/{k}": float(v) for hp, m in metrics.items() for k, v in m.items()}
-    out.update({f"{hp}/outliers_dropped": n for hp, n in producer.stats.outliers.items()})
-    out.update({f"{hp}/nonfinite_dropped": n for hp, n in producer.stats.nonfinite.items()})
-    out["tokens_per_s"] = tok_per_s
+TRAINING_METADATA = ("training_tokens", "input_scale")
+
+
+def collect_saes(run: TrainingRun) -> dict[str, tuple[SparseAutoencoder, dict[str, Any]]]:
+    """{hookpoint: (folded SAE, training metadata)} on the main process ({} elsewhere). Under
+    hookpoint sharding each owner writes its SAEs to `<out_dir>/.trained/` for the main
+    process to read (a shared file system, as for checkpoints)."""
+    saes = run.trainer.folded_saes()
+    info = {name: dict(zip(TRAINING_METADATA, (run.tokens_trained(), run.trainer.scales[name])))
+            for name in saes}
+    if not run.sharded or run.topology.world == 1:
+        return {n: (saes[n], info[n]) for n in saes} if run.topology.is_main else {}
+    staging = run.out_dir / ".trained"
+    for name, sae in saes.items():
+        save_sae(sae, staging / name, info[name])
+    barrier()
+    if not run.topology.is_main:
+        return {}
+    out = {}
+    for hp in run.hookpoints:
+        sae, sae_cfg = load_sae(staging / hp.name)
+        sae = sae.to(run.device)
+        out[hp.name] = (sae, {k: sae_cfg["metadata"][k] for k in TRAINING_METADATA})
+    shutil.rmtree(staging, ignore_errors=True)
     return out
 
 
@@ -275,7 +387,7 @@ def config_from_hydra(dcfg: DictConfig) -> TrainRunConfig:
 register_configs()
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="train")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
 def main(dcfg: DictConfig) -> None:
     train(config_from_hydra(dcfg))
 

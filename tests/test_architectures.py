@@ -1,5 +1,5 @@
 """The four architectures (TopK, BatchTopK, JumpReLU, ReLU + L1): training on a known sparse
-dictionary through the real `SAETrainer`, the JumpReLU estimators and penalty, BatchTopK's
+dictionary through the real `SuiteTrainer`, the JumpReLU estimators and penalty, BatchTopK's
 batch selection, sparse kernels and inference threshold, the L1 penalty, and the Hydra groups."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 
 from sae_dist.config import ConfigError, SAEConfig, TrainRunConfig
 from sae_dist.hookpoints import Hookpoint
@@ -17,13 +18,13 @@ from sae_dist.sae import (SAE_REGISTRY, BatchTopKSAE, JumpReLUSAE, Latents, ReLU
                           build_sae)
 from sae_dist.sae.batchtopk import batch_topk
 from sae_dist.sae.jumprelu import JumpReLUFn, StepFn
-from sae_dist.train import SAETrainer
+from sae_dist.trainer import SuiteTrainer
 from tests.conftest import CONF_DIR, compose_train_config
 
 ARCHS = ["topk", "batchtopk", "jumprelu", "relu"]
 
 
-# --- 1. training on a known dictionary (one shared loop: the real SAETrainer) --------------
+# --- 1. training on a known dictionary (one shared loop: the real SuiteTrainer) --------------
 
 D_IN, N_TRUE, N_ACTIVE, D_SAE, BATCH = 128, 512, 4, 1024, 256
 """4 x d_in true unit directions, N_ACTIVE per token, 2 latents per true direction. A linear
@@ -48,7 +49,7 @@ def sample_tokens(dictionary: torch.Tensor, n: int, gen: torch.Generator) -> tor
 
 
 def train_on_dictionary(arch: str) -> dict[str, float]:
-    """Train `arch` with SAETrainer (Adam, LR schedule, input scale, b_dec init, dead-latent
+    """Train `arch` with SuiteTrainer (Adam, LR schedule, input scale, b_dec init, dead-latent
     counters, progress and after-step hooks) for STEPS[arch] batches; evaluate the folded SAE
     in eval mode on fresh raw tokens: FVU, L0, recovered fraction of the true directions."""
     torch.manual_seed(0)
@@ -58,10 +59,10 @@ def train_on_dictionary(arch: str) -> dict[str, float]:
     cfg.sae = SAEConfig(architecture=arch, d_sae=D_SAE, dead_tokens=20 * BATCH,
                         **SAE_FIELDS[arch])
     cfg.train.tokens, cfg.train.batch_size, cfg.train.lr = STEPS[arch] * BATCH, BATCH, 3e-3
-    trainer = SAETrainer(Hookpoint(0, "resid"), build_sae(cfg.sae, D_IN), cfg)
+    trainer = SuiteTrainer([Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True))
     while not trainer.done:
-        trainer.step(sample_tokens(dictionary, BATCH, gen))
-    sae = trainer.folded_sae().eval()
+        trainer.step({"layers.0.resid": sample_tokens(dictionary, BATCH, gen)})
+    sae = trainer.folded_saes()["layers.0.resid"].eval()
     x = sample_tokens(dictionary, 8192, gen)
     with torch.no_grad():
         latents = sae.encode(x)
@@ -69,7 +70,7 @@ def train_on_dictionary(arch: str) -> dict[str, float]:
         best_cos = (dictionary @ F.normalize(sae.W_dec, dim=1).t()).max(dim=1).values
     return {"fvu": float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
             "l0": float(latents.l0().mean()), "recovered": float((best_cos > 0.9).float().mean()),
-            "progress": trainer.sae.progress}
+            "progress": trainer.sae("layers.0.resid").progress}
 
 
 @pytest.fixture(scope="module")
@@ -269,12 +270,13 @@ def test_relu_l1_penalty_definition():
     x = torch.randn(30, 12, dtype=torch.float64) * 3 + 1
     sae.set_progress(0.25)
     out = sae(x)
-    z = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
-    rms = math.sqrt(float((x - x.mean(0)).pow(2).sum(1).mean()))
-    expected = 0.3 * 0.5 * float((z * sae.W_dec.norm(dim=1)).sum(1).mean()) / rms
+    with torch.no_grad():
+        z = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+        l1 = float((z * sae.W_dec.norm(dim=1)).sum(1).mean())
+    expected = 0.3 * 0.5 * l1 / math.sqrt(float((x - x.mean(0)).pow(2).sum(1).mean()))
     torch.testing.assert_close(out.latents.values, z)
-    assert float(out.losses["l1"]) == pytest.approx(expected, rel=1e-12)
-    assert float(sae(x * 10).losses["l1"]) == pytest.approx(expected, rel=1e-12)  # scale-free
+    assert float(out.losses["l1"].detach()) == pytest.approx(expected, rel=1e-12)
+    assert float(sae(x * 10).losses["l1"].detach()) == pytest.approx(expected, rel=1e-12)  # no scale
 
 
 # --- 5. one interface, one registry, Hydra groups --------------------------------------------

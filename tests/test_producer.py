@@ -28,7 +28,9 @@ def test_shuffle_buffer_hands_out_every_row_once_shuffled():
     out = []
     for start in range(0, 400, 20):
         rows = torch.arange(start, start + 20, dtype=torch.float32)[:, None]
-        for batch in buf.push(rows):
+        buf.push(rows)
+        while buf.available():
+            batch = buf.pop()
             assert batch.shape == (8, 1)
             out.append(batch)
     got = torch.cat(out).flatten()
@@ -46,9 +48,16 @@ def test_producer_masks_and_counts(tiny_model):
     mask[:, 0] = False
     mask[1, 5:] = False
     hps = [Hookpoint(0, "resid"), Hookpoint(2, "attn")]
-    producer = ActivationProducer(tiny_model, hps, max_norm_multiple=1e6, device=torch.device("cpu"))
-    out = producer.activations(TokenBatch(input_ids=ids, train_mask=mask))
+    producer = ActivationProducer(tiny_model, hps, max_norm_multiple=1e6,
+                                  device=torch.device("cpu"), streams={}, seqs_per_shard=1)
+    producer.filters = {3: {hp.name: OutlierFilter(1e6) for hp in hps},
+                        5: {hp.name: OutlierFilter(1e6) for hp in hps}}
+    # shards 3 and 5 each bring one row; one forward serves both, each gets its own rows
+    out = producer.activations({3: TokenBatch(ids[:1], mask[:1]), 5: TokenBatch(ids[1:], mask[1:])})
     ref = capture(tiny_model, hps, ids)
     for hp in hps:
-        torch.testing.assert_close(out[hp.name], ref[hp][mask])
+        torch.testing.assert_close(out[3][hp.name], ref[hp][:1][mask[:1]])
+        torch.testing.assert_close(out[5][hp.name], ref[hp][1:][mask[1:]])
+    assert out[3][hps[0].name].shape[0] == 9 and out[5][hps[0].name].shape[0] == 4
     assert producer.stats.tokens == 20 and producer.stats.train_tokens == 13
+    assert producer.stats.forward_passes == 1

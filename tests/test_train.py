@@ -93,16 +93,16 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     calls = {"n": 0}
     original = ActivationProducer.activations
 
-    def dies_on_call_seven(self, batch):
+    def dies_on_call_seven(self, batches):
         calls["n"] += 1
         if calls["n"] == 7:
             raise KeyboardInterrupt("simulated kill")
-        return original(self, batch)
+        return original(self, batches)
 
     monkeypatch.setattr(ActivationProducer, "activations", dies_on_call_seven)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_run(resumed, "logger=none", "train.checkpoint_every=2"))
-    assert (resumed / "checkpoint" / "state.pt").exists()
+    assert (resumed / "checkpoint" / "run.pt").exists()
     assert not (resumed / "suite").exists()
     monkeypatch.setattr(ActivationProducer, "activations", original)
     train(tiny_run(resumed, "logger=none", "train.checkpoint_every=2"))

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from sae_dist.config import SAEConfig
+from sae_dist.distributed import LOCAL, BatchGroup
 
 SAE_REGISTRY: dict[str, type["SparseAutoencoder"]] = {}
 """Architecture name (`SAEConfig.architecture`, SAELens `architecture`) -> class."""
@@ -83,18 +84,30 @@ class SAEOutput:
     """Weighted scalar loss terms; the training loss is their sum."""
 
 
-def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
-    """Fraction of variance unexplained over a batch: x, x_hat [B, d_in] -> scalar."""
-    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+def batch_mean(x: Tensor, group: BatchGroup = LOCAL) -> Tensor:
+    """Mean over the global batch of the rows of x [B, ...] -> [...] (no gradient)."""
+    x = x.detach()
+    return group.sum(x.sum(0)) / group.sum(x.new_tensor(float(x.shape[0])))
 
 
-def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
-    """Point minimising the summed Euclidean distance to the rows of x [N, d] -> [d]
-    (Weiszfeld's algorithm, started at the mean)."""
-    median = x.mean(0)
+def total_variance(x: Tensor, group: BatchGroup = LOCAL) -> Tensor:
+    """sum over the global batch of ||x - mean(x)||^2 for x [B, d] -> scalar (no gradient)."""
+    return group.sum((x.detach() - batch_mean(x, group)).pow(2).sum())
+
+
+def fvu(x: Tensor, x_hat: Tensor, group: BatchGroup = LOCAL) -> Tensor:
+    """Fraction of variance unexplained over the global batch: x, x_hat [B, d_in] -> scalar."""
+    return group.sum((x - x_hat).pow(2).sum()) / total_variance(x, group)
+
+
+def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-6,
+                     group: BatchGroup = LOCAL) -> Tensor:
+    """Point minimising the summed Euclidean distance to the rows of x [N, d] (over the global
+    batch) -> [d] (Weiszfeld's algorithm, started at the mean)."""
+    median = batch_mean(x, group)
     for _ in range(iters):
         weights = 1 / torch.linalg.vector_norm(x - median, dim=1).clamp_min(1e-8)
-        new = weights @ x / weights.sum()
+        new = group.sum(weights @ x) / group.sum(weights.sum())
         step = torch.linalg.vector_norm(new - median)
         median = new
         if step <= tol * torch.linalg.vector_norm(median).clamp_min(1.0):
@@ -120,6 +133,9 @@ class SparseAutoencoder(nn.Module):
         self.cfg, self.d_in, self.d_sae = cfg, d_in, cfg.latents(d_in)
         self.progress = 1.0
         """Fraction of training done, set by the trainer (`set_progress`); 1 outside training."""
+        self.batch_group: BatchGroup = LOCAL
+        """The processes sharing each training batch: loss normalisers and batch statistics
+        are taken over the global batch (set by the trainer under data parallelism)."""
         self.W_enc = nn.Parameter(torch.empty(d_in, self.d_sae))
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
         self.W_dec = nn.Parameter(torch.empty(self.d_sae, d_in))
@@ -170,7 +186,7 @@ class SparseAutoencoder(nn.Module):
         ("fvu" plus the architecture's auxiliary terms)."""
         latents, pre = self._encode(x)
         x_hat = self.decode(latents)
-        losses = {"fvu": fvu(x, x_hat)}
+        losses = {"fvu": fvu(x, x_hat, self.batch_group)}
         losses.update(self.aux_losses(x, x_hat, latents, pre, dead_mask))
         return SAEOutput(x_hat, latents, losses)
 
@@ -192,8 +208,8 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def init_b_dec(self, x: Tensor) -> None:
-        """Set b_dec to the geometric median of a sample x [N, d_in]."""
-        self.b_dec.copy_(geometric_median(x.to(self.b_dec.dtype)))
+        """Set b_dec to the geometric median of a sample x [N, d_in] (the global batch)."""
+        self.b_dec.copy_(geometric_median(x.to(self.b_dec.dtype), group=self.batch_group))
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from sae_dist.config import SAEConfig
+from sae_dist.distributed import LOCAL, BatchGroup
 from sae_dist.sae.base import SAEOutput, register
 from sae_dist.sae.jumprelu import JumpReLUSAE
 from sae_dist.sae.topk import TopKSAE
@@ -33,20 +34,25 @@ def select_above(pre: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
     return top.indices, top.values > threshold
 
 
-def batch_topk(pre: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The n largest entries of relu(pre) [B, d_sae] over the whole batch.
+def batch_topk(pre: Tensor, n: int, group: BatchGroup = LOCAL) -> tuple[Tensor, Tensor, Tensor]:
+    """The n largest entries of relu(pre) [B, d_sae] over the whole (global) batch.
 
     Returns (indices [B, m], keep [B, m], threshold): each row's m largest entries, the mask
     of those among the n kept (>= threshold and > 0), and threshold = the n-th largest (>= 0).
-    Searches each row's top 4n/B candidates first and widens only if a row could hold more.
+    Searches each row's top 4n/B candidates first (B: global rows) and widens only if a row
+    could hold more. Under data parallelism each process offers its n best candidates and the
+    threshold is the n-th largest of all offers, as in one process.
     """
     n_rows, d_sae = pre.shape
-    width = min(d_sae, 4 * -(-n // n_rows))
+    global_rows = int(group.sum(torch.tensor(n_rows)))
+    width = min(d_sae, 4 * -(-n // global_rows))
     while True:
         top = pre.topk(width, dim=1, sorted=True)
-        threshold = top.values.flatten().topk(n, sorted=False).values.min().clamp_min(0)
+        flat = top.values.flatten()
+        offers = group.cat(flat.topk(min(n, flat.numel()), sorted=False).values)
+        threshold = offers.topk(n, sorted=False).values.min().clamp_min(0)
         counts = (top.values >= threshold).sum(1)
-        if width == d_sae or int(counts.max()) < width:
+        if width == d_sae or int(group.max(counts.max())) < width:
             break
         width = min(d_sae, 2 * width)
     m = max(1, int(counts.max()))
@@ -73,7 +79,8 @@ class BatchTopKSAE(TopKSAE):
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         """Training: the batch's top k x B; eval: relu(pre) > `threshold` (as float32)."""
         if self.training:
-            indices, keep, _ = batch_topk(pre, self.k * pre.shape[0])
+            n = self.k * int(self.batch_group.sum(torch.tensor(pre.shape[0])))
+            indices, keep, _ = batch_topk(pre, n, self.batch_group)
             return indices, keep
         return select_above(pre, self.threshold.float())
 
@@ -83,9 +90,13 @@ class BatchTopKSAE(TopKSAE):
         final `threshold_window` of training it replaces `threshold`; within it, `threshold`
         is the running mean of the window's batches (counted by `threshold_batches`)."""
         values = out.latents.values
-        if not self.training or not (values > 0).any():
+        if not self.training:
             return
-        batch_threshold = values[values > 0].min().double()
+        positive = values[values > 0]
+        local_min = positive.min() if positive.numel() else values.new_tensor(float("inf"))
+        batch_threshold = self.batch_group.min(local_min).double()
+        if not torch.isfinite(batch_threshold):
+            return
         if self.progress < 1 - self.cfg.threshold_window:
             self.threshold.copy_(batch_threshold)
             return

@@ -97,7 +97,9 @@ class JumpReLUSAE(SparseAutoencoder):
                    dead_mask: Tensor | None) -> dict[str, Tensor]:
         """{"l0": warm-up * l0_coef * L0 term}, the L0 counted through `StepFn` so that the
         thresholds (only they) get its gradient."""
-        l0 = StepFn.apply(pre, self.threshold, self.cfg.bandwidth).sum(1).mean()
+        steps = StepFn.apply(pre, self.threshold, self.cfg.bandwidth)
+        group = self.batch_group
+        l0 = group.sum(steps.sum()) / group.sum(pre.new_tensor(float(pre.shape[0])))
         target = self.cfg.target_l0
         term = l0 if target is None else (l0 / target - 1).pow(2)
         return {"l0": self.cfg.l0_coef * self.warmup(self.cfg.l0_warmup_frac) * term}

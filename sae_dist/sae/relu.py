@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sae_dist.sae.base import Latents, SparseAutoencoder, register
+from sae_dist.sae.base import Latents, SparseAutoencoder, register, total_variance
 
 
 @register("relu")
@@ -30,6 +30,8 @@ class ReLUSAE(SparseAutoencoder):
         """{"l1": warm-up * l1_coef * decoder-norm-weighted L1 / RMS centred norm of x}."""
         norms = torch.linalg.vector_norm(self.W_dec, dim=1)
         weighted = latents.values.to(norms.dtype) @ norms
-        rms = (x - x.mean(0)).pow(2).sum(1).mean().sqrt()
+        group = self.batch_group
+        n = group.sum(x.new_tensor(float(x.shape[0])))
+        rms = (total_variance(x, group) / n).sqrt()
         coef = self.cfg.l1_coef * self.warmup(self.cfg.l1_warmup_frac)
-        return {"l1": coef * weighted.mean() / rms}
+        return {"l1": coef * group.sum(weighted.sum()) / n / rms}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sae_dist.config import ConfigError, SAEConfig
-from sae_dist.sae.base import Latents, SparseAutoencoder, register
+from sae_dist.sae.base import Latents, SparseAutoencoder, register, total_variance
 from sae_dist.sae.sparse_ops import TopKEncode
 
 
@@ -79,7 +79,7 @@ class TopKSAE(SparseAutoencoder):
         the residual's total variance sum ||e - mean(e)||^2 (Gao et al. 2024), and scaled by
         min(n_dead / k_aux, 1) when fewer latents are dead than k_aux (EleutherAI sparsify).
         """
-        n_dead = 0 if dead_mask is None else int(dead_mask.sum())
+        n_dead = 0 if dead_mask is None else int(dead_mask.sum())  # same on every process
         if n_dead == 0:
             return {}
         k_aux = min(self.k_aux, n_dead)
@@ -87,5 +87,6 @@ class TopKSAE(SparseAutoencoder):
         indices = masked.topk(k_aux, dim=1, sorted=False).indices
         e_hat = self._decode_latents(Latents(self._activate(x, pre, indices), indices, self.d_sae))
         e = (x - x_hat).detach()
-        auxk = (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+        group = self.batch_group
+        auxk = group.sum((e_hat - e).pow(2).sum()) / total_variance(e, group)
         return {"auxk": self.cfg.auxk_coef * min(n_dead / self.k_aux, 1.0) * auxk}

@@ -1,0 +1,257 @@
+"""The SAE trainer of one process: its SAEs as one module with one optimizer, stepped in
+lockstep (each step gives every SAE one batch), under accelerate: one process, DDP, or
+DeepSpeed ZeRO (DESIGN.md sections 6 and 7).
+
+Each process's loss already has the value of the global batch's loss (`BatchGroup.sum`) with
+gradients into its own tokens only, so the backward pass runs on loss x world size and the
+gradient averaging of DDP / ZeRO yields the global gradient.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from functools import partial
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from sae_dist.config import TrainRunConfig
+from sae_dist.distributed import BatchGroup
+from sae_dist.hookpoints import Hookpoint
+from sae_dist.sae import SAEOutput, SparseAutoencoder, build_sae
+
+
+def lr_factor(step: int, n_steps: int, warmup_frac: float, decay_frac: float) -> float:
+    """Linear warm-up over the first `warmup_frac` of steps, constant, then linear decay to zero
+    over the last `decay_frac`."""
+    warmup, decay = max(1, round(warmup_frac * n_steps)), round(decay_frac * n_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay and step >= n_steps - decay:
+        return max(0.0, (n_steps - step) / decay)
+    return 1.0
+
+
+def parallel_free(w: Tensor, grad: Tensor) -> Tensor:
+    """grad [d_sae, d_in] without its component along each row of w (the unit-norm constraint
+    of the decoder rows); a gradient hook, so it acts before any cross-process reduction."""
+    coef = (grad * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(1e-12)
+    return grad - coef * w.detach()
+
+
+def seeded_sae(cfg: TrainRunConfig, name: str, d_in: int) -> SparseAutoencoder:
+    """A freshly initialised SAE whose random weights depend on the seed and the hookpoint's
+    name only (not on which other SAEs the process builds)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed * 2**32 + zlib.crc32(name.encode()))
+        return build_sae(cfg.sae, d_in)
+
+
+class SAESuite(nn.Module):
+    """The SAEs of one process, by hookpoint name; `forward` runs each on its batch."""
+
+    def __init__(self, saes: dict[str, SparseAutoencoder]):
+        super().__init__()
+        self.names = list(saes)
+        self.saes = nn.ModuleDict({n.replace(".", "/"): s for n, s in saes.items()})
+
+    def __getitem__(self, name: str) -> SparseAutoencoder:
+        return self.saes[name.replace(".", "/")]
+
+    def forward(self, batches: dict[str, Tensor], dead: dict[str, Tensor]
+                ) -> dict[str, SAEOutput]:
+        """batches {name: x [B, d_in]}, dead {name: bool [d_sae]} -> {name: SAEOutput}."""
+        return {n: self[n](batches[n], dead_mask=dead[n]) for n in self.names}
+
+
+class SuiteTrainer:
+    """Adam (fused where supported), warm-up/decay LR schedule, per-SAE input scale (from its
+    first global batch, so that E||x * scale||^2 = d_in; b_dec starts at that batch's geometric
+    median), dead-latent counters over global batches, per-SAE gradient clipping (DeepSpeed:
+    clipping of the global norm, by its `gradient_clipping`).
+
+    `trainer.kind`: single / sharded train locally; ddp and zero2 / zero3 average gradients
+    across processes. The module is handed to accelerate at the first step, after the
+    data-dependent initialisation, so that DeepSpeed's partitions start from it."""
+
+    def __init__(self, hookpoints: list[Hookpoint], cfg: TrainRunConfig, d_in: int,
+                 accelerator: Accelerator, world: int = 1):
+        t = cfg.train
+        self.cfg, self.accelerator = cfg, accelerator
+        self.data_parallel = cfg.trainer.kind in ("ddp", "zero2", "zero3")
+        self.world = world if self.data_parallel else 1
+        self.group = BatchGroup(self.data_parallel and world > 1)
+        self.hookpoints = {hp.name: hp for hp in hookpoints}
+        saes = {hp.name: seeded_sae(cfg, hp.name, d_in) for hp in hookpoints}
+        for sae in saes.values():
+            sae.batch_group = self.group
+            sae.W_dec.register_hook(partial(parallel_free, sae.W_dec))
+        self.suite = SAESuite(saes).to(accelerator.device)
+        self.n_steps = max(1, t.tokens // t.batch_size)
+        lr = t.lr if t.lr is not None else 2e-4 / math.sqrt(self.suite[hookpoints[0].name].d_sae
+                                                              / 2**14)
+        self.optimizer = torch.optim.Adam(self.suite.parameters(), lr=lr, fused=True)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
+            s, self.n_steps, t.lr_warmup_frac, t.lr_decay_frac))
+        self.engine: nn.Module | None = None
+        self.scales: dict[str, float | None] = dict.fromkeys(self.hookpoints)
+        self.step_count = 0
+        self.tokens_since_fired = {n: torch.zeros(s.d_sae, dtype=torch.long,
+                                                  device=accelerator.device)
+                                   for n, s in saes.items()}
+
+    @property
+    def names(self) -> list[str]:
+        return self.suite.names
+
+    @property
+    def done(self) -> bool:
+        return self.step_count >= self.n_steps
+
+    @property
+    def zero_stage(self) -> int:
+        return {"zero2": 2, "zero3": 3}.get(self.cfg.trainer.kind, 0)
+
+    def sae(self, name: str) -> SparseAutoencoder:
+        return self.suite[name]
+
+    def calibrate(self, batches: dict[str, Tensor]) -> None:
+        """Input scales and b_dec of the SAEs that have none, from their first global batches
+        {name: raw activations [B, d_in]}."""
+        for name, x in batches.items():
+            if self.scales[name] is None:
+                mean_sq = self.group.sum(x.pow(2).sum()) / self.group.sum(
+                    x.new_tensor(float(x.shape[0])))
+                self.scales[name] = math.sqrt(x.shape[1] / float(mean_sq))
+                self.sae(name).init_b_dec(x * self.scales[name])
+
+    def prepare(self) -> None:
+        """Hand module, optimizer and schedule to accelerate (DDP / DeepSpeed wrapping); the
+        SAEs of a sharded process are its own, so they stay unwrapped."""
+        if not self.data_parallel:
+            self.engine = self.suite
+            return
+        self.engine, self.optimizer, self.scheduler = self.accelerator.prepare(
+            self.suite, self.optimizer, self.scheduler)
+
+    def step(self, batches: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        """One optimizer step of every SAE on its batch {name: raw activations [B, d_in]} (this
+        process's part of the global batch); returns detached global metrics per SAE."""
+        if self.engine is None:
+            self.calibrate(batches)
+            self.prepare()
+        dead = {n: c >= self.cfg.sae.dead_tokens for n, c in self.tokens_since_fired.items()}
+        scaled = {n: x * self.scales[n] for n, x in batches.items()}
+        for name in self.names:
+            self.sae(name).set_progress(self.step_count / self.n_steps)
+        with self.accelerator.autocast():
+            outs = self.engine(scaled, dead)
+        loss = sum(sum(o.losses.values()) for o in outs.values())
+        self.accelerator.backward(loss * self.world)
+        if not self.zero_stage:
+            for name in self.names:
+                nn.utils.clip_grad_norm_(self.sae(name).parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._normalize_decoders()
+        metrics = {}
+        for name, out in outs.items():
+            self.sae(name).after_step(out)
+            metrics[name] = self._update_counters(name, out, dead[name], batches[name].shape[0])
+        self.step_count += 1
+        return metrics
+
+    def _update_counters(self, name: str, out: SAEOutput, dead: Tensor, n_local: int
+                         ) -> dict[str, Tensor]:
+        fired = self.group.sum(out.latents.fire_counts()) > 0
+        n = self.group.sum(torch.tensor(float(n_local)))
+        counter = self.tokens_since_fired[name]
+        counter += int(n)
+        counter[fired] = 0
+        return {"loss": sum(out.losses.values()).detach(), "fvu": out.losses["fvu"].detach(),
+                "l0": self.group.sum(out.latents.l0().sum().detach()) / n,
+                "dead_frac": dead.float().mean(),
+                "lr": torch.tensor(self.scheduler.get_last_lr()[0])}
+
+    @torch.no_grad()
+    def _normalize_decoders(self) -> None:
+        """Unit-norm decoder rows. ZeRO keeps fp32 master copies apart from the module's
+        parameters: both are renormalised."""
+        for name in self.names:
+            sae = self.sae(name)
+            if not self.zero_stage:
+                sae.normalize_decoder()
+                continue
+            from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+            master = safe_get_full_fp32_param(sae.W_dec)
+            master = master / torch.linalg.vector_norm(master, dim=1, keepdim=True).clamp_min(1e-12)
+            safe_set_full_fp32_param(sae.W_dec, master)
+            if self.zero_stage == 3:
+                import deepspeed
+                with deepspeed.zero.GatheredParameters([sae.W_dec], modifier_rank=0):
+                    sae.W_dec.copy_(master.to(sae.W_dec.dtype))
+            else:
+                sae.W_dec.copy_(master.to(sae.W_dec.dtype))
+
+    def folded_saes(self) -> dict[str, SparseAutoencoder]:
+        """The SAEs for raw activations (input scales folded into the weights), on CPU. A
+        collective under ZeRO-3 (parameters gathered): call it on every process."""
+        state = (self.accelerator.get_state_dict(self.engine) if self.engine is not None
+                 else self.suite.state_dict())
+        out = {}
+        for name in self.names:
+            sae = self.sae(name)
+            prefix = f"saes.{name.replace('.', '/')}."
+            copy = build_sae(self.cfg.sae, sae.d_in)
+            copy.load_state_dict({k[len(prefix):]: v.cpu() for k, v in state.items()
+                                  if k.startswith(prefix)})
+            out[name] = copy.folded(self.scales[name] or 1.0)
+        return out
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def state_dict(self, name: str) -> dict[str, Any]:
+        """One SAE's resumable state: weights, Adam state by parameter name (absent under
+        DeepSpeed, which saves its own partitions), input scale, dead counters, step."""
+        sae = self.sae(name)
+        adam = {} if self.zero_stage else {
+            pname: self._optimizer().state[p] for pname, p in sae.named_parameters()
+            if p in self._optimizer().state}
+        return {"sae": sae.state_dict(), "adam": adam, "scale": self.scales[name],
+                "tokens_since_fired": self.tokens_since_fired[name].cpu(),
+                "step_count": self.step_count, "scheduler": self._scheduler().state_dict()}
+
+    def load_state_dict(self, name: str, state: dict[str, Any]) -> None:
+        sae = self.sae(name)
+        sae.load_state_dict(state["sae"])
+        params = dict(sae.named_parameters())
+        for pname, value in state["adam"].items():
+            self._optimizer().state[params[pname]] = {
+                k: v.to(params[pname].device) for k, v in value.items()}
+        self.scales[name] = state["scale"]
+        self.tokens_since_fired[name].copy_(state["tokens_since_fired"])
+        self.step_count = state["step_count"]
+        self._scheduler().load_state_dict(state["scheduler"])
+
+    def memory_mb(self) -> dict[str, float]:
+        """MB this process holds for its SAEs: `sae_params_mb` (module parameters) and
+        `optimizer_mb` (what the innermost optimizer steps, e.g. ZeRO's fp32 partition, plus its
+        Adam moments)."""
+        opt = self.optimizer
+        while hasattr(opt, "optimizer"):
+            opt = opt.optimizer
+        stepped = sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
+        moments = sum(v.numel() * v.element_size() for st in opt.state.values()
+                      for v in st.values() if torch.is_tensor(v))
+        params = sum(p.numel() * p.element_size() for p in self.suite.parameters())
+        return {"sae_params_mb": params / 2**20, "optimizer_mb": (stepped + moments) / 2**20}
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def _scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        return getattr(self.scheduler, "scheduler", self.scheduler)
