@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from datetime import timedelta
@@ -31,7 +33,8 @@ from tqdm.auto import tqdm
 from sae_dist.checkpoint import (CheckpointError, begin_checkpoint, checkpoint_exists,
                                  commit_checkpoint, load_part, load_sae, save_part, save_sae,
                                  saved_data_shards, write_suite_index)
-from sae_dist.config import CONF_DIR, TrainRunConfig, register_configs, validate
+from sae_dist.config import (CONF_DIR, ConfigError, TrainRunConfig, register_configs,
+                             validate)
 from sae_dist.data import TokenStream
 from sae_dist.distributed import (Topology, all_min, assign_hookpoints, barrier,
                                   broadcast_object, gather_dicts, gather_rows,
@@ -70,6 +73,10 @@ class TrainingRun:
         self.producer = ActivationProducer(self.model, self.hookpoints, cfg.data.max_norm_multiple,
                                            self.device, streams, t.forward_batch_seqs // shards)
         self.sharded = cfg.trainer.kind == "sharded"
+        if self.sharded and self.topology.world > len(self.hookpoints):
+            raise ConfigError("trainer.kind", "sharded", f"at most {len(self.hookpoints)} "
+                              f"processes for {len(self.hookpoints)} hookpoints (it has "
+                              f"{self.topology.world}); use trainer=ddp")
         d_sae = cfg.sae.latents(cfg.model.d_model)
         self.owners = (assign_hookpoints({hp.name: d_sae * cfg.model.d_model
                                           for hp in self.hookpoints}, self.topology.world)
@@ -388,8 +395,16 @@ register_configs()
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
-def main(dcfg: DictConfig) -> None:
+def hydra_main(dcfg: DictConfig) -> None:
     train(config_from_hydra(dcfg))
+
+
+def main() -> None:
+    """`python -m sae_dist.train` / `sae-train`. Only the first process of a multi-process
+    launch writes Hydra's files (.hydra/, the log file) into out_dir; the others log to stdout."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    hydra_main()
 
 
 if __name__ == "__main__":

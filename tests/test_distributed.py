@@ -105,6 +105,23 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, reference)
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu", "relu"])
+def test_global_batch_statistics_of_every_architecture_match_one_process(tmp_path, arch):
+    """BatchTopK's batch-level selection and threshold, JumpReLU's L0 and thresholds, the L1
+    penalty's normaliser: over the global batch. 16 steps, before any TopK flip can diverge."""
+    short = [f"sae={arch}", "sae.k=8", "train.tokens=4096"]
+    single = tmp_path / "single"
+    train(compose_train_config(RUN + short + [f"out_dir={single}"]))
+    ok(launch(tmp_path / "ddp", *short, "trainer=ddp"))
+    for name in HOOKPOINTS:
+        a, _ = load_suite_sae(single / "suite", name)
+        b, _ = load_suite_sae(tmp_path / "ddp" / "suite", name)
+        for key, value in a.state_dict().items():
+            rel = float((b.state_dict()[key] - value).norm() / value.norm().clamp_min(1e-12))
+            assert rel < 1e-5, f"{arch} {name}.{key} differs by {rel:.2e}"
+
+
+@pytest.mark.distributed
 def test_zero2_shards_optimizer_state_and_reloads_as_a_plain_sae(tmp_path, reference):
     ok(launch(tmp_path, "trainer=zero2", "train.checkpoint_every=40"))
     deepspeed_files = [p.name for p in (tmp_path / "checkpoint" / "deepspeed").rglob("*.pt")]
