@@ -31,17 +31,22 @@ class OutlierFilter:
 
     def __call__(self, acts: torch.Tensor) -> torch.Tensor:
         """acts [n, d] -> the kept rows [m, d], m <= n."""
+        return acts[self.keep(acts)]
+
+    def keep(self, acts: torch.Tensor) -> torch.Tensor:
+        """acts [n, d] -> bool [n] (on acts' device): finite and not an outlier. Counts the
+        rows it rejects; the running median follows the rows it keeps."""
         finite = torch.isfinite(acts).all(dim=1)
         self.dropped_nonfinite += int((~finite).sum())
-        acts = acts[finite]
         norms = acts.norm(dim=1).float().cpu()
-        reference = torch.cat([self.history, norms]).median() if norms.numel() else None
-        if reference is None:
-            return acts
-        keep = norms <= self.max_multiple * reference
-        self.dropped_outliers += int((~keep).sum())
+        valid = norms[finite.cpu()]
+        if not valid.numel():
+            return finite
+        reference = torch.cat([self.history, valid]).median()
+        keep = finite.cpu() & (norms <= self.max_multiple * reference)
+        self.dropped_outliers += int((finite.cpu() & ~keep).sum())
         self.history = torch.cat([self.history, norms[keep]])[-self.window:]
-        return acts[keep.to(acts.device)]
+        return keep.to(acts.device)
 
     def state_dict(self) -> dict:
         return {"history": self.history, "dropped_outliers": self.dropped_outliers,
@@ -111,7 +116,9 @@ class ActivationProducer:
     """One LM forward pass per step feeds every hookpoint of every data shard this process
     hosts: each shard's token stream gives `seqs_per_shard` rows, the rows of all shards go
     through the model together, and each shard filters its own rows (`OutlierFilter` per shard
-    and hookpoint). Yields float32 activations on `device`."""
+    and hookpoint). A token rejected at any hookpoint is dropped at all of them, so every SAE
+    trains on the same tokens and the lockstep trainer's buffers stay the same size. Yields
+    float32 activations on `device`."""
 
     def __init__(self, model: nn.Module, hookpoints: list[Hookpoint], max_norm_multiple: float,
                  device: torch.device, streams: dict[int, TokenStream], seqs_per_shard: int):
@@ -143,10 +150,12 @@ class ActivationProducer:
         self.stats.tokens += ids.numel()
         self.stats.train_tokens += int(mask.sum())
         rows = [b.input_ids.shape[0] for b in batches.values()]
-        out: dict[int, dict[str, torch.Tensor]] = {v: {} for v in batches}
-        for hp in self.hookpoints:
-            for v, a, m in zip(batches, acts[hp].split(rows), mask.split(rows)):
-                out[v][hp.name] = self.filters[v][hp.name](a[m].float())
+        splits = {hp.name: acts[hp].split(rows) for hp in self.hookpoints}
+        out = {}
+        for i, (v, m) in enumerate(zip(batches, mask.split(rows))):
+            shard = {name: parts[i][m].float() for name, parts in splits.items()}
+            joint = torch.stack([self.filters[v][n].keep(x) for n, x in shard.items()]).all(0)
+            out[v] = {name: x[joint] for name, x in shard.items()}
         return out
 
     def dropped(self) -> dict[str, dict[str, int]]:

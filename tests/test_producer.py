@@ -61,3 +61,31 @@ def test_producer_masks_and_counts(tiny_model):
     assert out[3][hps[0].name].shape[0] == 9 and out[5][hps[0].name].shape[0] == 4
     assert producer.stats.tokens == 20 and producer.stats.train_tokens == 13
     assert producer.stats.forward_passes == 1
+
+
+def test_a_token_rejected_at_one_hookpoint_is_dropped_at_all(tiny_model):
+    """Every SAE trains on the same tokens (lockstep buffers stay equal); each filter counts
+    only what it rejected itself."""
+    ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    hps = [Hookpoint(0, "resid"), Hookpoint(1, "mlp")]
+    producer = ActivationProducer(tiny_model, hps, max_norm_multiple=1e6,
+                                  device=torch.device("cpu"), streams={}, seqs_per_shard=1)
+    producer.filters = {0: {hp.name: OutlierFilter(1e6) for hp in hps}}
+    clean = capture(tiny_model, hps, ids)
+    original = producer.model.model.layers[1].mlp.forward
+
+    def nan_at_token_4(x):
+        y = original(x)
+        y[:, 4] = float("nan")
+        return y
+
+    producer.model.model.layers[1].mlp.forward = nan_at_token_4
+    try:
+        out = producer.activations({0: TokenBatch(ids, mask)})
+    finally:
+        producer.model.model.layers[1].mlp.forward = original
+    keep = torch.arange(12) != 4
+    torch.testing.assert_close(out[0]["layers.0.resid"], clean[hps[0]][0][keep])
+    assert out[0]["layers.1.mlp"].shape == (11, 64)
+    assert producer.dropped()["nonfinite"] == {"layers.0.resid": 0, "layers.1.mlp": 1}
