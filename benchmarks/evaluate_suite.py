@@ -4,7 +4,8 @@
 
 For every held-out batch (at most 4096 positions) it times, back to back on that batch, so that
 a load change on a shared machine hits every column alike:
-- clean:  one plain HF forward pass (full logits) — the unit of cost;
+- clean:  one plain HF forward pass (full logits) — the unit of cost (median of
+          --clean-repeats runs, taken before and after the other columns);
 - recon:  `evaluate_saes(model_level=False)`: every SAE's reconstruction metrics from one forward
           stopped after the last layer needed;
 - full:   `evaluate_saes()`: reconstruction + ce_clean/ce_spliced/ce_zero/kl for every SAE
@@ -12,13 +13,16 @@ a load change on a shared machine hits every column alike:
 - naive:  (first --naive-batches batches only) the plain scheme: per SAE one full spliced
           forward and one full zero-ablated forward with full logits, CE and KL.
 Totals are sums over the batches; the ratios to `clean` are the figures to compare across
-machines. Each batch's timings are the median of --repeats runs.
+machines (the per-batch ratios and their median are printed too). Each batch's recon / full /
+naive timings are the median of --repeats runs. The load average (`uptime`) is printed before
+and after every batch: only batches run on an idle machine give meaningful ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -73,12 +77,18 @@ def naive(model, saes, batch) -> None:
             (clean.exp() * (clean - lp)).sum(-1).mean()
 
 
+def load_average() -> str:
+    """The 1-minute load average (of the whole machine, this process included)."""
+    return f"{os.getloadavg()[0]:.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--suite", default="runs/demo/suite")
     ap.add_argument("--tokens", type=int, default=100_000)
     ap.add_argument("--batch-seqs", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--clean-repeats", type=int, default=3)
     ap.add_argument("--naive-batches", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     ap.add_argument("--out", default="", help="also write the figures as JSON here")
@@ -99,21 +109,32 @@ def main() -> None:
     tot = dict.fromkeys(("clean", "recon", "full"), 0.0)
     per_batch = []
     for i, b in enumerate(batches):
-        row = {"clean": timed(lambda: clean_forward(model, b), args.repeats),
-               "recon": timed(lambda: evaluate_saes(model, saes, [b], CPU, model_level=False),
+        load_before = load_average()
+        half = max(1, args.clean_repeats // 2)
+        cleans = [timed(lambda: clean_forward(model, b), 1) for _ in range(half)]
+        row = {"recon": timed(lambda: evaluate_saes(model, saes, [b], CPU, model_level=False),
                               args.repeats),
                "full": timed(lambda: evaluate_saes(model, saes, [b], CPU), args.repeats)}
         if i < args.naive_batches:
             row["naive"] = timed(lambda: naive(model, saes, b), args.repeats)
+        cleans += [timed(lambda: clean_forward(model, b), 1)
+                   for _ in range(max(1, args.clean_repeats - half))]
+        row = {"clean": statistics.median(cleans), **row}
+        row["load"] = [load_before, load_average()]
         per_batch.append(row)
         for k in tot:
             tot[k] += row[k]
-        print(f"batch {i + 1}/{len(batches)}: " + ", ".join(f"{k} {v:.2f} s"
-                                                             for k, v in row.items()), flush=True)
+        print(f"batch {i + 1}/{len(batches)}: " + ", ".join(
+            f"{k} {v:.2f} s" for k, v in row.items() if k != "load") + f"; full / clean "
+            f"{row['full'] / row['clean']:.1f}; load {row['load'][0]} -> {row['load'][1]}",
+            flush=True)
     few = per_batch[:args.naive_batches]
     naive_ratio = statistics.median(r["naive"] / r["clean"] for r in few) if few else None
     full_few = statistics.median(r["full"] / r["clean"] for r in few) if few else None
-    print(f"\nclean forward {tot['clean']:.1f} s ({lm_tok / tot['clean']:.0f} tok/s); "
+    ratios = [r["full"] / r["clean"] for r in per_batch]
+    print(f"\nfull / clean per batch: median {statistics.median(ratios):.1f} (min "
+          f"{min(ratios):.1f}, max {max(ratios):.1f})")
+    print(f"clean forward {tot['clean']:.1f} s ({lm_tok / tot['clean']:.0f} tok/s); "
           f"reconstruction only {tot['recon']:.1f} s = {tot['recon'] / tot['clean']:.2f} x "
           f"clean; full evaluation {tot['full']:.1f} s = {tot['full'] / tot['clean']:.2f} x clean")
     if few:
@@ -124,6 +145,7 @@ def main() -> None:
             "suite": args.suite, "model": mcfg.name, "saes": len(saes), "lm_tokens": lm_tok,
             "masked_tokens": n_tok, "threads": torch.get_num_threads(), "totals_s": tot,
             "naive_over_clean": naive_ratio, "full_over_clean_same_batches": full_few,
+            "full_over_clean_median_batch": statistics.median(ratios),
             "per_batch": per_batch}, indent=2))
 
 

@@ -19,10 +19,40 @@ Metrics, accumulated in float64 over those tokens:
   loss_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean),
   kl = mean_tokens KL(p_clean || p_spliced).
 
-Efficiency (see `sae_dist.metrics`): one clean pass per batch serves every SAE's reconstruction
-metrics and ce_clean and caches the hidden state entering every needed layer; each spliced or
-ablated pass replays only the layers from its own layer on, batched with the other passes that
-start at the same layer, and the LM head runs only at the CE positions.
+Efficiency: the cheapest correct scheme found (implemented in `sae_dist.metrics`; figures for
+SmolLM2-135M-Instruct in bf16 with 12 TopK SAEs at layers 6/12/18/24 x resid/mlp/attn, batches
+of 16 x 256 tokens, on a 2-core CPU; benchmarks/README.md, "Suite evaluation"):
+1. One clean pass per batch (the decoder stack, no LM head) gives every SAE's input
+   activations, ce_clean, and caches the hidden state entering each layer an SAE sits at, with
+   the keyword arguments the model hands each decoder layer.
+2. A splice at layer L changes nothing before L, so each spliced or ablated pass (SAE, zero,
+   optional mean) replays only layers L..N-1 from the cache, then the final norm and the LM
+   head. Passes that start at the same layer run as one batch of up to `max_variants` on an
+   accelerator; on CPU a replay holds at most `max_batch_tokens` positions (one 16-sequence
+   batch: six variants one by one took 12.5 s, as one batch 16.7 s).
+3. The LM head runs only at the CE positions, `logit_chunk` rows at a time, in the model's
+   dtype (the logits z the model itself computes); the clean logits and probs are computed once
+   per batch and reused by every variant.
+4. After the head no log-softmax is materialised and nothing of size vocab is float64:
+   CE = logsumexp(z) - z[target] (sum of exp in float32, log and add in float64) and
+   KL(p_clean || p) = <p_clean, z_clean - z> + (lse - lse_clean) * sum(p_clean), which is
+   sum p_clean (log p_clean - log p) regrouped; float32 differences of bf16 logits are exact,
+   and an identity splice gives kl = delta_loss = 0 exactly (checked on SmolLM2 in bf16). On
+   CPU this work runs on slices of about 1M logits that stay in cache: fresh [256, vocab]
+   float32 temporaries cost page faults and memory traffic comparable to the head matmul.
+   Per CE position and variant: head matmul 0.15 ms, with CE and KL 0.21 ms (2 threads), where
+   the previous float32 log-softmax + softmax + bmm scheme took 0.30 ms and was 10x less
+   accurate (max per-position KL error 3e-5 against 3e-6, float64 reference).
+Float64 is used only for per-position scalars and the running sums (DESIGN.md section 8).
+No autocast: the clean pass and the replays run the same layers in the model's dtype.
+Where the time goes per batch (3,849 CE positions, 2 threads, idle machine): replays 60 %,
+LM heads + CE/KL 29 % (the head matmuls alone about 20 %), clean pass 5 %, the 12 SAE
+encode/decodes 4 %, float64 reconstruction sums 1 %; in all 17 clean HF forwards (it was 21
+before items 2 and 4), against about 15.5 for the FLOP floor of this scheme (1 clean pass +
+360 replayed layers = 12 layer stacks + 25 LM heads + 12 SAEs). Going lower needs fewer
+replayed layers (e.g. starting a resid splice's replay at L + 1 would save about 2 %).
+Neither the logit chunk (128-512), the slice size (0.5-2M logits) nor max_batch_tokens
+(1024-4096) moves the CPU time beyond the noise.
 
 Outputs under out_dir: saes/<hookpoint>.json (the metrics above plus the latent-frequency
 histogram, the SAE, suite, model, data and eval configs, splice and CE positions, token counts),
@@ -47,7 +77,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sae_dist.checkpoint import CFG_FILE, CheckpointError, load_sae, read_suite_index
-from sae_dist.config import ConfigError, EvalRunConfig, ModelConfig, register_configs
+from sae_dist.config import (CONF_DIR, ConfigError, EvalRunConfig, ModelConfig,
+                             register_configs)
 from sae_dist.data import TokenBatch, TokenStream
 from sae_dist.hookpoints import Hookpoint, capture
 from sae_dist.metrics import (CE_POSITIONS, SPLICE_POSITIONS, ModelLevelAccumulator,
@@ -61,10 +92,10 @@ DENSE_THRESHOLD = 0.1
 HIST_EDGES = [e / 2 for e in range(-14, 1)]
 """Edges of the latent-frequency histogram in log10(fraction of tokens): 1e-7 .. 1 in half
 decades; frequencies below 1e-7 (but > 0) fall in the first bin; dead latents are counted apart."""
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 MAX_BATCH_TOKENS = 4096
-"""Default cap on the positions of one evaluation forward batch (memory of the clean log-probs:
-2 x 4096 x vocab x 4 bytes, 1.6 GB for SmolLM2, 5 GB for Qwen3)."""
+"""Default cap on the positions of one evaluation forward batch, and on CPU of one replay batch
+(memory of the clean logits and probs: 4096 x vocab x 6 bytes for a bf16 model, 1.2 GB for
+SmolLM2, 3.7 GB for Qwen3)."""
 
 Reconstructor = Callable[[Tensor], Tensor]
 """Any x [n, d_in] -> x_hat [n, d_in]; sparsity metrics are None for such a plain function."""
@@ -194,8 +225,9 @@ def evaluate_saes(model: nn.Module, saes: dict[Hookpoint, SAELike], batches: Seq
     """Reconstruction (and with `model_level` the model-level) metrics of every SAE over the
     held-out `batches`; keyed by hookpoint name, in the order of `saes`. An SAE may be a plain
     function x [n, d] -> x_hat [n, d] (sparsity metrics are then None). Batches are split to at
-    most `max_batch_tokens` positions per forward (the clean log-probs and probs of a batch,
-    2 x positions x vocab float32, are held in memory)."""
+    most `max_batch_tokens` positions per forward (the clean logits and float32 probs of a
+    batch, positions x vocab each, are held in memory); on CPU a replay batch holds at most
+    that many positions too (the module docstring gives the scheme)."""
     hps = list(saes)
     batches = split_batches(batches, max_batch_tokens)
     recon = {hp: ReconstructionAccumulator(_d_in(sae, model), getattr(sae, "d_sae", None))
@@ -216,7 +248,7 @@ def evaluate_saes(model: nn.Module, saes: dict[Hookpoint, SAELike], batches: Seq
             recon[hp].update(x, x_hats[hp], latents)
         if model_level:
             _model_level_batch(model, clean, ids, mask, x_hats, means, ce, max_variants,
-                               logit_chunk)
+                               logit_chunk, max_batch_tokens)
     results = {}
     for hp in hps:
         res = recon[hp].result()
@@ -234,21 +266,24 @@ def _d_in(sae: SAELike, model: nn.Module) -> int:
 def _model_level_batch(model: nn.Module, clean, ids: Tensor, mask: Tensor,
                        x_hats: dict[Hookpoint, Tensor], means: dict[Hookpoint, Tensor],
                        acc: dict[Hookpoint, ModelLevelAccumulator], max_variants: int,
-                       logit_chunk: int) -> None:
+                       logit_chunk: int, max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:
     """Score one batch: clean CE, then per start layer the SAE / zero / mean splices of every
-    hookpoint of that layer, batched `max_variants` at a time."""
+    hookpoint of that layer, batched `max_variants` at a time (on CPU also at most
+    `max_batch_tokens` positions per replay: larger batches are slower per token there)."""
     sel, targets = ce_positions(ids, mask)
     scorer = NextTokenScorer(model, clean.final, sel, targets, logit_chunk)
     variants: dict[int, list[tuple[Hookpoint, str, Any]]] = {}
     d_model = model.config.hidden_size
+    per_replay = max_variants if ids.device.type != "cpu" else max(1, min(
+        max_variants, max_batch_tokens // ids.numel()))
     for hp, x_hat in x_hats.items():
         acc[hp].add_clean(scorer.ce_clean)
         kinds = [("spliced", x_hat), ("zero", x_hat.new_zeros(d_model))]
         kinds += [("mean", means[hp])] if hp in means else []
         variants.setdefault(hp.layer, []).extend((hp, k, masked_edit(mask, v)) for k, v in kinds)
     for layer, vs in sorted(variants.items()):
-        for i in range(0, len(vs), max_variants):
-            group = vs[i:i + max_variants]
+        for i in range(0, len(vs), per_replay):
+            group = vs[i:i + per_replay]
             finals = replay_from(model, clean, layer, [{hp: edit} for hp, _, edit in group])
             for (hp, kind, _), final in zip(group, finals):
                 ce, kl = scorer.score(final, with_kl=kind == "spliced")
@@ -416,7 +451,7 @@ def config_from_hydra(dcfg: DictConfig) -> EvalRunConfig:
 register_configs()
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="eval")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="eval")
 def main(dcfg: DictConfig) -> None:
     run_evaluation(config_from_hydra(dcfg))
 

@@ -11,14 +11,19 @@ The cheapest correct scheme, and why:
   (`replay_from`). The splice hook fires inside the replayed layer L as in a full forward.
 - A spliced pass cannot stop early: CE and KL need the logits, so every later layer runs.
 - Several passes that start at the same layer (the SAE splice, the zero and the optional mean
-  ablation of every site of that layer) run as one batch of `n_variants x B` sequences; each
-  variant's hook edits only its own rows.
+  ablation of every site of that layer) can run as one batch of `n_variants x B` sequences;
+  each variant's hook edits only its own rows. That helps on a GPU; on CPU larger batches are
+  slower per token, so there the callers cap a replay at one batch's worth of positions.
 - The LM head (often the largest matmul of a small model) runs only at the CE positions, in
-  chunks of `chunk` positions, so the [B, T, vocab] logits never exist; the clean log-probs at
-  the CE positions are computed once per batch and reused by every variant.
+  chunks of `chunk` positions, so the [B, T, vocab] logits never exist; the clean logits and
+  probs at the CE positions are computed once per batch and reused by every variant.
+- After the head, CE needs only logsumexp(z) and z[target], and KL(p_clean || p) =
+  <p_clean, z_clean - z> + lse - lse_clean (`NextTokenScorer`): no log-softmax is materialised,
+  nothing of size vocab is float64, and on CPU that work runs on cache-sized slices of rows.
 
 Cost per batch: one clean pass + sum over variants of (N - L_v) / N passes + one LM head per
-variant, instead of (1 + n_variants) full passes.
+variant, instead of (1 + n_variants) full passes. That is the floor of this scheme; on a
+2-core CPU the measured cost is within about 15 % of it (`sae_dist.evaluate`, benchmarks/README.md).
 
 Positions (the same for ce_clean, ce_spliced, ce_zero, ce_mean and kl): position t of a row
 counts iff train_mask[t] is True and t + 1 exists in the row; its target is input_ids[t + 1].
@@ -159,50 +164,84 @@ def masked_edit(mask: Tensor, values: Tensor) -> Edit:
     return edit
 
 
+CPU_SLICE_ELEMS = 1 << 20
+"""On CPU the vocabulary-wide work after the LM head runs on slices of about this many logits
+(4 MB of float32 temporaries, which stay in cache); on GPU on whole LM-head chunks."""
+
+
 class NextTokenScorer:
     """Clean next-token distributions at the CE positions of one batch, to score spliced passes.
 
     `final` [B, T, d] (clean, final-normed), `sel` bool [B, T], `targets` int64 [n]. The LM
-    head runs on `chunk` positions at a time, in the model's dtype like the HF forward; the
-    log-softmax is taken in float32. Per position, CE = -log p(target) and
-    KL(p_clean || p) = <p_clean, log p_clean - log p> (a row-wise dot product of the
-    difference, which stays accurate for small KL; exactly 0 when the logits equal the clean
-    ones). The clean log-probs and probs (float32, 2 x n x vocab) are kept for the batch.
+    head runs on `chunk` positions at a time in the model's dtype, like the HF forward (the
+    logits z are those of the model); everything after it is exact maths on z:
+
+    - lse = logsumexp(z) as max + log(sum exp(z - max)), the sum in float32, the log and the
+      add in float64; CE = lse - z[target] (float64).
+    - KL(p_clean || p) = sum_v p_clean,v (z_clean,v - z_v) + (lse - lse_clean) * sum_v p_clean,v,
+      which is sum p_clean (log p_clean - log p) regrouped: the logit differences are exact in
+      float32 (differences of model-dtype numbers), the row sum is a float32 reduction (pairwise
+      on CPU, a tree on GPU), and KL is exactly 0 when the logits equal the clean ones.
+
+    The clean logits (model dtype), clean probs (float32) and per-position lse_clean and
+    sum p_clean are kept for the batch (n x vocab x 6 bytes for a bf16 model). On CPU the work
+    after the LM head runs on slices of `CPU_SLICE_ELEMS` logits, so its float32 temporaries
+    stay in cache instead of being fresh [chunk, vocab] allocations (page faults, memory
+    traffic): that work costs about 0.4x the LM head matmul instead of about 1x.
     """
 
     def __init__(self, model: nn.Module, final: Tensor, sel: Tensor, targets: Tensor,
                  chunk: int = 256):
         self.head, self.sel, self.chunk = model.get_output_embeddings(), sel, chunk
-        self.targets = targets.split(chunk)
-        self.p_clean, self.logp_clean, ce = [], [], []
-        for h, t in zip(final[sel].split(chunk), self.targets):
-            z = self.head(h).float()
-            self.logp_clean.append(torch.log_softmax(z, -1))
-            self.p_clean.append(torch.softmax(z, -1))
-            ce.append(-self.logp_clean[-1].gather(1, t[:, None])[:, 0])
-        self.ce_clean = torch.cat(ce).double()
+        vocab = self.head.weight.shape[0]
+        self.slice = (chunk if final.device.type != "cpu" else
+                      max(1, min(chunk, CPU_SLICE_ELEMS // vocab)))
+        self.targets = [u for t in targets.split(chunk) for u in t.split(self.slice)]
+        self.z_clean, self.p_clean, self.lse_clean, self.psum_clean, ce = [], [], [], [], []
+        for z, t in zip(self._logits(final), self.targets):
+            e, m, s = _exp_shifted(z)
+            lse = m.double() + s.double().log()
+            p = e.div_(s[:, None])
+            self.z_clean.append(z)
+            self.p_clean.append(p)
+            self.lse_clean.append(lse)
+            self.psum_clean.append(p.sum(-1).double())
+            ce.append(lse - z.gather(1, t[:, None])[:, 0].double())
+        self.ce_clean = torch.cat(ce)
 
     @property
     def n(self) -> int:
         return int(self.sel.sum())
+
+    def _logits(self, final: Tensor):
+        """Logits [<= slice, vocab] (model dtype) of the CE positions, slice by slice."""
+        for h in final[self.sel].split(self.chunk):
+            z = self.head(h)
+            yield from z.split(self.slice)
 
     @torch.no_grad()
     def score(self, final: Tensor, with_kl: bool = True) -> tuple[Tensor, Optional[Tensor]]:
         """final [B, T, d] of a spliced pass -> per-position (CE, KL(p_clean || p_spliced) or
         None without `with_kl`), float64 [n] each."""
         ce, kl = [], []
-        for h, p, logp_clean, t in zip(final[self.sel].split(self.chunk), self.p_clean,
-                                       self.logp_clean, self.targets):
-            logp = torch.log_softmax(self.head(h).float(), -1)
-            ce.append(-logp.gather(1, t[:, None])[:, 0])
+        for i, (z, t) in enumerate(zip(self._logits(final), self.targets)):
+            e, m, s = _exp_shifted(z)
+            lse = m.double() + s.double().log()
+            ce.append(lse - z.gather(1, t[:, None])[:, 0].double())
             if with_kl:
-                kl.append(_dot(p, logp.neg_().add_(logp_clean)).double())  # log p_c - log p
-        return torch.cat(ce).double(), torch.cat(kl) if with_kl else None
+                d = e.copy_(self.z_clean[i]).sub_(z)  # z_clean - z, exact in float32
+                dot = d.mul_(self.p_clean[i]).sum(-1).double()
+                kl.append(dot + (lse - self.lse_clean[i]) * self.psum_clean[i])
+        return torch.cat(ce), torch.cat(kl) if with_kl else None
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise dot products of a, b [m, v] -> [m] without an [m, v] temporary."""
-    return torch.bmm(a[:, None, :], b[:, :, None])[:, 0, 0]
+def _exp_shifted(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """z [m, v] -> (exp(z - max) float32 [m, v] (a new tensor), max float32 [m],
+    sum exp(z - max) float32 [m])."""
+    e = z.float() if z.dtype != torch.float32 else z.clone()
+    m = e.amax(-1)
+    e.sub_(m[:, None]).exp_()
+    return e, m, e.sum(-1)
 
 
 MODEL_KINDS = ("spliced", "zero", "mean")

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sae_dist import metrics
 from sae_dist.checkpoint import save_sae, write_suite_index
 from sae_dist.config import ConfigError, SAEConfig
 from sae_dist.data import TokenBatch, TokenStream, special_token_ids
@@ -153,8 +154,13 @@ def reference(model, hp, sae, batches):
     return out
 
 
-@pytest.mark.parametrize("max_variants", [1, 8])
-def test_every_metric_matches_an_independent_computation(model, batches, max_variants):
+@pytest.mark.parametrize("max_variants,slice_rows", [(1, None), (8, 5)])
+def test_every_metric_matches_an_independent_computation(model, batches, max_variants,
+                                                         slice_rows, monkeypatch):
+    """slice_rows: CE/KL work after the LM head on slices of 5 rows inside chunks of 16 (CPU
+    cache slicing; 16 is not a multiple of 5)."""
+    if slice_rows:
+        monkeypatch.setattr(metrics, "CPU_SLICE_ELEMS", slice_rows * model.config.vocab_size)
     saes = {hp: topk_sae(i) for i, hp in enumerate(HPS)}
     res = evaluate_saes(model, saes, batches, CPU, ce_mean=True, max_variants=max_variants,
                         logit_chunk=16)
