@@ -183,7 +183,8 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Write a resumable training checkpoint every n forward batches (0: only at the end)."""
     eval_tokens: int = 20_000
-    """Held-out tokens for the end-of-training report (FVU, L0, dead fraction)."""
+    """Held-out tokens for the end-of-training evaluation and report (0: save the suite
+    unevaluated)."""
     resume: bool = True
     """Resume from the last checkpoint in `out_dir` when there is one."""
 
@@ -299,6 +300,7 @@ def validate(cfg: TrainRunConfig) -> None:
     t = cfg.train
     _check(t.tokens > 0, "train.tokens", t.tokens, "> 0")
     _check(t.batch_size > 0, "train.batch_size", t.batch_size, "> 0")
+    _check(t.eval_tokens >= 0, "train.eval_tokens", t.eval_tokens, ">= 0")
     _check(t.buffer_batches >= 2, "train.buffer_batches", t.buffer_batches, ">= 2")
     shards = t.data_shards or 1
     _check(shards >= 1, "train.data_shards", t.data_shards, ">= 1 or null")

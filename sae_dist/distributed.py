@@ -94,9 +94,6 @@ class Topology:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard_owner(self, shard: int) -> int:
-        return shard % self.world
-
 
 def init_process_group(timeout_s: float) -> Topology | None:
     """Join the process group of a multi-process launch (torchrun / accelerate launch set

@@ -40,7 +40,7 @@ from sae_dist.distributed import (Topology, all_min, assign_hookpoints, barrier,
                                   broadcast_object, gather_dicts, gather_rows,
                                   init_process_group, sum_counts)
 from sae_dist.evaluate import eval_context, evaluate_saes, scalar_metrics, take_batches
-from sae_dist.hookpoints import grid_hookpoints
+from sae_dist.hookpoints import Hookpoint, grid_hookpoints
 from sae_dist.models import load_model
 from sae_dist.producer import ActivationProducer, ProducerStats, ShuffleBuffer
 from sae_dist.report import EVAL_COLUMNS, markdown_table, plot_training_curves, write_eval_outputs
@@ -315,6 +315,8 @@ def finish_suite(run: TrainingRun) -> dict[str, dict[str, float]]:
     if not run.topology.is_main:
         return {}
     saes = {hp: trained[hp.name][0].eval() for hp in run.hookpoints}
+    if cfg.train.eval_tokens == 0:
+        return save_unevaluated(run, saes, trained, dropped)
     eval_stream = TokenStream(cfg.data, run.tokenizer, "eval", seed=cfg.train.seed)
     batches = take_batches(eval_stream, cfg.train.eval_tokens, cfg.train.forward_batch_seqs)
     results = evaluate_saes(run.model, saes, batches, run.device)
@@ -322,11 +324,8 @@ def finish_suite(run: TrainingRun) -> dict[str, dict[str, float]]:
     for hp, sae in saes.items():
         res = scalar_metrics(results[hp.name])
         metadata = {
-            "model_name": cfg.model.path or cfg.model.name, "hook_name": hp.saelens_hook_name,
-            "hookpoint": hp.name, "site": hp.site, "layer": hp.layer,
-            "context_size": cfg.data.context_size, "dataset_path": cfg.data.source,
-            "prepend_bos": cfg.data.prepend_bos, "exclude_special_tokens": True,
-            **trained[hp.name][1], "outliers_dropped": dropped["outliers"][hp.name],
+            **sae_metadata(cfg, hp), **trained[hp.name][1],
+            "outliers_dropped": dropped["outliers"][hp.name],
             "eval_tokens": res["tokens"], "fvu": res["fvu"], "l0": res["l0"],
             "dead_frac": res["dead_frac"], "delta_loss": res["delta_loss"],
             "loss_recovered": res["loss_recovered"], "kl": res["kl"]}
@@ -354,6 +353,29 @@ def finish_suite(run: TrainingRun) -> dict[str, dict[str, float]]:
     print(f"\n{table}\n\nSAE suite written to {suite_dir}\nW&B run: {run.logger.location}\n"
           f"Report: {run.out_dir / 'report.md'}")
     return results
+
+
+def sae_metadata(cfg: TrainRunConfig, hp: Hookpoint) -> dict[str, Any]:
+    """The SAELens metadata keys of a trained SAE that do not depend on its training."""
+    return {"model_name": cfg.model.path or cfg.model.name, "hook_name": hp.saelens_hook_name,
+            "hookpoint": hp.name, "site": hp.site, "layer": hp.layer,
+            "context_size": cfg.data.context_size, "dataset_path": cfg.data.source,
+            "prepend_bos": cfg.data.prepend_bos, "exclude_special_tokens": True}
+
+
+def save_unevaluated(run: TrainingRun, saes: dict, trained: dict, dropped: dict) -> dict:
+    """The suite with training metadata only (`train.eval_tokens=0`: evaluate it later with
+    `python -m sae_dist.evaluate`)."""
+    suite_dir, cfg = run.out_dir / "suite", run.cfg
+    for hp, sae in saes.items():
+        save_sae(sae, suite_dir / hp.name, {**sae_metadata(cfg, hp), **trained[hp.name][1],
+                                             "outliers_dropped": dropped["outliers"][hp.name]})
+    write_suite_index(suite_dir, [{"hookpoint": hp.name, "path": hp.name} for hp in saes],
+                      {"model": cfg.model.name, "architecture": cfg.sae.architecture,
+                       "training_tokens": run.tokens_trained(), "evaluated": False})
+    run.logger.finish()
+    print(f"SAE suite written to {suite_dir} (not evaluated: train.eval_tokens=0)")
+    return {}
 
 
 TRAINING_METADATA = ("training_tokens", "input_scale")

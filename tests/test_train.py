@@ -128,3 +128,13 @@ def test_embedded_smollm2_trains_from_real_chats(tmp_path):
     meta = load_suite_sae(tmp_path / "suite", "layers.3.attn")[1]["metadata"]
     assert meta["hook_name"] == "blocks.3.hook_attn_out"
     assert meta["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_eval_tokens_0_saves_the_suite_unevaluated(tmp_path):
+    train(tiny_run(tmp_path, "logger=none", "train.eval_tokens=0", "train.tokens=1024"))
+    index = read_suite_index(tmp_path / "suite")
+    assert index["evaluated"] is False and len(index["saes"]) == 4
+    sae, cfg = load_suite_sae(tmp_path / "suite", "layers.1.resid")
+    assert cfg["metadata"]["training_tokens"] == 1024 and "fvu" not in cfg["metadata"]
+    assert cfg["metadata"]["input_scale"] > 0
+    assert not (tmp_path / "eval").exists()
