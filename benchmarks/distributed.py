@@ -64,7 +64,7 @@ def summarize(stats: list[dict]) -> dict:
     out = {"lm_tokens_per_s": statistics.median(s["lm_train_tokens_per_s"] for s in stats),
            "train_seconds": statistics.median(s["train_seconds"] for s in stats)}
     for key in stats[0]:
-        if key.startswith("process"):
+        if key.startswith("process") and "/" in key:
             out[key] = statistics.median(s[key] for s in stats)
     return out
 
@@ -81,7 +81,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only:
             processes, overrides = CONFIGS[name]
-            dirs = [Path(tmp) / f"{name[:5]}{i}" for i in range(args.repeats)]
+            dirs = [Path(tmp) / f"{len(rows)}-{i}" for i in range(args.repeats)]
             stats = [run(processes, overrides, d, args.tokens) for d in dirs]
             rows[name] = summarize(stats)
             fvu = held_out_fvu(dirs[0], args.eval_tokens)
@@ -92,7 +92,7 @@ def main() -> None:
           "process | peak RSS (MB) | SAE params (MB) | optimizer (MB) |\n"
           "|---|---:|---:|---:|---:|---:|---:|")
     for name, row in rows.items():
-        ranks = sorted({k.split("/")[0] for k in row if k.startswith("process")})
+        ranks = sorted({k.split("/")[0] for k in row if k.startswith("process") and "/" in k})
         for i, rank in enumerate(ranks):
             rate = f"{row['lm_tokens_per_s']:,.0f}" if i == 0 else ""
             fvu = f"{row['mean_fvu']:.4f}" if i == 0 else ""
