@@ -8,20 +8,19 @@ raises `ConfigError` naming the key, the value and what is allowed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-"""The Hydra configs (conf/ next to the package, as in a source checkout or editable install)."""
+from sae_dist.cli import CONF_DIR, UserError  # noqa: F401 (CONF_DIR: evaluate.py reads it here)
+
 SITES = ("resid", "mlp", "attn")
 TRAINER_KINDS = ("single", "ddp", "zero2", "zero3", "sharded")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is not allowed; the message names key, value and allowed range."""
 
     def __init__(self, key: str, value: Any, allowed: str):
