@@ -70,13 +70,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sae_dist.checkpoint import CFG_FILE, CheckpointError, load_sae, read_suite_index
+from sae_dist.cli import run_hydra
 from sae_dist.config import (CONF_DIR, ConfigError, EvalRunConfig, ModelConfig,
                              register_configs)
 from sae_dist.data import TokenBatch, TokenStream
@@ -437,23 +437,12 @@ def _log_images(logger, pngs: list[Path]) -> None:
         logger.run.log({f"eval/{p.stem}": wandb.Image(str(p)) for p in pngs}, step=0)
 
 
-def config_from_hydra(dcfg: DictConfig) -> EvalRunConfig:
-    """Typed config from Hydra's; in multirun each job writes to its own Hydra job directory."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    cfg: EvalRunConfig = OmegaConf.to_object(dcfg)
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        cfg.out_dir = HydraConfig.get().runtime.output_dir
-    return cfg
-
-
 register_configs()
 
 
-@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="eval")
-def main(dcfg: DictConfig) -> None:
-    run_evaluation(config_from_hydra(dcfg))
+def main() -> None:
+    """`python -m sae_dist.evaluate` / `sae-evaluate` (sae_dist.cli: overrides, --help, errors)."""
+    run_hydra("eval", EvalRunConfig, run_evaluation)
 
 
 if __name__ == "__main__":

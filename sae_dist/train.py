@@ -11,30 +11,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import shutil
-import sys
 import time
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from sae_dist.checkpoint import (CheckpointError, begin_checkpoint, checkpoint_exists,
                                  commit_checkpoint, load_part, load_sae, save_part, save_sae,
                                  saved_data_shards, write_suite_index)
-from sae_dist.config import (CONF_DIR, ConfigError, TrainRunConfig, register_configs,
-                             validate)
+from sae_dist.cli import run_hydra
+from sae_dist.config import ConfigError, TrainRunConfig, register_configs, validate
 from sae_dist.data import TokenStream
 from sae_dist.distributed import (Topology, all_min, assign_hookpoints, barrier,
                                   broadcast_object, gather_dicts, gather_rows,
@@ -405,28 +399,12 @@ def collect_saes(run: TrainingRun) -> dict[str, tuple[SparseAutoencoder, dict[st
     return out
 
 
-def config_from_hydra(dcfg: DictConfig) -> TrainRunConfig:
-    """Typed config from Hydra's; in multirun each job writes to its own Hydra job directory."""
-    cfg: TrainRunConfig = OmegaConf.to_object(dcfg)
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        cfg.out_dir = HydraConfig.get().runtime.output_dir
-    return cfg
-
-
 register_configs()
 
 
-@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
-def hydra_main(dcfg: DictConfig) -> None:
-    train(config_from_hydra(dcfg))
-
-
 def main() -> None:
-    """`python -m sae_dist.train` / `sae-train`. Only the first process of a multi-process
-    launch writes Hydra's files (.hydra/, the log file) into out_dir; the others log to stdout."""
-    if int(os.environ.get("RANK", "0")) > 0:
-        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
-    hydra_main()
+    """`python -m sae_dist.train` / `sae-train` (sae_dist.cli: overrides, --help, errors)."""
+    run_hydra("train", TrainRunConfig, train)
 
 
 if __name__ == "__main__":

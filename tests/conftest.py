@@ -4,17 +4,18 @@ random Qwen3 model and its config, composed through Hydra exactly as users compo
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
+
+from sae_dist import cli
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(cli.CONF_DIR)
 
 
 def compose_train_config(overrides: list[str]):
