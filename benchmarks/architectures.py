@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from sae_dist.config import SAEConfig
+from sae_dist.config import sae_config
 from sae_dist.sae import SAE_REGISTRY
 from sae_step import time_steps
 
@@ -97,7 +97,7 @@ def speed(args: argparse.Namespace) -> None:
     for arch in ARCHS:
         paths = ["sparse", "dense"] if arch in ("topk", "batchtopk") else ["dense"]
         for path in paths:
-            cfg = SAEConfig(architecture=arch, d_sae=args.d_sae, k=args.k)
+            cfg = sae_config(architecture=arch, d_sae=args.d_sae, k=args.k)
             extra = {"sparse": path == "sparse"} if arch in ("topk", "batchtopk") else {}
             sae = SAE_REGISTRY[arch](cfg, args.d_in, **extra)
             sec = time_steps(sae, x, dead, False, args.warmup, args.steps)

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from sae_dist.config import SAEConfig
+from sae_dist.config import sae_config
 from sae_dist.sae import TopKSAE
 
 
@@ -40,6 +40,7 @@ def parse_args() -> argparse.Namespace:
 def time_steps(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, bf16: bool,
                warmup: int, steps: int) -> float:
     """Median wall-clock seconds of one training step on batch x [B, d_in]."""
+    sae.project_decoder_grads()
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     times = []
@@ -49,7 +50,6 @@ def time_steps(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, bf16: bool,
             out = sae(x, dead)
         opt.zero_grad(set_to_none=True)
         sum(out.losses.values()).backward()
-        sae.remove_parallel_decoder_grad()
         opt.step()
         sae.normalize_decoder()
         if i >= warmup:
@@ -68,7 +68,7 @@ def main() -> None:
         print("|---|---|---|---|---|")
     for bf16 in [False, True] if args.autocast else [False]:
         for path in args.paths:
-            cfg = SAEConfig(d_sae=args.d_sae, k=args.k)
+            cfg = sae_config(d_sae=args.d_sae, k=args.k)
             sae = TopKSAE(cfg, args.d_in, sparse=path == "sparse")
             sec = time_steps(sae, x, dead, bf16, args.warmup, args.steps)
             print(f"| {path} | {'bf16 autocast' if bf16 else 'fp32'} | {int(dead.sum())} "

@@ -31,6 +31,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from sae_dist.errors import UserError
+
 
 def _conf_dir() -> Path:
     """The packaged configs (`sae_dist/conf` in an installed wheel), else the checkout's conf/."""
@@ -43,11 +45,6 @@ CONF_DIR = _conf_dir()
 editable install."""
 RANK_OVERRIDES = ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
 """Appended on processes of rank > 0: only the first process writes Hydra's files into out_dir."""
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for (a config value, a path, an option): reported as
-    `error: <message>` with exit code 2, without a traceback."""
 
 
 def fail(message: str) -> NoReturn:

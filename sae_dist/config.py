@@ -7,25 +7,44 @@ raises `ConfigError` naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import enum
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from sae_dist.cli import CONF_DIR, UserError  # noqa: F401 (CONF_DIR: evaluate.py reads it here)
+from sae_dist.errors import ConfigError
+from sae_dist.hookpoints import SITES, grid_hookpoints
 
-SITES = ("resid", "mlp", "attn")
-TRAINER_KINDS = ("single", "ddp", "zero2", "zero3", "sharded")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Config dtype names -> torch dtypes."""
 
 
-class ConfigError(UserError, ValueError):
-    """A configuration value is not allowed; the message names key, value and allowed range."""
+class TrainerKind(str, enum.Enum):
+    """How the processes of a run share the SAE training (`trainer=<kind>`)."""
 
-    def __init__(self, key: str, value: Any, allowed: str):
-        super().__init__(f"config error: {key}={value!r} is not allowed; allowed: {allowed}")
-        self.key, self.value, self.allowed = key, value, allowed
+    single = "single"
+    ddp = "ddp"
+    zero2 = "zero2"
+    zero3 = "zero3"
+    sharded = "sharded"
+
+    @property
+    def zero_stage(self) -> int:
+        """DeepSpeed ZeRO stage (0: no DeepSpeed)."""
+        return {"zero2": 2, "zero3": 3}.get(self.value, 0)
+
+    @property
+    def data_parallel(self) -> bool:
+        """Every process trains every SAE on its own data; gradients are averaged."""
+        return self in (TrainerKind.ddp, TrainerKind.zero2, TrainerKind.zero3)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
 
 
 @dataclass
@@ -69,59 +88,140 @@ class SitesConfig:
 
 @dataclass
 class SAEConfig:
-    architecture: str = "topk"
-    """SAE architecture, a key of the registry in `sae_dist.sae`."""
+    """What every SAE architecture has; each architecture's own keys live in its subclass
+    (`sae=<architecture>` selects it: conf/sae/<architecture>.yaml)."""
+
+    architecture: str = MISSING
+    """SAE architecture: topk, batchtopk, jumprelu or relu (the `sae` group's choice)."""
     expansion: int = 16
     """d_sae = expansion x d_in, unless `d_sae` is set."""
     d_sae: Optional[int] = None
     """Explicit number of latents (overrides `expansion`)."""
-    k: int = 32
-    """Active latents per token (TopK); on average over a training batch (BatchTopK)."""
-    auxk_coef: float = 1 / 32
-    """Weight of the AuxK loss on the residual (TopK family)."""
-    k_aux: Optional[int] = None
-    """Dead latents used by AuxK per token; null means d_in // 2."""
     dead_tokens: int = 10_000_000
     """A latent is dead when it has not fired in this many training tokens."""
-    threshold_window: float = 0.2
-    """BatchTopK: the inference threshold is the mean of the training batches' thresholds (the
-    smallest kept activation) over this final fraction of training."""
-    l0_coef: float = 1e-3
-    """JumpReLU: weight of the L0 penalty (per token, against the FVU) after its warm-up; with
-    `target_l0`, the weight of (L0 / target_l0 - 1)^2 instead."""
-    l0_warmup_frac: float = 0.1
-    """JumpReLU: fraction of training over which the L0 weight rises linearly from 0."""
-    target_l0: Optional[float] = None
-    """JumpReLU: aim at this L0; the L0 coefficient then follows the batch's L0 (penalty
-    l0_coef * (L0 / target_l0 - 1)^2, coefficient 2 l0_coef (L0 / target_l0 - 1) / target_l0,
-    negative below the target). null: plain L0 penalty l0_coef * L0."""
-    bandwidth: float = 0.5
-    """JumpReLU: width of the rectangle kernel of the threshold's straight-through estimator, in
-    units of the (scaled, E||x||^2 = d_in) pre-activations."""
-    threshold_init: float = 1.0
-    """JumpReLU: initial threshold of every latent (trained as its logarithm)."""
-    l1_coef: float = 0.1
-    """ReLU: weight of the L1 penalty sum_i z_i ||W_dec[i]|| / rms||x - mean(x)|| after its
-    warm-up (dimensionless: the same for every input scale)."""
-    l1_warmup_frac: float = 0.05
-    """ReLU: fraction of training over which the L1 weight rises linearly from 0."""
 
     def __post_init__(self) -> None:
-        """Range checks that need no model (architecture-specific ones run in the SAE class)."""
-        checks = [("l0_coef", self.l0_coef >= 0, ">= 0"), ("l1_coef", self.l1_coef >= 0, ">= 0"),
-                  ("l0_warmup_frac", 0 <= self.l0_warmup_frac <= 1, "0..1"),
-                  ("l1_warmup_frac", 0 <= self.l1_warmup_frac <= 1, "0..1"),
-                  ("threshold_window", 0 < self.threshold_window <= 1, "(0, 1]"),
-                  ("bandwidth", self.bandwidth > 0, "> 0"),
-                  ("threshold_init", self.threshold_init > 0, "> 0"),
-                  ("target_l0", self.target_l0 is None or self.target_l0 > 0, "> 0 or null")]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ConfigError(f"sae.{name}", getattr(self, name), allowed)
+        """Range checks that need no model."""
+        _check(SAE_CONFIGS.get(self.architecture) is type(self), "sae.architecture",
+               self.architecture, "the `sae` group's choice: sae=" + "|".join(SAE_CONFIGS)
+               + " (each architecture has its own config class)")
+        _check(self.expansion >= 1, "sae.expansion", self.expansion, ">= 1")
+        _check(self.d_sae is None or self.d_sae >= 1, "sae.d_sae", self.d_sae, ">= 1 or null")
+        _check(self.dead_tokens > 0, "sae.dead_tokens", self.dead_tokens, "> 0")
 
     def latents(self, d_in: int) -> int:
         """Number of latents for activations of width `d_in`."""
         return self.d_sae if self.d_sae is not None else self.expansion * d_in
+
+    def check(self, d_in: int) -> None:
+        """Checks that need the activation width d_in (none by default)."""
+
+
+@dataclass
+class TopKConfig(SAEConfig):
+    """TopK SAE (Gao et al. 2024): the k largest pre-activations per token, AuxK for dead
+    latents."""
+
+    architecture: str = "topk"
+    k: int = 32
+    """Active latents per token (TopK); on average over a training batch (BatchTopK)."""
+    auxk_coef: float = 1 / 32
+    """Weight of the AuxK loss on the residual."""
+    k_aux: Optional[int] = None
+    """Dead latents used by AuxK per token; null means d_in // 2."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.k >= 1, "sae.k", self.k, ">= 1")
+        _check(self.auxk_coef >= 0, "sae.auxk_coef", self.auxk_coef, ">= 0")
+        _check(self.k_aux is None or self.k_aux >= 1, "sae.k_aux", self.k_aux, ">= 1 or null")
+
+    def check(self, d_in: int) -> None:
+        d_sae = self.latents(d_in)
+        _check(self.k <= d_sae, "sae.k", self.k, f"1..{d_sae} (d_sae)")
+
+
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    """BatchTopK SAE (Bussmann et al. 2024): the k x B largest activations of a batch of B
+    tokens in training; one global threshold at inference."""
+
+    architecture: str = "batchtopk"
+    threshold_window: float = 0.2
+    """The inference threshold is the mean of the training batches' thresholds (the smallest
+    kept activation) over this final fraction of training."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0 < self.threshold_window <= 1, "sae.threshold_window", self.threshold_window,
+               "(0, 1]")
+
+
+@dataclass
+class JumpReLUConfig(SAEConfig):
+    """JumpReLU SAE (Rajamanoharan et al. 2024): a per-latent threshold trained through a
+    straight-through estimator, and an L0 penalty."""
+
+    architecture: str = "jumprelu"
+    l0_coef: float = 1e-3
+    """Weight of the L0 penalty (per token, against the FVU) after its warm-up; with
+    `target_l0`, the weight of (L0 / target_l0 - 1)^2 instead."""
+    l0_warmup_frac: float = 0.1
+    """Fraction of training over which the L0 weight rises linearly from 0."""
+    target_l0: Optional[float] = None
+    """Aim at this L0; the L0 coefficient then follows the batch's L0 (penalty
+    l0_coef * (L0 / target_l0 - 1)^2, coefficient 2 l0_coef (L0 / target_l0 - 1) / target_l0,
+    negative below the target). null: plain L0 penalty l0_coef * L0."""
+    bandwidth: float = 0.5
+    """Width of the rectangle kernel of the threshold's straight-through estimator, in units of
+    the (scaled, E||x||^2 = d_in) pre-activations."""
+    threshold_init: float = 1.0
+    """Initial threshold of every latent (trained as its logarithm)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.l0_coef >= 0, "sae.l0_coef", self.l0_coef, ">= 0")
+        _check(0 <= self.l0_warmup_frac <= 1, "sae.l0_warmup_frac", self.l0_warmup_frac, "0..1")
+        _check(self.target_l0 is None or self.target_l0 > 0, "sae.target_l0", self.target_l0,
+               "> 0 or null")
+        _check(self.bandwidth > 0, "sae.bandwidth", self.bandwidth, "> 0")
+        _check(self.threshold_init > 0, "sae.threshold_init", self.threshold_init, "> 0")
+
+
+@dataclass
+class ReLUConfig(SAEConfig):
+    """ReLU SAE with a decoder-norm-weighted L1 penalty: the classic baseline."""
+
+    architecture: str = "relu"
+    l1_coef: float = 0.1
+    """Weight of the L1 penalty sum_i z_i ||W_dec[i]|| / rms||x - mean(x)|| after its warm-up
+    (dimensionless: the same for every input scale)."""
+    l1_warmup_frac: float = 0.05
+    """Fraction of training over which the L1 weight rises linearly from 0."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.l1_coef >= 0, "sae.l1_coef", self.l1_coef, ">= 0")
+        _check(0 <= self.l1_warmup_frac <= 1, "sae.l1_warmup_frac", self.l1_warmup_frac, "0..1")
+
+
+SAE_CONFIGS: dict[str, type[SAEConfig]] = {
+    "topk": TopKConfig, "batchtopk": BatchTopKConfig, "jumprelu": JumpReLUConfig,
+    "relu": ReLUConfig}
+"""Architecture name -> its config class (the schema of conf/sae/<name>.yaml)."""
+
+
+def sae_config(architecture: str = "topk", **values: Any) -> SAEConfig:
+    """The config of `architecture` with `values`; unknown architectures or keys raise
+    ConfigError naming what is allowed."""
+    _check(architecture in SAE_CONFIGS, "sae.architecture", architecture,
+           ", ".join(SAE_CONFIGS))
+    cls = SAE_CONFIGS[architecture]
+    allowed = {f.name for f in fields(cls)} - {"architecture"}
+    for key in values:
+        _check(key in allowed, f"sae.{key}", values[key],
+               f"a key of sae={architecture}: {', '.join(sorted(allowed))}")
+    return cls(**values)
 
 
 @dataclass
@@ -178,9 +278,10 @@ class TrainConfig:
     seed: int = 0
     """Seed of SAE initialisation, data order and the shuffle buffer."""
     log_every: int = 10
-    """Log training metrics every n steps."""
+    """Log training metrics every n optimizer steps (and after the last one)."""
     checkpoint_every: int = 0
-    """Write a resumable training checkpoint every n forward batches (0: only at the end)."""
+    """Write a resumable training checkpoint every n forward batches (0: only at the end of
+    training; one is always written there, before the evaluation)."""
     eval_tokens: int = 20_000
     """Held-out tokens for the end-of-training evaluation and report (0: save the suite
     unevaluated)."""
@@ -190,7 +291,7 @@ class TrainConfig:
 
 @dataclass
 class TrainerConfig:
-    kind: str = "single"
+    kind: TrainerKind = TrainerKind.single
     """single (one process), ddp (accelerate DDP), zero2 / zero3 (DeepSpeed through accelerate),
     sharded (each process trains a balanced subset of the SAEs on every process's activations)."""
     mixed_precision: str = "no"
@@ -220,7 +321,7 @@ class LoggerConfig:
 class TrainRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sites: SitesConfig = field(default_factory=SitesConfig)
-    sae: SAEConfig = field(default_factory=SAEConfig)
+    sae: SAEConfig = field(default_factory=TopKConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -268,37 +369,36 @@ class EvalRunConfig:
 
 
 def register_configs() -> None:
-    """Register the run schemas: every YAML group merged into them is type-checked."""
-    ConfigStore.instance().store(name="train_schema", node=TrainRunConfig)
-    ConfigStore.instance().store(name="eval_schema", node=EvalRunConfig)
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(key, value, allowed)
+    """Register the run schemas (every YAML merged into them is type-checked) and one schema
+    per SAE architecture (`conf/sae/<name>.yaml` starts from `<name>_schema`)."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainRunConfig)
+    store.store(name="eval_schema", node=EvalRunConfig)
+    for name, cls in SAE_CONFIGS.items():
+        store.store(group="sae", name=f"{name}_schema", node=cls)
 
 
 def validate(cfg: TrainRunConfig) -> None:
-    """Check a run before anything is loaded; raises ConfigError on the first bad value."""
-    from sae_dist.hookpoints import grid_hookpoints  # local: hookpoints imports this module
-    from sae_dist.sae import SAE_REGISTRY
-
+    """Check a training run before anything is loaded; raises ConfigError on the first bad
+    value. (Single-section ranges are checked as the dataclasses are built.)"""
     m = cfg.model
     _check(m.source in ("hub", "gguf", "package", "random"), "model.source", m.source,
            "hub, gguf, package, random")
     _check(m.dtype in DTYPES, "model.dtype", m.dtype, ", ".join(DTYPES))
     _check(m.n_layers > 0, "model.n_layers", m.n_layers, "> 0")
+    _check(m.d_model > 0, "model.d_model", m.d_model, "> 0")
     grid_hookpoints(cfg.sites, m.n_layers)  # raises ConfigError for bad layers / sites
-    s = cfg.sae
-    _check(s.architecture in SAE_REGISTRY, "sae.architecture", s.architecture,
-           ", ".join(sorted(SAE_REGISTRY)))
-    _check(s.expansion >= 1, "sae.expansion", s.expansion, ">= 1")
-    d_sae = s.latents(m.d_model)
-    _check(1 <= s.k <= d_sae, "sae.k", s.k, f"1..{d_sae} (d_sae)")
-    _check(s.dead_tokens > 0, "sae.dead_tokens", s.dead_tokens, "> 0")
+    cfg.sae.check(m.d_model)
     t = cfg.train
-    _check(t.tokens > 0, "train.tokens", t.tokens, "> 0")
-    _check(t.batch_size > 0, "train.batch_size", t.batch_size, "> 0")
+    positive = ("tokens", "batch_size", "forward_batch_seqs", "log_every")
+    for key in positive:
+        _check(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "> 0")
+    _check(t.tokens >= t.batch_size, "train.tokens", t.tokens,
+           f">= train.batch_size ({t.batch_size}): at least one step")
+    _check(t.lr is None or t.lr > 0, "train.lr", t.lr, "> 0 or null")
+    _check(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "> 0")
+    _check(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every,
+           ">= 0 (0: only at the end)")
     _check(t.eval_tokens >= 0, "train.eval_tokens", t.eval_tokens, ">= 0")
     _check(t.buffer_batches >= 2, "train.buffer_batches", t.buffer_batches, ">= 2")
     shards = t.data_shards or 1
@@ -306,14 +406,13 @@ def validate(cfg: TrainRunConfig) -> None:
     _check(t.batch_size % shards == 0 and t.forward_batch_seqs % shards == 0,
            "train.data_shards", t.data_shards,
            "a divisor of train.batch_size and train.forward_batch_seqs")
-    _check(0 <= t.lr_warmup_frac + t.lr_decay_frac <= 1, "train.lr_warmup_frac",
-           t.lr_warmup_frac, "warm-up + decay fractions within [0, 1]")
+    _check(0 <= t.lr_warmup_frac and 0 <= t.lr_decay_frac
+           and t.lr_warmup_frac + t.lr_decay_frac <= 1, "train.lr_warmup_frac",
+           t.lr_warmup_frac, "warm-up and decay fractions >= 0, their sum <= 1")
     d = cfg.data
     _check(d.context_size >= 2, "data.context_size", d.context_size, ">= 2")
     _check(d.holdout_every >= 2, "data.holdout_every", d.holdout_every, ">= 2")
     _check(d.max_norm_multiple > 1, "data.max_norm_multiple", d.max_norm_multiple, "> 1")
-    _check(cfg.trainer.kind in TRAINER_KINDS, "trainer.kind", cfg.trainer.kind,
-           ", ".join(TRAINER_KINDS))
     _check(cfg.logger.kind in ("wandb", "none"), "logger.kind", cfg.logger.kind, "wandb, none")
     _check(cfg.logger.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
            cfg.logger.mode, "auto, online, offline, disabled")

@@ -10,18 +10,40 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
-from sae_dist.config import SITES, ConfigError, SitesConfig
+from sae_dist.errors import ConfigError
 
-# family -> (path of the decoder layer list, {site: sub-module path inside a layer ("" = layer)})
-FAMILIES: dict[str, tuple[str, dict[str, str]]] = {
-    family: ("model.layers", {"resid": "", "mlp": "mlp", "attn": "self_attn"})
-    for family in ("llama", "qwen2", "qwen3", "mistral", "olmo2")
-}
+if TYPE_CHECKING:
+    from sae_dist.config import SitesConfig
+
+SITES = ("resid", "mlp", "attn")
+"""Hookpoint sites: decoder layer output, MLP output, self-attention output (after o_proj)."""
+
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a model family keeps what the hookpoints and the logit lens need."""
+
+    layers: str
+    """Path of the decoder layer list, e.g. `model.layers`."""
+    sites: dict[str, str]
+    """Site -> sub-module path inside a decoder layer ("" = the layer itself)."""
+    final_norm: str
+    """Path of the norm applied to the last residual stream before the LM head."""
+    unembed: str = "lm_head"
+    """Path of the LM head (the unembedding)."""
+
+
+_LLAMA_LIKE = Family("model.layers", {"resid": "", "mlp": "mlp", "attn": "self_attn"},
+                     "model.norm")
+FAMILIES: dict[str, Family] = {family: _LLAMA_LIKE
+                               for family in ("llama", "qwen2", "qwen3", "mistral", "olmo2")}
+"""HF `model_type` -> its row; a new family (e.g. Gemma, with extra post-norms) is one row."""
 
 _TL_HOOKS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
 
@@ -29,6 +51,8 @@ HookFn = Callable[[torch.Tensor], Optional[torch.Tensor]]
 """Receives a hookpoint's activation [batch, seq, d_model]; a returned tensor replaces it."""
 
 _NAME = re.compile(r"^layers\.(\d+)\.(\w+)$")
+_TL_SITES = {hook: site for site, hook in _TL_HOOKS.items()}
+_TL_NAME = re.compile(rf"^blocks\.(\d+)\.({'|'.join(_TL_SITES)})$")
 
 
 @dataclass(frozen=True, order=True)
@@ -49,19 +73,34 @@ class Hookpoint:
         return f"blocks.{self.layer}.{_TL_HOOKS[self.site]}"
 
     @classmethod
-    def parse(cls, name: str, n_layers: int) -> "Hookpoint":
-        """Parse and check `layers.{i}.{site}`; errors list the valid hookpoints."""
+    def from_saelens_hook_name(cls, name: str) -> Optional["Hookpoint"]:
+        """Inverse of `saelens_hook_name` (blocks.{i}.hook_resid_post / hook_mlp_out /
+        hook_attn_out); None for any other name."""
+        m = _TL_NAME.match(name)
+        return cls(int(m.group(1)), _TL_SITES[m.group(2)]) if m else None
+
+    @classmethod
+    def parse(cls, name: str, n_layers: Optional[int] = None,
+              key: str = "sites.hookpoints") -> "Hookpoint":
+        """Parse `layers.{i}.{site}` and check it (against `n_layers` when given); errors
+        name `key` and list the valid hookpoints."""
         m = _NAME.match(name)
-        valid = f"layers.{{0..{n_layers - 1}}}.{{{','.join(SITES)}}}"
+        layers = "i" if n_layers is None else f"0..{n_layers - 1}"
+        valid = f"layers.{{{layers}}}.{{{','.join(SITES)}}}"
         if not m:
-            raise ConfigError("sites.hookpoints", name, valid)
+            raise ConfigError(key, name, valid)
         hp = cls(int(m.group(1)), m.group(2))
-        if hp.site not in SITES or not 0 <= hp.layer < n_layers:
-            raise ConfigError("sites.hookpoints", name, valid)
+        if hp.site not in SITES or n_layers is not None and not 0 <= hp.layer < n_layers:
+            raise ConfigError(key, name, valid)
         return hp
 
+    @property
+    def site_order(self) -> tuple[int, int]:
+        """Sort key: layer, then site in SITES order."""
+        return self.layer, SITES.index(self.site)
 
-def grid_hookpoints(cfg: SitesConfig, n_layers: int) -> list[Hookpoint]:
+
+def grid_hookpoints(cfg: "SitesConfig", n_layers: int) -> list[Hookpoint]:
     """The hookpoints of a sites config, sorted by layer then site order; validated."""
     if cfg.hookpoints:
         hps = [Hookpoint.parse(name, n_layers) for name in cfg.hookpoints]
@@ -79,7 +118,7 @@ def grid_hookpoints(cfg: SitesConfig, n_layers: int) -> list[Hookpoint]:
         raise ConfigError("sites", "empty grid", "at least one hookpoint")
     if len(set(hps)) != len(hps):
         raise ConfigError("sites", [h.name for h in hps], "each hookpoint at most once")
-    return sorted(hps, key=lambda h: (h.layer, SITES.index(h.site)))
+    return sorted(hps, key=lambda h: h.site_order)
 
 
 def family_of(model: nn.Module) -> str:
@@ -90,8 +129,28 @@ def family_of(model: nn.Module) -> str:
     return model_type
 
 
+def family(model: nn.Module) -> Family:
+    return FAMILIES[family_of(model)]
+
+
+def decoder_stack(model: nn.Module) -> nn.Module:
+    """The module holding the decoder layers (`model.model` for Llama/Qwen families); calling
+    it runs embeddings, layers and the final norm, without the LM head."""
+    return model.get_submodule(family(model).layers.rsplit(".", 1)[0])
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied to the last residual stream before the LM head."""
+    return model.get_submodule(family(model).final_norm)
+
+
+def unembedding(model: nn.Module) -> nn.Module:
+    """The LM head."""
+    return model.get_submodule(family(model).unembed)
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.get_submodule(FAMILIES[family_of(model)][0])
+    return model.get_submodule(family(model).layers)
 
 
 def resolve(model: nn.Module, hp: Hookpoint) -> nn.Module:
@@ -99,7 +158,7 @@ def resolve(model: nn.Module, hp: Hookpoint) -> nn.Module:
     layers = decoder_layers(model)
     if not 0 <= hp.layer < len(layers):
         raise ConfigError("hookpoint", hp.name, f"layers 0..{len(layers) - 1}")
-    sub = FAMILIES[family_of(model)][1][hp.site]
+    sub = family(model).sites[hp.site]
     return layers[hp.layer].get_submodule(sub) if sub else layers[hp.layer]
 
 

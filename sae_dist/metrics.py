@@ -39,17 +39,13 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from sae_dist.hookpoints import FAMILIES, HookFn, Hookpoint, decoder_layers, family_of, hooks
+from sae_dist.hookpoints import (HookFn, Hookpoint, decoder_layers, decoder_stack, final_norm,
+                                 hooks, unembedding)
 
 SPLICE_POSITIONS = "train_mask"
 """Where splices act: every position whose train_mask is True (others keep the clean value)."""
 CE_POSITIONS = "t with train_mask[t] and t+1 in the row; target input_ids[t+1]"
 """The positions of every cross-entropy and KL metric."""
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The decoder stack (`model.model` for Llama/Qwen families), holding layers and norm."""
-    return model.get_submodule(FAMILIES[family_of(model)][0].rsplit(".", 1)[0])
 
 
 def ce_positions(input_ids: Tensor, train_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -100,7 +96,7 @@ def clean_pass(model: nn.Module, input_ids: Tensor, hookpoints: list[Hookpoint],
                for i in range(first, len(layers))]
     try:
         with hooks(model, {hp: store(hp) for hp in hookpoints}):
-            out = base_model(model)(input_ids=input_ids, use_cache=False)
+            out = decoder_stack(model)(input_ids=input_ids, use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -151,7 +147,7 @@ def replay_from(model: nn.Module, clean: CleanPass, start: int,
             kw = {k: _repeat_rows(v, batch, n) for k, v in clean.layer_kwargs[i].items()}
             h = layers[i](h, **kw)
             h = h[0] if isinstance(h, tuple) else h
-    h = base_model(model).norm(h)
+    h = final_norm(model)(h)
     return h.view(n, batch, *h.shape[1:])
 
 
@@ -192,7 +188,7 @@ class NextTokenScorer:
 
     def __init__(self, model: nn.Module, final: Tensor, sel: Tensor, targets: Tensor,
                  chunk: int = 256):
-        self.head, self.sel, self.chunk = model.get_output_embeddings(), sel, chunk
+        self.head, self.sel, self.chunk = unembedding(model), sel, chunk
         vocab = self.head.weight.shape[0]
         self.slice = (chunk if final.device.type != "cpu" else
                       max(1, min(chunk, CPU_SLICE_ELEMS // vocab)))
@@ -242,9 +238,6 @@ def _exp_shifted(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     m = e.amax(-1)
     e.sub_(m[:, None]).exp_()
     return e, m, e.sum(-1)
-
-
-MODEL_KINDS = ("spliced", "zero", "mean")
 
 
 @dataclass

@@ -14,11 +14,10 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTr
                           PreTrainedTokenizerBase)
 
 from sae_dist.assets import package_file
-from sae_dist.config import ConfigError, ModelConfig
+from sae_dist.config import DTYPES, ModelConfig
+from sae_dist.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"

@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from sae_dist.config import SITES
+from sae_dist.hookpoints import SITES, Hookpoint
 
 REPORT_COLUMNS = ("fvu", "l0", "dead_frac", "cosine", "tokens")
 RECON_METRICS = ("fvu", "explained_variance", "mse", "cosine", "l0", "dead_frac", "dense_frac")
@@ -73,9 +73,8 @@ def _pyplot():
 # ------------------------------------------------------------------------- suite evaluation
 
 def _layer_site(name: str) -> tuple[int, str]:
-    """(layer, site) of `layers.{i}.{site}`."""
-    _, layer, site = name.split(".")
-    return int(layer), site
+    hp = Hookpoint.parse(name)
+    return hp.layer, hp.site
 
 
 def _sorted(results: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:

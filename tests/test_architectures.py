@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from sae_dist.config import ConfigError, SAEConfig, TrainRunConfig
+from sae_dist.config import ConfigError, sae_config, TrainRunConfig
 from sae_dist.hookpoints import Hookpoint
 from sae_dist.sae import (SAE_REGISTRY, BatchTopKSAE, JumpReLUSAE, Latents, ReLUSAE, TopKSAE,
                           build_sae)
@@ -56,7 +56,7 @@ def train_on_dictionary(arch: str) -> dict[str, float]:
     gen = torch.Generator().manual_seed(1)
     dictionary = F.normalize(torch.randn(N_TRUE, D_IN, generator=gen), dim=1)
     cfg = TrainRunConfig()
-    cfg.sae = SAEConfig(architecture=arch, d_sae=D_SAE, dead_tokens=20 * BATCH,
+    cfg.sae = sae_config(architecture=arch, d_sae=D_SAE, dead_tokens=20 * BATCH,
                         **SAE_FIELDS[arch])
     cfg.train.tokens, cfg.train.batch_size, cfg.train.lr = STEPS[arch] * BATCH, BATCH, 3e-3
     trainer = SuiteTrainer([Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True))
@@ -132,7 +132,7 @@ def test_jumprelu_estimators_on_a_hand_made_case():
 
 def make_jumprelu(**fields) -> JumpReLUSAE:
     torch.manual_seed(0)
-    sae = JumpReLUSAE(SAEConfig(architecture="jumprelu", d_sae=64, threshold_init=0.5, **fields),
+    sae = JumpReLUSAE(sae_config(architecture="jumprelu", d_sae=64, threshold_init=0.5, **fields),
                       16).double()
     with torch.no_grad():
         sae.log_threshold.add_(0.5 * torch.randn(64, dtype=torch.float64))
@@ -191,7 +191,7 @@ def test_batch_topk_is_the_batch_level_top_n():
 
 def make_batchtopk(sparse: bool = True) -> BatchTopKSAE:
     torch.manual_seed(0)
-    sae = BatchTopKSAE(SAEConfig(architecture="batchtopk", d_sae=96, k=5, k_aux=7), 16,
+    sae = BatchTopKSAE(sae_config(architecture="batchtopk", d_sae=96, k=5, k_aux=7), 16,
                        sparse=sparse).double()
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
@@ -263,7 +263,7 @@ def test_batchtopk_threshold_is_the_mean_over_the_final_window():
 def test_relu_l1_penalty_definition():
     """l1 = coef * warm-up * mean_tokens sum_i z_i ||W_dec[i]|| / rms_tokens ||x - mean(x)||."""
     torch.manual_seed(0)
-    sae = ReLUSAE(SAEConfig(architecture="relu", d_sae=48, l1_coef=0.3, l1_warmup_frac=0.5),
+    sae = ReLUSAE(sae_config(architecture="relu", d_sae=48, l1_coef=0.3, l1_warmup_frac=0.5),
                   12).double()
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(48, 1, dtype=torch.float64) + 0.5)
@@ -295,7 +295,7 @@ def test_hydra_group_selects_the_architecture(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_bf16_autocast_step_keeps_float32_gradients(arch):
     torch.manual_seed(0)
-    sae = build_sae(SAEConfig(architecture=arch, d_sae=256, k=8, threshold_init=0.5), 32)
+    sae = build_sae(sae_config(architecture=arch, d_sae=256, k=8, threshold_init=0.5), 32)
     x = torch.randn(128, 32) * 2
     grads = []
     for autocast in (False, True):
@@ -318,41 +318,54 @@ def test_experiment_demo_accepts_another_architecture():
 
 
 def test_group_files_document_every_default():
-    """Each group file names its architecture and repeats SAEConfig's defaults for its keys."""
-    defaults = SAEConfig()
+    """Each group file starts from its architecture's schema and repeats that config class's
+    defaults for the keys it shows."""
     import yaml
     for arch in ARCHS:
+        defaults = sae_config(arch)
         text = (Path(CONF_DIR) / "sae" / f"{arch}.yaml").read_text()
         assert text.startswith("#")
         values = yaml.safe_load(text)
-        assert values["architecture"] == arch
+        assert values.pop("defaults") == [f"{arch}_schema", "_self_"]
+        assert defaults.architecture == arch
         for key, value in values.items():
-            if key != "architecture":
-                assert value == pytest.approx(getattr(defaults, key)), (arch, key)
+            assert value == pytest.approx(getattr(defaults, key)), (arch, key)
 
 
 def test_multirun_sweeps_architectures_and_k(tmp_path):
-    """`-m sae=topk,jumprelu sae.k=32,64` expands to the four jobs (Hydra's sweeper, no run)."""
+    """`-m sae=topk,batchtopk sae.k=32,64` expands to the four jobs (Hydra's sweeper, no run)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = OverridesParser.create().parse_overrides(["sae=topk,jumprelu", "sae.k=32,64"])
+    overrides = OverridesParser.create().parse_overrides(["sae=topk,batchtopk", "sae.k=32,64"])
     jobs = BasicSweeper.split_arguments(overrides, max_batch_size=None)[0]
-    assert sorted(map(tuple, jobs)) == [("sae=jumprelu", "sae.k=32"), ("sae=jumprelu", "sae.k=64"),
+    assert sorted(map(tuple, jobs)) == [("sae=batchtopk", "sae.k=32"), ("sae=batchtopk", "sae.k=64"),
                                         ("sae=topk", "sae.k=32"), ("sae=topk", "sae.k=64")]
     for job in jobs:
         cfg = compose_train_config(["model=tiny-qwen3", "logger=none", *job])
         assert (cfg.sae.architecture, cfg.sae.k) == (job[0][4:], int(job[1][6:]))
 
 
-@pytest.mark.parametrize("key, value", [("bandwidth", 0), ("l0_warmup_frac", 1.5),
-                                        ("target_l0", -3), ("threshold_window", 0),
-                                        ("l1_coef", -1.0)])
-def test_bad_sae_values_fail_at_start_up(key, value):
+@pytest.mark.parametrize("arch, key, value", [
+    ("jumprelu", "bandwidth", 0), ("jumprelu", "l0_warmup_frac", 1.5), ("jumprelu", "target_l0", -3),
+    ("batchtopk", "threshold_window", 0), ("relu", "l1_coef", -1.0), ("topk", "k", 0)])
+def test_bad_sae_values_fail_at_start_up(arch, key, value):
     with pytest.raises(ConfigError, match=rf"sae\.{key}="):
-        SAEConfig(**{key: value})
+        sae_config(arch, **{key: value})
     with pytest.raises(Exception, match=rf"sae\.{key}="):
-        compose_train_config(["model=tiny-qwen3", "logger=none", f"sae.{key}={value}"])
+        compose_train_config(["model=tiny-qwen3", "logger=none", f"sae={arch}",
+                              f"sae.{key}={value}"])
+
+
+@pytest.mark.parametrize("arch, key", [("jumprelu", "k"), ("topk", "target_l0"),
+                                       ("relu", "threshold_window")])
+def test_a_key_of_another_architecture_is_refused(arch, key):
+    """Each architecture has its own config class: a key it does not have is an error, not a
+    silently ignored value."""
+    with pytest.raises(ConfigError, match=rf"sae\.{key}=.*a key of sae={arch}"):
+        sae_config(arch, **{key: 1})
+    with pytest.raises(Exception, match=key):
+        compose_train_config(["model=tiny-qwen3", "logger=none", f"sae={arch}", f"sae.{key}=1"])
 
 
 def test_registry_names_every_architecture():

@@ -9,14 +9,14 @@ from safetensors.torch import load_file
 
 from sae_dist.checkpoint import (CheckpointError, load_sae, load_suite_sae, read_suite_index,
                                  save_sae, write_atomically, write_suite_index)
-from sae_dist.config import SAEConfig
+from sae_dist.config import sae_config
 from sae_dist.sae import build_sae
 
 
 @pytest.fixture
 def sae():
     torch.manual_seed(0)
-    sae = build_sae(SAEConfig(expansion=4, k=8), d_in=32)
+    sae = build_sae(sae_config(expansion=4, k=8), d_in=32)
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.01 * torch.randn_like(p))

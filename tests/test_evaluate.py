@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from sae_dist import metrics
 from sae_dist.checkpoint import save_sae, write_suite_index
-from sae_dist.config import ConfigError, SAEConfig
+from sae_dist.config import ConfigError, sae_config
 from sae_dist.data import TokenBatch, TokenStream, special_token_ids
 from sae_dist.evaluate import evaluate_saes, run_evaluation, take_batches
 from sae_dist.hookpoints import Hookpoint, capture, splice
@@ -53,12 +53,12 @@ def batches():
 
 def topk_sae(seed: int, d_in: int = 64):
     torch.manual_seed(seed)
-    return build_sae(SAEConfig(architecture="topk", expansion=4, k=8), d_in).eval()
+    return build_sae(sae_config(architecture="topk", expansion=4, k=8), d_in).eval()
 
 
 def identity_topk_sae(d_in: int = 64):
     """A real TopK SAE that reconstructs exactly: latents relu(x) and relu(-x), k = d_in."""
-    sae = build_sae(SAEConfig(architecture="topk", d_sae=2 * d_in, k=d_in), d_in).eval()
+    sae = build_sae(sae_config(architecture="topk", d_sae=2 * d_in, k=d_in), d_in).eval()
     eye = torch.eye(d_in)
     with torch.no_grad():
         sae.W_enc.copy_(torch.cat([eye, -eye], 1))

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae_dist.checkpoint import load_sae, save_sae
-from sae_dist.config import SAEConfig
+from sae_dist.config import sae_config
 from sae_dist.sae import (BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE, build_sae, load_sparsify,
                           sae_from_saelens, sae_from_sparsify)
 
@@ -33,7 +33,7 @@ METADATA = {"model_name": "m", "hook_name": "blocks.1.hook_resid_post",
 def trained_like(arch: str, d_in: int = 16, d_sae: int = 64, k: int = 4) -> torch.nn.Module:
     """An SAE of `arch` with perturbed weights, varied thresholds, in eval mode."""
     torch.manual_seed(0)
-    sae = build_sae(SAEConfig(architecture=arch, d_sae=d_sae, k=k), d_in)
+    sae = build_sae(sae_config(architecture=arch, d_sae=d_sae, k=k), d_in)
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -113,7 +113,7 @@ def test_export_follows_saelens_semantics(arch):
 
 def test_jumprelu_threshold_round_trips_bit_exactly():
     """log_threshold is float64, so threshold -> log -> exp gives the same float32 values."""
-    sae = JumpReLUSAE(SAEConfig(architecture="jumprelu", d_sae=4096), 8)
+    sae = JumpReLUSAE(sae_config(architecture="jumprelu", d_sae=4096), 8)
     threshold = torch.rand(4096) * 10 ** torch.empty(4096).uniform_(-4, 2)
     tensors = sae.saelens_tensors() | {"threshold": threshold}
     sae.load_saelens_tensors(tensors)

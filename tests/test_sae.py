@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from sae_dist.config import ConfigError, SAEConfig
+from sae_dist.config import ConfigError, sae_config
 from sae_dist.sae import SAE_REGISTRY, Latents, TopKSAE, build_sae, sae_from_saelens
 from sae_dist.sae.sparse_ops import TopKEncode, scatter_outer
 
@@ -17,7 +17,7 @@ def make_topk(d_in: int = 16, d_sae: int = 96, k: int = 5, k_aux: int | None = 7
               sparse: bool = True, seed: int = 0) -> TopKSAE:
     """Float64 TopK SAE with non-zero biases, so every gradient path is exercised."""
     torch.manual_seed(seed)
-    sae = TopKSAE(SAEConfig(d_sae=d_sae, k=k, k_aux=k_aux), d_in, sparse=sparse).double()
+    sae = TopKSAE(sae_config(d_sae=d_sae, k=k, k_aux=k_aux), d_in, sparse=sparse).double()
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)
@@ -109,7 +109,7 @@ def test_scatter_outer_matches_dense():
 def test_bf16_autocast_close_to_float32():
     """Under CPU bf16 autocast the encoder matmul runs in bf16; gradients stay float32."""
     torch.manual_seed(0)
-    sae = TopKSAE(SAEConfig(d_sae=512, k=16), 64)
+    sae = TopKSAE(sae_config(d_sae=512, k=16), 64)
     x = torch.randn(256, 64)
     dead = torch.zeros(512, dtype=torch.bool)
     dead[::4] = True
@@ -155,15 +155,15 @@ def test_topk_recovers_synthetic_dictionary(one_thread):
     gen = torch.Generator().manual_seed(1)
     d_in, n_true, n_active, batch, dead_after = 128, 256, 8, 256, 20_000
     dictionary = F.normalize(torch.randn(n_true, d_in, generator=gen), dim=1)
-    sae = build_sae(SAEConfig(d_sae=512, k=n_active), d_in)
+    sae = build_sae(sae_config(d_sae=512, k=n_active), d_in)
     sae.init_b_dec(sample_tokens(dictionary, 4096, n_active, gen))
+    sae.project_decoder_grads()
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
     since_fired = torch.zeros(sae.d_sae, dtype=torch.long)
     for _ in range(2000):
         out = sae(sample_tokens(dictionary, batch, n_active, gen), since_fired > dead_after)
         opt.zero_grad()
         sum(out.losses.values()).backward()
-        sae.remove_parallel_decoder_grad()
         opt.step()
         sae.normalize_decoder()
         since_fired += batch
@@ -193,7 +193,7 @@ def test_folded_takes_raw_activations():
 
 def test_saelens_round_trip_is_bit_identical(tmp_path):
     torch.manual_seed(0)
-    sae = build_sae(SAEConfig(expansion=4, k=6), 24)
+    sae = build_sae(sae_config(expansion=4, k=6), 24)
     with torch.no_grad():
         sae.b_enc.normal_()
         sae.b_dec.normal_()
@@ -226,7 +226,7 @@ def test_saelens_tensors_are_copies():
 
 def test_build_sae_initialisation():
     torch.manual_seed(0)
-    sae = build_sae(SAEConfig(expansion=8, k=4), 16)
+    sae = build_sae(sae_config(expansion=8, k=4), 16)
     assert SAE_REGISTRY["topk"] is TopKSAE and sae.architecture == "topk"
     assert (sae.d_in, sae.d_sae) == (16, 128)
     assert all(p.dtype == torch.float32 for p in sae.parameters())
@@ -244,13 +244,16 @@ def test_normalize_decoder():
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(96, dtype=torch.float64))
 
 
-def test_remove_parallel_decoder_grad():
+def test_project_decoder_grads():
     sae = make_topk()
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(96, 1, dtype=torch.float64) + 0.5)  # not unit norm
-    sum(sae(torch.randn(40, 16, dtype=torch.float64)).losses.values()).backward()
+    x = torch.randn(40, 16, dtype=torch.float64)
+    sum(sae(x).losses.values()).backward()
     before = sae.W_dec.grad.clone()
-    sae.remove_parallel_decoder_grad()
+    sae.zero_grad()
+    sae.project_decoder_grads()
+    sum(sae(x).losses.values()).backward()
     after = sae.W_dec.grad
     torch.testing.assert_close((after * sae.W_dec).sum(1), torch.zeros(96, dtype=torch.float64))
     # only the parallel component was removed: the change is along each row
@@ -265,7 +268,7 @@ def test_init_b_dec_is_robust_to_outliers():
     centre = torch.randn(8, generator=gen) * 3
     x = centre + 0.1 * torch.randn(1000, 8, generator=gen)
     x[:100] += 1000.0  # 10% far outliers move the mean by ~100
-    sae = build_sae(SAEConfig(d_sae=16, k=2), 8)
+    sae = build_sae(sae_config(d_sae=16, k=2), 8)
     sae.init_b_dec(x)
     assert (sae.b_dec - centre).norm() < 0.05
 
@@ -274,12 +277,12 @@ def test_init_b_dec_is_robust_to_outliers():
 
 def test_k_larger_than_d_sae_is_a_config_error():
     with pytest.raises(ConfigError, match=r"sae\.k=100 .*1\.\.64"):
-        build_sae(SAEConfig(d_sae=64, k=100), 8)
+        build_sae(sae_config(d_sae=64, k=100), 8)
 
 
 def test_unknown_architecture_names_the_known_ones():
     with pytest.raises(ConfigError, match=r"sae\.architecture='nope'.*topk"):
-        build_sae(SAEConfig(architecture="nope"), 8)
+        build_sae(sae_config(architecture="nope"), 8)
     with pytest.raises(ConfigError, match="topk"):
         sae_from_saelens({}, {"architecture": "gated", "d_in": 8, "d_sae": 16})
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from sae_dist.config import ConfigError, SAEConfig
+from sae_dist.config import SAEConfig
+from sae_dist.errors import ConfigError
 from sae_dist.sae.base import SAE_REGISTRY, Latents, SAEOutput, SparseAutoencoder, register
 from sae_dist.sae.batchtopk import BatchTopKSAE
 from sae_dist.sae.interop import load_sparsify, normalize_saelens, sae_from_sparsify

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from sae_dist.config import SAEConfig
+from sae_dist.config import SAEConfig, sae_config
 from sae_dist.distributed import LOCAL, BatchGroup
 
 SAE_REGISTRY: dict[str, type["SparseAutoencoder"]] = {}
@@ -115,6 +116,12 @@ def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-6,
     return median
 
 
+def parallel_free(w: Tensor, grad: Tensor) -> Tensor:
+    """grad [d_sae, d_in] without its component along each row of w [d_sae, d_in]."""
+    coef = (grad * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(1e-12)
+    return grad - coef * w.detach()
+
+
 class SparseAutoencoder(nn.Module):
     """Base SAE: x [B, d_in] -> latents -> x_hat = latents @ W_dec + b_dec.
 
@@ -126,7 +133,7 @@ class SparseAutoencoder(nn.Module):
     saelens_architecture: ClassVar[str]
     """The SAELens v6 `architecture` this class exports as (default: `architecture`)."""
     saelens_fields: ClassVar[tuple[str, ...]] = ()
-    """`SAEConfig` fields written to, and read back from, the SAELens cfg (e.g. "k")."""
+    """Config fields written to, and read back from, the SAELens cfg (e.g. "k")."""
 
     def __init__(self, cfg: SAEConfig, d_in: int):
         super().__init__()
@@ -216,15 +223,11 @@ class SparseAutoencoder(nn.Module):
         """Scale every row of W_dec to unit norm."""
         self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=1, keepdim=True).clamp_min(1e-12))
 
-    @torch.no_grad()
-    def remove_parallel_decoder_grad(self) -> None:
-        """Remove from each row of W_dec.grad its component along that row of W_dec
-        (call between backward and the optimizer step; no-op without a gradient)."""
-        grad, w = self.W_dec.grad, self.W_dec
-        if grad is None:
-            return
-        coef = (grad * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(1e-12)
-        grad.sub_(coef * w)
+    def project_decoder_grads(self) -> None:
+        """From now on, every gradient of W_dec loses its component along each row of W_dec
+        (the tangent space of the unit-norm rows). A gradient hook: it acts inside backward,
+        before any cross-process reduction (DDP / ZeRO) and before clipping."""
+        self.W_dec.register_hook(partial(parallel_free, self.W_dec))
 
     # --- export ----------------------------------------------------------------------------
 
@@ -262,7 +265,7 @@ class SparseAutoencoder(nn.Module):
                 raise ValueError(f"SAELens cfg {key}={cfg[key]!r} is not supported; "
                                  f"expected {value!r}")
         fields = {name: cfg[name] for name in cls.saelens_fields}
-        sae_cfg = SAEConfig(architecture=cls.architecture, d_sae=int(cfg["d_sae"]), **fields)
+        sae_cfg = sae_config(cls.architecture, d_sae=int(cfg["d_sae"]), **fields)
         sae = cls(sae_cfg, int(cfg["d_in"]))
         sae.load_saelens_tensors(tensors)
         return sae

@@ -14,12 +14,10 @@ Latents stay sparse: each token's candidates are padded to the largest count in 
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import Tensor
 
-from sae_dist.config import SAEConfig
+from sae_dist.config import BatchTopKConfig, JumpReLUConfig
 from sae_dist.distributed import LOCAL, BatchGroup
 from sae_dist.sae.base import SAEOutput, register
 from sae_dist.sae.jumprelu import JumpReLUSAE
@@ -71,7 +69,7 @@ class BatchTopKSAE(TopKSAE):
     saelens_architecture = "jumprelu"
     saelens_fields = ()
 
-    def __init__(self, cfg: SAEConfig, d_in: int, sparse: bool = True):
+    def __init__(self, cfg: BatchTopKConfig, d_in: int, sparse: bool = True):
         super().__init__(cfg, d_in, sparse)
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
         self.register_buffer("threshold_batches", torch.zeros((), dtype=torch.int64))
@@ -106,7 +104,7 @@ class BatchTopKSAE(TopKSAE):
     def to_jumprelu(self) -> JumpReLUSAE:
         """The inference SAE: a JumpReLU with `threshold` for every latent, same weights."""
         with torch.random.fork_rng(devices=[]):  # its random init is overwritten below
-            sae = JumpReLUSAE(replace(self.cfg, architecture="jumprelu"), self.d_in)
+            sae = JumpReLUSAE(JumpReLUConfig(d_sae=self.d_sae), self.d_in)
         tensors = {name: p.detach() for name, p in self.named_parameters()}
         tensors["threshold"] = self.threshold.float().expand(self.d_sae)
         sae.load_saelens_tensors(tensors)

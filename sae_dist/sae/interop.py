@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from sae_dist.config import SAEConfig
+from sae_dist.config import TopKConfig
 from sae_dist.sae.topk import TopKSAE
 
 SPARSIFY_WEIGHTS = "sae.safetensors"
@@ -51,7 +51,7 @@ def sae_from_sparsify(tensors: dict[str, Tensor], cfg: dict[str, Any]) -> TopKSA
                          "expected 'topk'")
     weight = tensors["encoder.weight"].float()
     d_sae, d_in = weight.shape
-    sae = TopKSAE(SAEConfig(d_sae=d_sae, k=int(cfg["k"])), d_in)
+    sae = TopKSAE(TopKConfig(d_sae=d_sae, k=int(cfg["k"])), d_in)
     sae.load_saelens_tensors({"W_enc": weight.t(), "b_enc": tensors["encoder.bias"],
                               "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]})
     return sae

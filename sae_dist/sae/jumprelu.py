@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sae_dist.config import SAEConfig
+from sae_dist.config import JumpReLUConfig
 from sae_dist.sae.base import Latents, SparseAutoencoder, register
 
 
@@ -77,7 +77,7 @@ class JumpReLUSAE(SparseAutoencoder):
     `threshold`) and the value read back from SAELens are bit-identical.
     """
 
-    def __init__(self, cfg: SAEConfig, d_in: int):
+    def __init__(self, cfg: JumpReLUConfig, d_in: int):
         super().__init__(cfg, d_in)
         init = torch.full((self.d_sae,), cfg.threshold_init, dtype=torch.float64)
         self.log_threshold = nn.Parameter(init.log())

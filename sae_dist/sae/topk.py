@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sae_dist.config import ConfigError, SAEConfig
+from sae_dist.config import TopKConfig
 from sae_dist.sae.base import Latents, SparseAutoencoder, register, total_variance
 from sae_dist.sae.sparse_ops import TopKEncode
 
@@ -28,12 +28,8 @@ class TopKSAE(SparseAutoencoder):
 
     saelens_fields = ("k",)
 
-    def __init__(self, cfg: SAEConfig, d_in: int, sparse: bool = True):
-        d_sae = cfg.latents(d_in)
-        if not 1 <= cfg.k <= d_sae:
-            raise ConfigError("sae.k", cfg.k, f"1..{d_sae} (d_sae)")
-        if cfg.k_aux is not None and cfg.k_aux < 1:
-            raise ConfigError("sae.k_aux", cfg.k_aux, ">= 1 or null")
+    def __init__(self, cfg: TopKConfig, d_in: int, sparse: bool = True):
+        cfg.check(d_in)
         super().__init__(cfg, d_in)
         self.k = cfg.k
         self.k_aux = min(cfg.k_aux or d_in // 2, self.d_sae)
