@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sae_dist.errors import UserError
 from sae_dist.sae import SparseAutoencoder, sae_from_saelens
 
 SAE_LENS_VERSION = "6.5.0"
@@ -22,8 +23,8 @@ SAE_LENS_VERSION = "6.5.0"
 CFG_FILE, WEIGHTS_FILE, SUITE_FILE = "cfg.json", "sae_weights.safetensors", "suite.json"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint or SAE folder is missing files or is corrupt."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint or SAE folder is missing files, is corrupt, or belongs to another run."""
 
 
 def write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
@@ -168,6 +169,36 @@ def load_part(dest: Path, name: str) -> Any:
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise CheckpointError(f"training checkpoint part {path} is missing or unreadable: {e}"
                               ) from e
+
+
+RUN_CONFIG_FILE = "config.json"
+"""In a checkpoint: the config keys that shape training (JSON, read before any model loads)."""
+
+
+def save_run_config(tmp: Path, shaping: dict[str, Any]) -> None:
+    """Record the flattened training-shaping config {dotted key: value} in a checkpoint."""
+    (tmp / RUN_CONFIG_FILE).write_text(json.dumps(shaping, indent=2, sort_keys=True))
+
+
+def check_run_config(dest: Path, shaping: dict[str, Any]) -> None:
+    """Raise CheckpointError, naming every differing key, when the checkpoint at `dest` was
+    written with another training-shaping config than `shaping` (no checkpoint: nothing to
+    check)."""
+    if not checkpoint_exists(dest):
+        return
+    path = Path(dest) / RUN_CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is missing or unreadable ({e}): this checkpoint cannot "
+                              "be matched to the config; resume is refused") from e
+    diff = [f"{k}: {saved.get(k, '<absent>')!r} in the checkpoint, {shaping.get(k, '<absent>')!r}"
+            f" now" for k in sorted(set(saved) | set(shaping)) if saved.get(k) != shaping.get(k)]
+    if diff:
+        raise CheckpointError(
+            f"the checkpoint in {dest} belongs to a run with another config:\n  "
+            + "\n  ".join(diff) + "\nresume with the same values, or start over with "
+            "train.resume=false (replaces this run) or another out_dir")
 
 
 def saved_data_shards(dest: Path) -> int | None:

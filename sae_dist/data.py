@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from sae_dist.assets import package_file
-from sae_dist.config import ConfigError, DataConfig
+from sae_dist.config import DataConfig
+from sae_dist.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,28 @@ def read_documents(cfg: DataConfig, seed: int = 0, start: int = 0) -> Iterator[d
     embedded ShareGPT keep file order.
     """
     return (normalize_record(raw, cfg) for raw in _raw_records(cfg, seed, start))
+
+
+def check_source(cfg: DataConfig, probe: int = 1000) -> None:
+    """Check a local or embedded source before any model loads: the file exists, is readable
+    UTF-8 text, and one of its first `probe` records is a usable document. Raises DataError
+    naming the file and what is wrong. (HF hub datasets are checked when they stream.)"""
+    if cfg.source != "sharegpt" and not cfg.source.endswith(LOCAL_SUFFIXES):
+        return
+    path = (package_file(SHAREGPT_PACKAGE, SHAREGPT_FILE) if cfg.source == "sharegpt"
+            else Path(cfg.source).expanduser())
+    if not path.is_file():
+        raise DataError(f"data.source={cfg.source!r}: {path} does not exist or is not a file")
+    try:
+        usable = any(islice(read_documents(cfg), probe))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"data.source={cfg.source!r}: {path} cannot be read as UTF-8 text "
+                        f"({type(e).__name__}: {e})") from e
+    if not usable:
+        fields = (f"a `{cfg.messages_field}` list of {{role, content}} turns or a "
+                  f"`{cfg.text_field}` string") if path.suffix != ".txt" else "non-blank lines"
+        raise DataError(f"data.source={cfg.source!r}: none of the first {probe} records of "
+                        f"{path} is a usable document (each needs {fields})")
 
 
 # -------------------------------------------------------------------------------- rendering

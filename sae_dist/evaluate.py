@@ -76,8 +76,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sae_dist.checkpoint import CFG_FILE, CheckpointError, load_sae, read_suite_index
-from sae_dist.cli import run_hydra
-from sae_dist.config import (CONF_DIR, ConfigError, EvalRunConfig, ModelConfig,
+from sae_dist.cli import CONF_DIR, run_hydra
+from sae_dist.config import (ConfigError, EvalRunConfig, ModelConfig,
                              register_configs)
 from sae_dist.data import TokenBatch, TokenStream
 from sae_dist.hookpoints import Hookpoint, capture
@@ -290,15 +290,6 @@ def _model_level_batch(model: nn.Module, clean, ids: Tensor, mask: Tensor,
                 acc[hp].add(kind, ce, kl)
 
 
-def evaluate_reconstruction(model: nn.Module, saes: dict[Hookpoint, SparseAutoencoder],
-                            stream: TokenStream, n_tokens: int, forward_batch_seqs: int,
-                            device: torch.device) -> dict[str, dict[str, Any]]:
-    """Reconstruction metrics only, over at least `n_tokens` masked held-out tokens of `stream`
-    (one forward pass per batch, stopped after the last layer needed)."""
-    return evaluate_saes(model, saes, take_batches(stream, n_tokens, forward_batch_seqs), device,
-                         model_level=False)
-
-
 def eval_context(suite: str, model: ModelConfig, data: Any, batches: Sequence[TokenBatch],
                  **extra: Any) -> dict[str, Any]:
     """What a per-SAE JSON records besides the metrics: suite, model and data configs, split,
@@ -341,18 +332,13 @@ def discover_saes(path: Path) -> tuple[dict[str, Path], Optional[str]]:
     return found, model
 
 
-_TL_SITES = {"hook_resid_post": "resid", "hook_mlp_out": "mlp", "hook_attn_out": "attn"}
-
-
 def hookpoint_name(metadata: dict[str, Any], folder: Path) -> str:
     """`layers.{i}.{site}` from our metadata, from a TransformerLens `hook_name`
     (blocks.{i}.hook_resid_post / hook_mlp_out / hook_attn_out), or from the folder name."""
     if "hookpoint" in metadata:
         return metadata["hookpoint"]
-    parts = str(metadata.get("hook_name", "")).split(".")
-    if len(parts) == 3 and parts[0] == "blocks" and parts[2] in _TL_SITES:
-        return f"layers.{parts[1]}.{_TL_SITES[parts[2]]}"
-    return folder.name
+    hp = Hookpoint.from_saelens_hook_name(str(metadata.get("hook_name", "")))
+    return hp.name if hp is not None else folder.name
 
 
 def model_config_for(name: str) -> ModelConfig:
@@ -384,7 +370,7 @@ def validate_eval(cfg: EvalRunConfig) -> None:
 def run_evaluation(cfg: EvalRunConfig) -> dict[str, dict[str, Any]]:
     """Load the suite and the model, evaluate, write JSONs / tables / plots and log to W&B."""
     from sae_dist.models import load_model
-    from sae_dist.report import write_eval_outputs
+    from sae_dist.report import EVAL_METRICS, write_eval_outputs
     from sae_dist.tracking import RunLogger
 
     validate_eval(cfg)
@@ -421,20 +407,14 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, dict[str, Any]]:
             if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))}
     logger.log(flat, step=0)
     logger.summary(flat)
-    _log_images(logger, files["plots"])
+    logger.log_images({f"eval/{p.stem}": p for p in files["plots"]})
+    logger.log_table("eval/results", {hp: scalar_metrics(r) for hp, r in results.items()},
+                     EVAL_METRICS)
     logger.finish()
     print(f"\n{files['table_md'].read_text()}\nEvaluated {len(saes)} SAEs on "
           f"{results[next(iter(results))]['tokens']} held-out tokens in {seconds:.1f} s; "
           f"outputs in {out_dir}\nW&B run: {logger.location}")
     return results
-
-
-def _log_images(logger, pngs: list[Path]) -> None:
-    """The plots as W&B images (nothing without a W&B run)."""
-    if logger.run is not None:
-        import wandb
-
-        logger.run.log({f"eval/{p.stem}": wandb.Image(str(p)) for p in pngs}, step=0)
 
 
 register_configs()

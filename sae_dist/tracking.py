@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
 from sae_dist.config import LoggerConfig
 
@@ -27,22 +28,45 @@ def resolve_wandb_mode(mode: str) -> str:
 
 
 class RunLogger:
-    """Logs scalar dicts to metrics.jsonl and W&B; logs SAE folders as W&B artifacts."""
+    """Logs scalar dicts to metrics.jsonl and W&B; tables, images, SAE folders as artifacts.
 
-    def __init__(self, cfg: LoggerConfig, out_dir: Path, run_config: dict[str, Any], name: str):
+    One history per run, also across restarts: a run resumed from a checkpoint at step
+    `resume_step` keeps the metrics.jsonl rows up to that step (the later ones are recomputed),
+    continues the same W&B run id, and in offline mode replays the kept rows into the new
+    offline run directory, which then replaces the earlier ones: the newest offline run holds
+    every logged step once. Online, W&B itself keeps the history of the resumed run."""
+
+    def __init__(self, cfg: LoggerConfig, out_dir: Path, run_config: dict[str, Any], name: str,
+                 resume_step: Optional[int] = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        history = _rewrite_history(self.out_dir / "metrics.jsonl", resume_step)
         self.jsonl = open(self.out_dir / "metrics.jsonl", "a")
         self.cfg = cfg
+        self.step = history[-1]["step"] if history else 0
+        """The last step logged; tables and images are logged at it."""
         self.run = None
         if cfg.kind == "wandb":
-            import wandb
+            self.run = self._init_wandb(run_config, name, resume_step is not None)
+            if self.run.offline:
+                for row in history:
+                    step = row.pop("step")
+                    self.run.log(row, step=step)
 
-            mode = resolve_wandb_mode(cfg.mode)
-            self.run = wandb.init(project=cfg.project, entity=cfg.entity, name=name, mode=mode,
-                                  dir=str(self.out_dir), config=run_config, resume="allow",
-                                  id=_run_id(self.out_dir))
-            log.info("W&B run %s (%s mode) in %s", self.run.id, mode, self.run.dir)
+    def _init_wandb(self, run_config: dict[str, Any], name: str, resumed: bool):
+        import wandb
+
+        mode = resolve_wandb_mode(self.cfg.mode)
+        run_id = _run_id(self.out_dir, new=not resumed)
+        run = wandb.init(project=self.cfg.project, entity=self.cfg.entity, name=name, mode=mode,
+                         dir=str(self.out_dir), config=run_config, resume="allow", id=run_id,
+                         settings=wandb.Settings(quiet=True))
+        current = Path(run.dir).parent.name
+        for old in (self.out_dir / "wandb").glob(f"offline-run-*-{run_id}"):
+            if old.name != current:  # superseded by the replay into the current directory
+                shutil.rmtree(old, ignore_errors=True)
+        log.info("W&B run %s (%s mode) in %s", run.id, mode, run.dir)
+        return run
 
     @property
     def location(self) -> str:
@@ -54,16 +78,39 @@ class RunLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
+        self.step = step
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def log_table(self, name: str, results: dict[str, dict[str, Any]],
+                  columns: Sequence[str]) -> None:
+        """A W&B table: one row per hookpoint, one column per metric."""
+        if self.run is None:
+            return
+        import wandb
+
+        rows = [[hp, *(res.get(c) for c in columns)] for hp, res in results.items()]
+        self.run.log({name: wandb.Table(columns=["hookpoint", *columns], data=rows)},
+                     step=self.step)
+
+    def log_images(self, images: dict[str, Path]) -> None:
+        """PNG files as W&B images, by key."""
+        if self.run is None or not images:
+            return
+        import wandb
+
+        self.run.log({key: wandb.Image(str(path)) for key, path in images.items()},
+                     step=self.step)
+
     def log_sae_artifact(self, folder: Path, name: str, metadata: dict[str, Any]) -> None:
+        """The SAE folder as a W&B model artifact, by reference (file:// with checksums): W&B
+        copies nothing into a staging area."""
         if self.run is None or not self.cfg.log_artifacts:
             return
         import wandb
 
         artifact = wandb.Artifact(name=name, type="model", metadata=metadata)
-        artifact.add_dir(str(folder))
+        artifact.add_reference(Path(folder).resolve().as_uri())
         self.run.log_artifact(artifact)
 
     def summary(self, values: dict[str, Any]) -> None:
@@ -76,9 +123,29 @@ class RunLogger:
             self.run.finish()
 
 
-def _run_id(out_dir: Path) -> str:
-    """A W&B run id stored in the run dir, so a resumed run continues the same W&B run."""
+def _rewrite_history(path: Path, resume_step: Optional[int]) -> list[dict[str, Any]]:
+    """Keep the rows of metrics.jsonl with step <= resume_step, once per step (a fresh run,
+    resume_step None, starts an empty file); returns the kept rows."""
+    rows: dict[int, dict[str, Any]] = {}
+    if resume_step is not None and path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if row.get("step", resume_step + 1) <= resume_step:
+                rows[row["step"]] = row
+    kept = [rows[step] for step in sorted(rows)]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    tmp.replace(path)
+    return [dict(row) for row in kept]
+
+
+def _run_id(out_dir: Path, new: bool) -> str:
+    """The W&B run id stored in the run dir, so a resumed run continues the same W&B run; a
+    fresh start (`new`) draws a new one."""
     path = out_dir / "wandb_run_id"
-    if not path.exists():
+    if new or not path.exists():
         path.write_text(uuid.uuid4().hex[:12])
     return path.read_text().strip()

@@ -24,21 +24,21 @@ from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
-from sae_dist.checkpoint import (CheckpointError, begin_checkpoint, checkpoint_exists,
-                                 commit_checkpoint, load_part, load_sae, save_part, save_sae,
-                                 saved_data_shards, write_suite_index)
+from sae_dist.checkpoint import (CheckpointError, begin_checkpoint, check_run_config,
+                                 checkpoint_exists, commit_checkpoint, load_part, load_sae,
+                                 save_part, save_run_config, save_sae, saved_data_shards)
 from sae_dist.cli import run_hydra
-from sae_dist.config import ConfigError, TrainRunConfig, register_configs, validate
-from sae_dist.data import TokenStream
+from sae_dist.config import TrainerKind, TrainRunConfig, register_configs, validate
+from sae_dist.data import TokenStream, check_source
 from sae_dist.distributed import (Topology, all_min, assign_hookpoints, barrier,
                                   broadcast_object, gather_dicts, gather_rows,
                                   init_process_group, sum_counts)
-from sae_dist.evaluate import eval_context, evaluate_saes, scalar_metrics, take_batches
-from sae_dist.hookpoints import Hookpoint, grid_hookpoints
+from sae_dist.errors import ConfigError, DataError
+from sae_dist.hookpoints import grid_hookpoints
 from sae_dist.models import load_model
 from sae_dist.producer import ActivationProducer, ProducerStats, ShuffleBuffer
-from sae_dist.report import EVAL_COLUMNS, markdown_table, plot_training_curves, write_eval_outputs
 from sae_dist.sae import SparseAutoencoder
+from sae_dist.suite import completed_results, is_complete, suite_info, write_suite
 from sae_dist.tracking import RunLogger
 from sae_dist.trainer import SuiteTrainer
 
@@ -50,11 +50,10 @@ class TrainingRun:
     SAEs, one shuffle buffer per (trained hookpoint, data shard), the logger (main process).
     Built by `__init__`, checkpointed by `save` / `restore` (sae_dist.checkpoint)."""
 
-    def __init__(self, cfg: TrainRunConfig):
-        validate(cfg)
+    def __init__(self, cfg: TrainRunConfig, topology: Topology):
+        """Build everything; `cfg.out_dir` is already the same on every process."""
         self.cfg, t = cfg, cfg.train
-        topology = init_process_group(cfg.trainer.timeout_s) or Topology(0, 1, 1)
-        self.out_dir = Path(broadcast_object(cfg.out_dir, topology))
+        self.out_dir = Path(cfg.out_dir)
         shards = (t.data_shards or (t.resume and saved_data_shards(self.checkpoint_dir))
                   or topology.world)
         self.topology = Topology(topology.rank, topology.world, shards)
@@ -66,7 +65,7 @@ class TrainingRun:
                    for v in self.topology.shards}
         self.producer = ActivationProducer(self.model, self.hookpoints, cfg.data.max_norm_multiple,
                                            self.device, streams, t.forward_batch_seqs // shards)
-        self.sharded = cfg.trainer.kind == "sharded"
+        self.sharded = cfg.trainer.kind == TrainerKind.sharded
         if self.sharded and self.topology.world > len(self.hookpoints):
             raise ConfigError("trainer.kind", "sharded", f"at most {len(self.hookpoints)} "
                               f"processes for {len(self.hookpoints)} hookpoints (it has "
@@ -84,8 +83,8 @@ class TrainingRun:
             torch.Generator().manual_seed(t.seed * 1000 + i + 100_003 * v))
             for v in buffer_shards} for i, hp in enumerate(self.hookpoints) if hp in owned}
         self.forward_batches = 0
-        self.logger = (RunLogger(cfg.logger, self.out_dir, asdict(cfg), name=self.out_dir.name)
-                       if self.topology.is_main else None)
+        self.logger: RunLogger | None = None
+        """Opened by `open_logger` once the run knows whether it resumed (main process)."""
         log.info("process %d/%d trains %d of %d SAEs (%s, d_sae=%d, k=%d; %s) on data shards %s"
                  " of %d, for %d tokens each", self.topology.rank, self.topology.world,
                  len(owned), len(self.hookpoints), cfg.sae.architecture, d_sae, cfg.sae.k,
@@ -158,9 +157,11 @@ class TrainingRun:
             self.accelerator.save_state(str(tmp / "deepspeed"))
         stats = sum_counts({"p": asdict(self.producer.stats)}, self.multiprocess)["p"]
         if topo.is_main:
+            save_run_config(tmp, training_shape(self.cfg))
             save_part(tmp, "run.pt", {"forward_batches": self.forward_batches,
                                       "data_shards": topo.data_shards, "world": topo.world,
-                                      "kind": self.cfg.trainer.kind, "producer_stats": stats})
+                                      "kind": self.cfg.trainer.kind.value,
+                                      "producer_stats": stats})
         commit_checkpoint(tmp, self.checkpoint_dir, topo.is_main, barrier)
 
     def restore(self) -> bool:
@@ -170,8 +171,8 @@ class TrainingRun:
             return False
         ckpt, topo = self.checkpoint_dir, self.topology
         run = load_part(ckpt, "run.pt")
-        if self.trainer.zero_stage and (run["world"], run["kind"]) != (topo.world,
-                                                                     self.cfg.trainer.kind):
+        if self.trainer.zero_stage and (run["world"], run["kind"]) != (
+                topo.world, self.cfg.trainer.kind.value):
             raise CheckpointError(f"{ckpt} was written by trainer={run['kind']} on "
                                   f"{run['world']} processes; DeepSpeed resumes only as it was")
         for v in topo.shards:
@@ -191,6 +192,14 @@ class TrainingRun:
                  self.forward_batches, self.tokens_trained())
         return True
 
+    def open_logger(self, resumed: bool) -> None:
+        """The run's logger (main process): a resumed run continues its history and W&B run
+        from the checkpoint's step."""
+        if self.topology.is_main:
+            self.logger = RunLogger(self.cfg.logger, self.out_dir, asdict(self.cfg),
+                                    name=self.out_dir.name,
+                                    resume_step=self.tokens_trained() if resumed else None)
+
 
 def make_accelerator(cfg: TrainRunConfig, world: int) -> Accelerator:
     """accelerate for `trainer.kind`: DeepSpeed plugin for zero2/zero3 (config file, stage,
@@ -200,10 +209,10 @@ def make_accelerator(cfg: TrainRunConfig, world: int) -> Accelerator:
     kwargs = {"mixed_precision": trainer.mixed_precision, "kwargs_handlers": [timeout],
               # one LR step per optimizer step, whatever the process count
               "step_scheduler_with_optimizer": False,
-              "cpu": not torch.cuda.is_available() and trainer.kind not in ("zero2", "zero3")}
-    if trainer.kind in ("zero2", "zero3"):
+              "cpu": not torch.cuda.is_available() and not trainer.kind.zero_stage}
+    if trainer.kind.zero_stage:
         plugin = DeepSpeedPlugin(hf_ds_config=trainer.deepspeed_config,
-                                 zero_stage=int(trainer.kind[-1]),
+                                 zero_stage=trainer.kind.zero_stage,
                                  gradient_clipping=cfg.train.grad_clip,
                                  zero3_init_flag=False)  # the LM is not partitioned
         # DeepSpeed's own batch bookkeeping: one "sample" (a whole local batch) per process
@@ -211,52 +220,120 @@ def make_accelerator(cfg: TrainRunConfig, world: int) -> Accelerator:
                                        gradient_accumulation_steps=1)
         kwargs["deepspeed_plugin"] = plugin
     accelerator = Accelerator(**kwargs)
-    if trainer.kind == "ddp" and world > 1 and accelerator.num_processes != world:
+    if trainer.kind == TrainerKind.ddp and world > 1 and accelerator.num_processes != world:
         raise RuntimeError(f"trainer=ddp with {world} processes, but accelerate set up "
                            f"{accelerator.num_processes}")
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if trainer.kind in ("zero2", "zero3") and not deepspeed:
-        raise RuntimeError(f"trainer={trainer.kind} needs DeepSpeed, which accelerate did not "
-                           "enable (`accelerate launch --cpu` disables it): launch with "
-                           "`accelerate launch --use_deepspeed --num_processes N` or torchrun "
-                           "(on CPU with DS_ACCELERATOR=cpu)")
-    if trainer.kind != "single" and world == 1:
+    if trainer.kind.zero_stage and not deepspeed:
+        raise ConfigError("trainer", trainer.kind.value,
+                          "a launch with DeepSpeed enabled, which accelerate did not enable "
+                          "(`accelerate launch --cpu` disables it): launch with `accelerate "
+                          "launch --use_deepspeed --num_processes N` or torchrun (on CPU with "
+                          "DS_ACCELERATOR=cpu)")
+    if trainer.kind != TrainerKind.single and world == 1:
         log.warning("trainer=%s in a single process (`accelerate launch --cpu` starts one "
                     "process without MPI: on CPU use `accelerate launch --multi_gpu "
-                    "--num_processes N` or torchrun, which run gloo)", trainer.kind)
+                    "--num_processes N` or torchrun, which run gloo)", trainer.kind.value)
     return accelerator
 
 
 def train(cfg: TrainRunConfig) -> dict[str, dict[str, float]]:
     """Run the whole training job; returns the held-out metrics per hookpoint (main process;
-    {} on the others)."""
-    run = TrainingRun(cfg)
-    run.restore()
-    t, start, start_tokens = cfg.train, time.perf_counter(), run.producer.stats.train_tokens
-    bar = tqdm(total=t.tokens, initial=run.tokens_trained(), unit="tok", desc="train SAEs",
-               disable=not run.topology.is_main)
+    {} on the others). Every check that needs no model runs first: the config, the data
+    source, and whether a checkpoint in out_dir belongs to this config. A finished run is
+    reported as complete; a killed one resumes (from its last checkpoint; after the last step,
+    straight into the evaluation)."""
+    validate(cfg)
+    check_source(cfg.data)
+    topology = init_process_group(cfg.trainer.timeout_s) or Topology(0, 1, 1)
+    cfg.out_dir = broadcast_object(cfg.out_dir, topology)
+    checkpoint_dir = Path(cfg.out_dir) / "checkpoint"
+    if cfg.train.resume:
+        check_run_config(checkpoint_dir, training_shape(cfg))
+        if is_complete(Path(cfg.out_dir)):
+            print(f"The run in {cfg.out_dir} is complete (suite: {Path(cfg.out_dir) / 'suite'});"
+                  " nothing to do. To train again: train.resume=false (replaces it) or another "
+                  "out_dir.")
+            return completed_results(Path(cfg.out_dir)) if topology.is_main else {}
+    run = TrainingRun(cfg, topology)
+    run.open_logger(run.restore())
+    if not run.all_done():
+        train_loop(run)
+    return finish(run)
+
+
+def train_loop(run: TrainingRun) -> None:
+    """Forward batches until every SAE has its tokens: produce -> buffers -> lockstep steps;
+    metrics every `train.log_every` steps, checkpoints every `train.checkpoint_every` forward
+    batches and after the last step."""
+    t, is_main = run.cfg.train, run.topology.is_main
+    start, start_tokens = time.perf_counter(), run.producer.stats.train_tokens
+    bar = tqdm(total=run.trainer.n_steps * t.batch_size, initial=run.tokens_trained(),
+               unit="tok", desc="train SAEs (tokens per SAE)", disable=not is_main)
     metrics: dict[str, dict[str, torch.Tensor]] = {}
     while not run.all_done():
         batches = run.producer.next_batches()
         if not all_min(int(batches is not None), run.multiprocess):
-            break
+            run.save()
+            raise DataError(f"data.source={run.cfg.data.source!r} ran out after "
+                            f"{run.tokens_trained()} of {run.trainer.n_steps * t.batch_size} "
+                            "training tokens per SAE (checkpoint saved): use more data or "
+                            "a smaller train.tokens in a new out_dir")
         run.distribute(run.producer.activations(batches))
+        steps_before = run.trainer.step_count
         for _ in range(run.ready_steps()):
             metrics = run.trainer.step(run.next_batches())
         run.forward_batches += 1
-        tok_per_s = (run.producer.stats.train_tokens - start_tokens) / (time.perf_counter() - start)
         bar.update(run.tokens_trained() - bar.n)
-        bar.set_postfix(tok_s=f"{tok_per_s * run.topology.world:.0f}")
-        if run.forward_batches % t.log_every == 0:
-            log_metrics(run, metrics, tok_per_s)
-        if t.checkpoint_every and run.forward_batches % t.checkpoint_every == 0:
+        done = run.all_done()
+        if done or run.trainer.step_count // t.log_every > steps_before // t.log_every:
+            seconds = time.perf_counter() - start
+            log_metrics(run, metrics, (run.producer.stats.train_tokens - start_tokens) / seconds)
+        if done or t.checkpoint_every and run.forward_batches % t.checkpoint_every == 0:
             run.save()
     bar.close()
-    if not run.all_done():
-        log.warning("training data ran out after %d tokens per SAE", run.tokens_trained())
-    log_metrics(run, metrics, tok_per_s)
     write_train_stats(run, time.perf_counter() - start, start_tokens)
-    return finish_suite(run)
+
+
+def finish(run: TrainingRun) -> dict[str, dict[str, float]]:
+    """Collect the folded SAEs on the main process, then evaluate, save and report them
+    (sae_dist.suite)."""
+    trained = collect_saes(run)
+    dropped = run.dropped()
+    if not run.topology.is_main:
+        return {}
+    saes = {hp: trained[hp.name][0].eval() for hp in run.hookpoints}
+    training = {hp.name: {**trained[hp.name][1],
+                          "outliers_dropped": dropped["outliers"][hp.name]}
+                for hp in run.hookpoints}
+    info = suite_info(run.cfg, run.tokens_trained(), {"processes": run.topology.world,
+                                                      "data_shards": run.topology.data_shards},
+                      evaluated=bool(run.cfg.train.eval_tokens))
+    return write_suite(run.cfg, saes, training, run.model, run.tokenizer, run.device,
+                       run.logger, info)
+
+
+NOT_SHAPING = ("train.log_every", "train.checkpoint_every", "train.eval_tokens",
+               "train.resume", "train.data_shards", "trainer.kind", "trainer.timeout_s",
+               "trainer.deepspeed_config", "model.cache_dir", "out_dir")
+"""Keys that do not change what a run trains (its data shards and trainer kind are checked
+apart, against the checkpoint's run.pt), so a resume may change them; logger.* neither."""
+
+
+def training_shape(cfg: TrainRunConfig) -> dict[str, Any]:
+    """The config keys that shape training, flattened {dotted key: JSON value}: a checkpoint
+    resumes only under the same values."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif prefix not in NOT_SHAPING and not prefix.startswith("logger."):
+            flat[prefix] = value.value if isinstance(value, TrainerKind) else value
+
+    walk("", asdict(cfg))
+    return json.loads(json.dumps(flat))
 
 
 def write_train_stats(run: TrainingRun, seconds: float, start_tokens: int) -> None:
@@ -272,7 +349,7 @@ def write_train_stats(run: TrainingRun, seconds: float, start_tokens: int) -> No
                         run.multiprocess)["t"]["n"]
     if not run.topology.is_main:
         return
-    stats = {"trainer": run.cfg.trainer.kind, "processes": run.topology.world,
+    stats = {"trainer": run.cfg.trainer.kind.value, "processes": run.topology.world,
              "data_shards": run.topology.data_shards, "saes": len(run.hookpoints),
              "train_seconds": seconds, "lm_train_tokens_per_s": tokens / seconds,
              "sae_tokens_trained": run.tokens_trained(), **per_process}
@@ -296,80 +373,6 @@ def log_metrics(run: TrainingRun, metrics: dict[str, dict[str, torch.Tensor]],
                    for hp, n in per_hp.items()})
     merged["tokens_per_s"] = rate
     run.logger.log(merged, step=run.tokens_trained())
-
-
-def finish_suite(run: TrainingRun) -> dict[str, dict[str, float]]:
-    """Fold the input scales, evaluate every SAE on held-out tokens (reconstruction and
-    model-level metrics, sae_dist.evaluate), save the suite (SAELens layout + suite.json), log
-    artifacts, write the evaluation outputs (eval/) and the report, print the table. Main
-    process only, after collecting the SAEs of the others (hookpoint sharding)."""
-    cfg, suite_dir = run.cfg, run.out_dir / "suite"
-    trained = collect_saes(run)
-    dropped = run.dropped()
-    if not run.topology.is_main:
-        return {}
-    saes = {hp: trained[hp.name][0].eval() for hp in run.hookpoints}
-    if cfg.train.eval_tokens == 0:
-        return save_unevaluated(run, saes, trained, dropped)
-    eval_stream = TokenStream(cfg.data, run.tokenizer, "eval", seed=cfg.train.seed)
-    batches = take_batches(eval_stream, cfg.train.eval_tokens, cfg.train.forward_batch_seqs)
-    results = evaluate_saes(run.model, saes, batches, run.device)
-    entries = []
-    for hp, sae in saes.items():
-        res = scalar_metrics(results[hp.name])
-        metadata = {
-            **sae_metadata(cfg, hp), **trained[hp.name][1],
-            "outliers_dropped": dropped["outliers"][hp.name],
-            "eval_tokens": res["tokens"], "fvu": res["fvu"], "l0": res["l0"],
-            "dead_frac": res["dead_frac"], "delta_loss": res["delta_loss"],
-            "loss_recovered": res["loss_recovered"], "kl": res["kl"]}
-        save_sae(sae, suite_dir / hp.name, metadata)
-        run.logger.log_sae_artifact(suite_dir / hp.name, f"sae-{hp.name}", metadata)
-        entries.append({"hookpoint": hp.name, "path": hp.name, **res})
-    write_suite_index(suite_dir, entries, {"model": cfg.model.name,
-                                           "architecture": cfg.sae.architecture,
-                                           "training_tokens": run.tokens_trained(),
-                                           "trainer": cfg.trainer.kind,
-                                           "processes": run.topology.world,
-                                           "data_shards": run.topology.data_shards})
-    run.logger.summary({f"{hp}/eval_{k}": v for hp, r in results.items()
-                        for k, v in scalar_metrics(r).items()})
-    table = markdown_table(results, EVAL_COLUMNS)
-    write_eval_outputs(results, run.out_dir / "eval", eval_context(
-        str(suite_dir), cfg.model, cfg.data, batches))
-    curves = plot_training_curves(run.out_dir / "metrics.jsonl", run.out_dir / "fvu_curve.png")
-    (run.out_dir / "report.md").write_text(
-        f"# Training report: {cfg.model.name}\n\nHeld-out metrics ({cfg.train.eval_tokens} "
-        f"tokens):\n\n{table}\n\nSuite: `{suite_dir}`\nW&B: `{run.logger.location}`\n"
-        f"Training curves: `{curves}`\nEvaluation (per-SAE JSON, layer x site tables, plots): "
-        f"`{run.out_dir / 'eval'}`\n")
-    run.logger.finish()
-    print(f"\n{table}\n\nSAE suite written to {suite_dir}\nW&B run: {run.logger.location}\n"
-          f"Report: {run.out_dir / 'report.md'}")
-    return results
-
-
-def sae_metadata(cfg: TrainRunConfig, hp: Hookpoint) -> dict[str, Any]:
-    """The SAELens metadata keys of a trained SAE that do not depend on its training."""
-    return {"model_name": cfg.model.path or cfg.model.name, "hook_name": hp.saelens_hook_name,
-            "hookpoint": hp.name, "site": hp.site, "layer": hp.layer,
-            "context_size": cfg.data.context_size, "dataset_path": cfg.data.source,
-            "prepend_bos": cfg.data.prepend_bos, "exclude_special_tokens": True}
-
-
-def save_unevaluated(run: TrainingRun, saes: dict, trained: dict, dropped: dict) -> dict:
-    """The suite with training metadata only (`train.eval_tokens=0`: evaluate it later with
-    `python -m sae_dist.evaluate`)."""
-    suite_dir, cfg = run.out_dir / "suite", run.cfg
-    for hp, sae in saes.items():
-        save_sae(sae, suite_dir / hp.name, {**sae_metadata(cfg, hp), **trained[hp.name][1],
-                                             "outliers_dropped": dropped["outliers"][hp.name]})
-    write_suite_index(suite_dir, [{"hookpoint": hp.name, "path": hp.name} for hp in saes],
-                      {"model": cfg.model.name, "architecture": cfg.sae.architecture,
-                       "training_tokens": run.tokens_trained(), "evaluated": False})
-    run.logger.finish()
-    print(f"SAE suite written to {suite_dir} (not evaluated: train.eval_tokens=0)")
-    return {}
 
 
 TRAINING_METADATA = ("training_tokens", "input_scale")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from functools import partial
 from typing import Any
 
 import torch
@@ -33,13 +32,6 @@ def lr_factor(step: int, n_steps: int, warmup_frac: float, decay_frac: float) ->
     if decay and step >= n_steps - decay:
         return max(0.0, (n_steps - step) / decay)
     return 1.0
-
-
-def parallel_free(w: Tensor, grad: Tensor) -> Tensor:
-    """grad [d_sae, d_in] without its component along each row of w (the unit-norm constraint
-    of the decoder rows); a gradient hook, so it acts before any cross-process reduction."""
-    coef = (grad * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(1e-12)
-    return grad - coef * w.detach()
 
 
 def seeded_sae(cfg: TrainRunConfig, name: str, d_in: int) -> SparseAutoencoder:
@@ -81,14 +73,14 @@ class SuiteTrainer:
                  accelerator: Accelerator, world: int = 1):
         t = cfg.train
         self.cfg, self.accelerator = cfg, accelerator
-        self.data_parallel = cfg.trainer.kind in ("ddp", "zero2", "zero3")
+        self.data_parallel = cfg.trainer.kind.data_parallel
         self.world = world if self.data_parallel else 1
         self.group = BatchGroup(self.data_parallel and world > 1)
         self.hookpoints = {hp.name: hp for hp in hookpoints}
         saes = {hp.name: seeded_sae(cfg, hp.name, d_in) for hp in hookpoints}
         for sae in saes.values():
             sae.batch_group = self.group
-            sae.W_dec.register_hook(partial(parallel_free, sae.W_dec))
+            sae.project_decoder_grads()
         self.suite = SAESuite(saes).to(accelerator.device)
         self.n_steps = max(1, t.tokens // t.batch_size)
         lr = t.lr if t.lr is not None else 2e-4 / math.sqrt(self.suite[hookpoints[0].name].d_sae
@@ -113,7 +105,7 @@ class SuiteTrainer:
 
     @property
     def zero_stage(self) -> int:
-        return {"zero2": 2, "zero3": 3}.get(self.cfg.trainer.kind, 0)
+        return self.cfg.trainer.kind.zero_stage
 
     def sae(self, name: str) -> SparseAutoencoder:
         return self.suite[name]
@@ -235,7 +227,12 @@ class SuiteTrainer:
         self.scales[name] = state["scale"]
         self.tokens_since_fired[name].copy_(state["tokens_since_fired"])
         self.step_count = state["step_count"]
-        self._scheduler().load_state_dict(state["scheduler"])
+        scheduler = self._scheduler()
+        scheduler.load_state_dict(state["scheduler"])
+        # the optimizer's learning rate is the schedule's value at the saved step (a fresh
+        # optimizer starts at lr x factor(0), which the next step would use otherwise)
+        for group, lr in zip(self._optimizer().param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr
 
     def memory_mb(self) -> dict[str, float]:
         """MB this process holds for its SAEs: `sae_params_mb` (module parameters) and

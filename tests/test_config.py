@@ -24,11 +24,14 @@ def no_model_load(monkeypatch):
     ("sae.architecture=gated", r"sae.architecture='gated'.*allowed: .*topk"),
     ("train.tokens=0", r"train.tokens=0 .*> 0"),
     ("model.dtype=int8", r"model.dtype='int8'.*float32, bfloat16, float16"),
+    ("train.checkpoint_every=-1", r"train.checkpoint_every=-1 .*>= 0"),
+    ("train.log_every=0", r"train.log_every=0 .*> 0"),
+    ("train.tokens=100", r"train.tokens=100 .*>= train.batch_size"),
 ])
 def test_bad_config_fails_before_model_load(no_model_load, override, message):
     cfg = compose_train_config(["experiment=demo", "logger=none", override])
     with pytest.raises(ConfigError, match=message):
-        train_module.TrainingRun(cfg)
+        train_module.train(cfg)
 
 
 def test_type_errors_name_the_key():

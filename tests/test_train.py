@@ -138,3 +138,173 @@ def test_eval_tokens_0_saves_the_suite_unevaluated(tmp_path):
     assert cfg["metadata"]["training_tokens"] == 1024 and "fvu" not in cfg["metadata"]
     assert cfg["metadata"]["input_scale"] > 0
     assert not (tmp_path / "eval").exists()
+
+
+# --- trustworthy runs: resume in every phase, config checks, complete runs, data checks ------
+
+PHASED = ["train.lr_warmup_frac=0.4", "train.lr_decay_frac=0.4", "train.checkpoint_every=1"]
+"""16 steps: warm-up over steps 0-5, constant 6-9, decay 10-15; a checkpoint every forward."""
+
+
+def killed_at(monkeypatch, call: int):
+    """Make the `call`-th producer forward raise KeyboardInterrupt (a kill); returns undo."""
+    calls, original = {"n": 0}, ActivationProducer.activations
+
+    def dies(self, batches):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, batches)
+
+    monkeypatch.setattr(ActivationProducer, "activations", dies)
+    return lambda: monkeypatch.setattr(ActivationProducer, "activations", original)
+
+
+def final_state(out: Path, name: str) -> dict:
+    return torch.load(out / "checkpoint" / "saes" / f"{name}.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def phased_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phased")
+    train(tiny_run(out, "logger=none", *PHASED))
+    return out
+
+
+@pytest.mark.parametrize("kill_call, phase", [(8, "warm-up"), (12, "constant"), (17, "decay")])
+def test_resume_in_every_lr_phase_equals_the_uninterrupted_run(
+        tmp_path, monkeypatch, phased_reference, kill_call, phase):
+    from sae_dist.trainer import lr_factor
+
+    undo = killed_at(monkeypatch, kill_call)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_run(tmp_path, "logger=none", *PHASED))
+    step = final_state(tmp_path, "layers.1.resid")["step_count"]
+    factor = lr_factor(step, 16, 0.4, 0.4)
+    assert {"warm-up": 0 < step < 6, "constant": 6 <= step < 10 and factor == 1,
+            "decay": 10 <= step < 16}[phase], step
+    undo()
+    train(tiny_run(tmp_path, "logger=none", *PHASED))
+    for name in ["layers.1.resid", "layers.3.mlp"]:
+        ref, got = final_state(phased_reference, name), final_state(tmp_path, name)
+        assert got["step_count"] == ref["step_count"] == 16
+        for key, value in ref["sae"].items():
+            torch.testing.assert_close(got["sae"][key], value, rtol=0, atol=0)
+        for pname, moments in ref["adam"].items():
+            for key, value in moments.items():
+                torch.testing.assert_close(got["adam"][pname][key], value, rtol=0, atol=0)
+
+
+def no_model_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the check")
+    monkeypatch.setattr("sae_dist.train.load_model", refuse)
+
+
+@pytest.mark.parametrize("changed, key", [("sae.k=4", "sae.k"), ("train.tokens=8192", "train.tokens"),
+                                          ("sae.expansion=8", "sae.expansion")])
+def test_a_checkpoint_of_another_config_is_refused_before_the_model_loads(
+        tmp_path, monkeypatch, changed, key):
+    from sae_dist.checkpoint import CheckpointError
+
+    undo = killed_at(monkeypatch, 9)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_run(tmp_path, "logger=none", "train.checkpoint_every=2"))
+    undo()
+    no_model_load(monkeypatch)
+    with pytest.raises(CheckpointError, match=rf"(?s){key}: .* in the checkpoint.*train\.resume=false"):
+        train(tiny_run(tmp_path, "logger=none", "train.checkpoint_every=2", changed))
+    # settings that do not shape training may change on resume
+    monkeypatch.undo()
+    train(tiny_run(tmp_path, "logger=none", "train.checkpoint_every=3", "train.log_every=2"))
+    assert (tmp_path / "suite" / "suite.json").exists()
+
+
+def test_a_finished_run_rerun_says_complete_and_a_kill_in_evaluation_skips_training(
+        tmp_path, monkeypatch, capsys):
+    from sae_dist import suite
+
+    def killed_in_evaluation(*args, **kwargs):
+        raise KeyboardInterrupt("killed during the evaluation")
+    original = suite.evaluate_saes
+    monkeypatch.setattr(suite, "evaluate_saes", killed_in_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_run(tmp_path, "logger=none"))
+    assert not (tmp_path / "suite" / "suite.json").exists()
+    assert final_state(tmp_path, "layers.1.resid")["step_count"] == 16
+    monkeypatch.setattr(suite, "evaluate_saes", original)
+    monkeypatch.setattr("sae_dist.trainer.SuiteTrainer.step", lambda *a: pytest.fail("retrained"))
+    results = train(tiny_run(tmp_path, "logger=none"))
+    assert set(results) == {"layers.1.resid", "layers.1.mlp", "layers.3.resid", "layers.3.mlp"}
+    no_model_load(monkeypatch)
+    capsys.readouterr()
+    again = train(tiny_run(tmp_path, "logger=none"))
+    assert "is complete" in capsys.readouterr().out
+    assert again["layers.3.mlp"]["fvu"] == pytest.approx(results["layers.3.mlp"]["fvu"])
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"), (b"", "usable document"), (b"\xff\xfe\x00garbage\xff" * 50, "UTF-8"),
+    (b'{"nothing": 1}\n{"other": 2}\n', "usable document")])
+def test_bad_data_files_fail_before_the_model_loads(tmp_path, monkeypatch, content, message):
+    from sae_dist.errors import DataError
+
+    source = tmp_path / "data.jsonl"
+    if content is not None:
+        source.write_bytes(content)
+    no_model_load(monkeypatch)
+    with pytest.raises(DataError, match=message):
+        train(tiny_run(tmp_path / "run", "logger=none", f"data.source={source}"))
+
+
+def test_too_short_data_says_so_and_keeps_a_checkpoint(tmp_path):
+    from sae_dist.errors import DataError
+
+    source = tmp_path / "short.jsonl"
+    source.write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n"
+                              for i in range(30)))
+    with pytest.raises(DataError, match=r"ran out after \d+ of 4096 training tokens"):
+        train(tiny_run(tmp_path / "run", "logger=none", f"data.source={source}"))
+    assert (tmp_path / "run" / "checkpoint" / "run.pt").exists()
+
+
+def wandb_history_steps(run_dir: Path) -> list[int]:
+    """Steps of the history records in an offline W&B run's .wandb file (LevelDB-log framing:
+    7-byte file header, 32 KiB blocks, records of crc32, length, type)."""
+    import struct
+
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = next(run_dir.glob("*.wandb")).read_bytes()
+    assert data[:4] == b":W&B"
+    pos, payloads, pending = 7, [], b""
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            payloads.append(pending)
+    records = [Record.FromString(p) for p in payloads]
+    return [r.history.step.num for r in records if r.HasField("history")]
+
+
+def test_a_resumed_offline_wandb_run_holds_every_logged_step_once(tmp_path, monkeypatch):
+    undo = killed_at(monkeypatch, 15)
+    wandb = ["logger=wandb", "logger.mode=offline", "train.checkpoint_every=4"]
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_run(tmp_path, *wandb))
+    import wandb as wb
+    wb.finish()  # the killed process's W&B run (a real kill ends it with the process)
+    undo()
+    train(tiny_run(tmp_path, *wandb))
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)) and steps[-1] == 4096 and len(steps) == 16
+    assert wandb_history_steps(runs[0]) == steps
