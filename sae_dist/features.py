@@ -393,7 +393,7 @@ def run_features(cfg: FeaturesRunConfig) -> dict[str, dict[str, Any]]:
     summaries keyed by hookpoint name."""
     from sae_dist.checkpoint import load_sae
     from sae_dist.evaluate import discover_saes, model_config_for
-    from sae_dist.feature_report import write_report
+    from sae_dist.feature_report import load_steering, write_report
     from sae_dist.models import load_model
 
     validate_features(cfg)
@@ -425,10 +425,14 @@ def run_features(cfg: FeaturesRunConfig) -> dict[str, dict[str, Any]]:
     _llm_explanations(results, tokenizer, f)
     seconds = time.perf_counter() - start
     info = {"suite": str(cfg.suite), "model": cfg.model.name, "lm_tokens": lm_tokens,
-            "seconds": seconds, "features": asdict(f), "data": asdict(cfg.data),
-            "peak_rss_bytes": peak_rss_bytes()}
-    sizes = write_report(Path(cfg.out_dir), results, tokenizer, info, Path(cfg.suite))
+            "seconds_to_scores": seconds, "features": asdict(f), "data": asdict(cfg.data)}
+    steering = load_steering(Path(f.steering)) if f.steering else None
+    sizes = write_report(Path(cfg.out_dir), results, tokenizer, info, Path(cfg.suite), steering)
+    seconds = time.perf_counter() - start
     summaries = {r.hookpoint: r.summary for r in results}
+    figures = {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "report_bytes": sizes}
+    (Path(cfg.out_dir) / "features.json").write_text(json.dumps(
+        {"info": info, **figures, "summaries": summaries}, indent=2))
     _print_summary(summaries, sizes, cfg, seconds)
     return summaries
 
@@ -474,7 +478,7 @@ def _print_summary(summaries: dict[str, dict[str, Any]], sizes: dict[str, int],
     print(f"\n{interpretability_table(summaries, cfg.features.token_level_f1)}\n\n"
           f"{len(summaries)} SAEs, {n} features, {seconds:.1f} s, peak RSS "
           f"{peak_rss_bytes() / 2**20:.0f} MiB; report {sizes['total']} bytes "
-          f"({sizes['total'] / n:.0f} bytes per feature): {Path(cfg.out_dir) / 'index.html'}")
+          f"({sizes['per_feature']} bytes per feature): {Path(cfg.out_dir) / 'index.html'}")
 
 
 def config_from_hydra(dcfg: DictConfig) -> FeaturesRunConfig:

@@ -3,6 +3,7 @@ constructed activations, context alignment through the tiny Qwen3, bounded memor
 score on planted and random features, the logit lens, the report files, steering marks, and the
 report opened in headless Chromium (skipped without `chromium`)."""
 
+import base64
 import json
 import math
 import shutil
@@ -209,3 +210,157 @@ def test_logit_lens_applies_the_norm_gain_and_unembedding():
     assert torch.equal(lens.top_ids, ref.topk(3, dim=1).indices)
     assert torch.equal(lens.bottom_ids, ref.topk(3, dim=1, largest=False).indices)
     torch.testing.assert_close(lens.top_values, ref.topk(3, dim=1).values)
+
+
+# ------------------------------------------------------------- through the tiny Qwen3
+
+HPS = ["layers.1.resid", "layers.2.mlp"]
+
+
+def tiny_topk(seed: int):
+    from sae_dist.sae import build_sae
+
+    torch.manual_seed(seed)
+    return build_sae(SAEConfig(architecture="topk", d_sae=96, k=6), 64).eval()
+
+
+def test_contexts_line_up_with_the_model_tokens(tiny_model):
+    from sae_dist.data import TokenBatch
+    from sae_dist.features import collect
+    from sae_dist.hookpoints import Hookpoint, capture
+
+    hp = Hookpoint(1, "resid")
+    sae = tiny_topk(0)
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(3):
+        mask = torch.rand(2, 16, generator=g) > 0.25
+        mask[:, 0] = False
+        batches.append(TokenBatch(torch.randint(0, 3000, (2, 16), generator=g), mask))
+    cfg = FeaturesConfig(top_n=3, quantile_bins=2, per_bin=2, window_before=4, window_after=2)
+    stats = {hp: FeatureStats(96, 49152, 16, cfg, explain_tokens=20)}
+    collect(tiny_model, {hp: sae}, stats, iter(batches), 60, torch.device("cpu"))
+    ids = torch.cat([b.input_ids for b in batches])
+    mask = torch.cat([b.train_mask for b in batches])
+    with torch.no_grad():
+        x = capture(tiny_model, [hp], ids)[hp]
+        dense = sae.encode(x.reshape(-1, 64)).dense().view(6, 16, 96) * mask[..., None]
+    st = stats[hp]
+    checked = 0
+    for kept in (st.top, st.sample):
+        for f, slot in (kept.position >= 0).nonzero().tolist():
+            row, col = divmod(int(kept.position[f, slot]), 16)
+            for k, c in enumerate(range(col - 4, col + 3)):
+                inside = 0 <= c < 16
+                assert kept.tokens[f, slot, k] == (ids[row, c] if inside else -1)
+                want = float(dense[row, c, f]) if inside else 0.0
+                assert float(kept.acts[f, slot, k]) == pytest.approx(want, abs=1e-5)
+            checked += 1
+    assert checked > 100
+    assert st.fires.tolist() == (dense > 0).sum((0, 1)).tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_suite(tmp_path_factory):
+    from sae_dist.checkpoint import save_sae, write_suite_index
+
+    suite = tmp_path_factory.mktemp("suite")
+    for i, name in enumerate(HPS):
+        save_sae(tiny_topk(i), suite / name, {"hookpoint": name, "model_name": "tiny-qwen3"})
+    write_suite_index(suite, [{"hookpoint": n, "path": n, "fvu": 0.5 + i, "l0": 6.0}
+                              for i, n in enumerate(HPS)], {"model": "tiny-qwen3"})
+    return suite
+
+
+def compose_features(overrides):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from sae_dist.config import CONF_DIR, register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return OmegaConf.to_object(compose(config_name="features", overrides=overrides))
+
+
+def read_js(path: Path) -> tuple[str, list]:
+    """(callback name, arguments) of a report data file."""
+    text = path.read_text(encoding="utf-8")
+    name, _, rest = text.partition("(")
+    assert name.startswith("SAEReport.") and rest.rstrip().endswith(");")
+    return name[len("SAEReport."):], json.loads("[" + rest.rstrip()[:-2] + "]")
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tiny_suite, tmp_path_factory):
+    steer = tmp_path_factory.mktemp("steer")
+    (steer / "intervention.json").write_text(json.dumps([
+        {"sae": str(tiny_suite / "layers.2.mlp"), "hookpoint": "layers.2.mlp",
+         "features": [3, 17], "alpha": 8.0, "mode": "add", "positions": "all"},
+        {"hookpoint": "layers.9.attn", "features": "bad"}]))
+    (steer / "results.json").write_text(json.dumps({"refusal_rate": {"steered": 0.8, "base": 0.1}}))
+    out = tmp_path_factory.mktemp("report")
+    cfg = compose_features([f"suite={tiny_suite}", f"out_dir={out}", "features.tokens=300",
+                            "features.batch_seqs=2", "data.context_size=40",
+                            "features.features_per_file=40", f"features.steering={steer}"])
+    return out, run_features_checked(cfg)
+
+
+def run_features_checked(cfg):
+    from sae_dist.features import run_features
+
+    assert cfg.model is None
+    return run_features(cfg)
+
+
+def test_cli_writes_a_lazily_loaded_report(tiny_report):
+    out, summaries = tiny_report
+    assert list(summaries) == HPS
+    for s in summaries.values():
+        assert s["d_sae"] == 96 and s["tokens"] >= 300 and s["live"] > 0
+        assert s["explain_tokens"] == 150 and s["heldout_tokens"] == s["tokens"] - 150
+    for name in ("index.html", "assets/app.js", "assets/app.css", "data/suite.js",
+                 "data/vocab.js", "features.json"):
+        assert (out / name).is_file(), name
+    kind, (suite,) = read_js(out / "data/suite.js")
+    assert kind == "suite" and [h["name"] for h in suite["hookpoints"]] == HPS
+    assert suite["hookpoints"][1]["metrics"] == {"fvu": 1.5, "l0": 6.0}
+    _, (vocab,) = read_js(out / "data/vocab.js")
+    known = set(vocab["ids"])
+    for hp in HPS:
+        files = sorted((out / "data" / hp).glob("[0-9]*.js"))
+        assert [f.name for f in files] == ["0.js", "1.js", "2.js"]  # 96 features, 40 per file
+        kind, (name, b, recs) = read_js(files[1])
+        assert kind == "batch" and name == hp and b == 1 and [r["i"] for r in recs] == list(range(40, 80))
+        _, (_, lst) = read_js(out / "data" / hp / "list.js")
+        assert len(lst["freq"]) == 96
+        for r in recs:
+            for value, toks, acts in r["top"]:
+                ids = [int.from_bytes(base64.b64decode(toks)[i:i + 2], "little") for i in range(0, 42, 2)]
+                assert {i for i in ids if i != 0xFFFF} <= known
+                assert base64.b64decode(acts)[16] >= 1 and value > 0
+    doc = json.loads((out / "features.json").read_text())
+    assert doc["report_bytes"]["total"] > 0 and doc["peak_rss_bytes"] > 0
+
+
+def test_steering_marks_the_intervened_features(tiny_report):
+    out, _ = tiny_report
+    _, (suite,) = read_js(out / "data/suite.js")
+    st = suite["steering"]
+    assert len(st["interventions"]) == 1 and st["interventions"][0]["alpha"] == 8.0
+    assert st["results"]["results.json"]["refusal_rate"]["steered"] == 0.8
+    _, (_, lst) = read_js(out / "data" / "layers.2.mlp" / "list.js")
+    assert lst["steer"] == {"3": [0], "17": [0]}
+    _, (_, other) = read_js(out / "data" / "layers.1.resid" / "list.js")
+    assert other["steer"] == {}
+
+
+def test_bad_values_fail_at_start_up(tiny_suite, tmp_path):
+    from sae_dist.features import run_features
+
+    with pytest.raises(ConfigError, match="features.top_n=0"):
+        run_features(compose_features([f"suite={tiny_suite}", "features.top_n=0"]))
+    with pytest.raises(ConfigError, match="features.explain_fraction=1.5"):
+        run_features(compose_features([f"suite={tiny_suite}", "features.explain_fraction=1.5"]))
+    with pytest.raises(ConfigError, match="suite="):
+        run_features(compose_features([f"suite={tmp_path / 'nope'}"]))
