@@ -364,3 +364,35 @@ def test_bad_values_fail_at_start_up(tiny_suite, tmp_path):
         run_features(compose_features([f"suite={tiny_suite}", "features.explain_fraction=1.5"]))
     with pytest.raises(ConfigError, match="suite="):
         run_features(compose_features([f"suite={tmp_path / 'nope'}"]))
+
+
+# ------------------------------------------------------------------- headless Chromium
+
+@pytest.mark.skipif(shutil.which("chromium") is None,
+                    reason="chromium is not on PATH (Debian: apt-get install chromium)")
+def test_report_renders_in_headless_chromium(tiny_report, tmp_path):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "feature_report_browser.py"
+    spec = importlib.util.spec_from_file_location("feature_report_browser", script)
+    browser = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(browser)
+    out, _ = tiny_report
+    res = browser.check_report(out, tmp_path / "shot.png")
+    assert res["console_errors"] == [] and res["page_errors"] == ""
+    hp, feature = res["hookpoint"], int(res["feature"])
+    assert res["hash"] == f"#/f/{hp}/{feature}"
+    # the clicked feature is the densest one of the first hookpoint's list
+    _, (_, lst) = read_js(out / "data" / hp / "list.js")
+    assert lst["freq"][feature] == max(lst["freq"])
+    _, (_, _, recs) = read_js(out / "data" / hp / f"{feature // 40}.js")
+    rec = recs[feature % 40]
+    assert res["contexts"] == len(rec["top"]) > 0
+    assert res["quantile_contexts"] == len(rec["q"]) > 0
+    assert res["logit_rows"] == 10 and res["histogram_bars"] == len(rec["h"]) - 1
+    # the outlined token of the first context is the token the feature fired on
+    _, (vocab,) = read_js(out / "data/vocab.js")
+    centre = int.from_bytes(base64.b64decode(rec["top"][0][1])[32:34], "little")
+    text = vocab["text"][vocab["ids"].index(centre)]
+    assert res["centre"] == text.replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
+    assert (tmp_path / "shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -75,7 +75,7 @@
       if (k === "onclick") node.addEventListener("click", v);
       else node.setAttribute(k, v);
     }
-    for (const c of children.flat()) {
+    for (const c of children.flat(Infinity)) {
       if (c === null || c === undefined) continue;
       node.append(c instanceof Node ? c : document.createTextNode(String(c)));
     }
