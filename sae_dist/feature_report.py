@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -55,22 +56,22 @@ def _num(x: float) -> Optional[float]:
     return float(f"{x:.4g}") if math.isfinite(x) else None
 
 
-def encode_tokens(tokens: Tensor, width: int) -> str:
-    """int [W] token ids (-1 = none) -> base64 of little-endian unsigned ints of `width` bytes,
-    -1 stored as the all-ones value."""
-    t = tokens.long().clone()
-    t[t < 0] = (1 << (8 * width)) - 1
-    raw = bytearray()
-    for v in t.tolist():
-        raw += v.to_bytes(width, "little")
-    return base64.b64encode(bytes(raw)).decode()
-
-
-def encode_acts(acts: Tensor, scale: float) -> str:
-    """float [W] activations -> base64 uint8, round(255 * a / scale), at least 1 where a > 0."""
-    q = (acts.double() / scale * 255).round().clamp(0, 255).to(torch.uint8)
+def encode_examples(kept: "KeptExamples", scale: Tensor, width: int) -> list[list[Optional[list]]]:
+    """Per feature and slot: [centre activation, token ids b64, activations b64], or None for
+    an empty slot. Token ids as little-endian unsigned ints of `width` bytes (-1 as all ones);
+    activations as uint8 round(255 * a / scale[f]), at least 1 where a > 0 (scale [F])."""
+    tok = kept.tokens.numpy().astype(np.int64)
+    tok[tok < 0] = (1 << (8 * width)) - 1
+    raw = np.ascontiguousarray(tok.astype("<u4").view(np.uint8).reshape(*tok.shape, 4)[..., :width])
+    acts = kept.acts.double()
+    q = (acts / scale.double().clamp_min(1e-30)[:, None, None] * 255).round().clamp(0, 255)
+    q = q.to(torch.uint8)
     q[(acts > 0) & (q == 0)] = 1
-    return base64.b64encode(q.numpy().tobytes()).decode()
+    q = q.numpy()
+    values, filled = kept.value.tolist(), (kept.position >= 0).tolist()
+    b64 = base64.b64encode
+    return [[[_num(values[f][s]), b64(raw[f, s].tobytes()).decode(), b64(q[f, s].tobytes()).decode()]
+             if filled[f][s] else None for s in range(kept.n)] for f in range(len(values))]
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
@@ -149,32 +150,37 @@ def _read_json(path: Path) -> Any:
 
 # ---------------------------------------------------------------------------- the data
 
-def _examples(kept: "KeptExamples", f: int, slots: list[int], scale: float, width: int
-              ) -> list[list]:
-    """[centre activation, tokens b64, acts b64] of the given slots of feature f."""
-    return [[_num(float(kept.value[f, s])), encode_tokens(kept.tokens[f, s], width),
-             encode_acts(kept.acts[f, s], scale)] for s in slots]
+@dataclass
+class EncodedFeatures:
+    """One SAE's per-feature data, encoded once for all its batch files."""
+
+    top: list[list[Optional[list]]]
+    sample: list[list[Optional[list]]]
+    order: list[list[int]]
+    """Per feature, the sample slots by ascending activation (-1 = none)."""
+    group: list[list[int]]
+    """Per feature, the quantile bin of each entry of `order`."""
+
+    @classmethod
+    def of(cls, r: "HookpointFeatures", width: int) -> "EncodedFeatures":
+        scale = r.stats.top.value[:, 0]
+        order, group = r.stats.quantile_groups()
+        return cls(encode_examples(r.stats.top, scale, width),
+                   encode_examples(r.stats.sample, scale, width), order.tolist(), group.tolist())
 
 
-def feature_record(r: "HookpointFeatures", f: int, width: int, groups: tuple[Tensor, Tensor]
-                   ) -> dict[str, Any]:
-    """Everything a feature's page shows, compactly (module docstring); `groups` is
-    `r.stats.quantile_groups()`."""
+def feature_record(r: "HookpointFeatures", f: int, enc: EncodedFeatures) -> dict[str, Any]:
+    """Everything a feature's page shows, compactly (module docstring)."""
     st, lens, sc = r.stats, r.lens, r.scores
-    scale = max(float(st.top.value[f, 0]), 1e-30)
-    top = [s for s in range(st.top.n) if st.top.position[f, s] >= 0]
-    order, group = groups
-    slots = [int(s) for s in order[f] if s >= 0]
     hist = st.hist[f]
     nz = hist.nonzero().squeeze(1)
     rec: dict[str, Any] = {
         "i": f, "n": int(st.fires[f]),
-        "top": _examples(st.top, f, top, scale, width),
-        "q": [[int(g)] + e for g, e in zip(group[f][:len(slots)].tolist(),
-                                           _examples(st.sample, f, slots, scale, width))],
+        "top": [e for e in enc.top[f] if e is not None],
+        "q": [[g] + enc.sample[f][s] for s, g in zip(enc.order[f], enc.group[f]) if s >= 0],
         "h": [int(nz[0]), *hist[nz[0]:nz[-1] + 1].tolist()] if len(nz) else [],
-        "lp": [lens.top_ids[f].tolist(), [_num(float(v)) for v in lens.top_values[f]]],
-        "ln": [lens.bottom_ids[f].tolist(), [_num(float(v)) for v in lens.bottom_values[f]]],
+        "lp": [lens.top_ids[f].tolist(), [_num(v) for v in lens.top_values[f].tolist()]],
+        "ln": [lens.bottom_ids[f].tolist(), [_num(v) for v in lens.bottom_values[f].tolist()]],
         "ex": [int(t) for t in sc.sets[f] if t >= 0],
         "f1": _num(float(sc.f1[f])), "p": _num(float(sc.precision[f])),
         "r": _num(float(sc.recall[f])), "f1e": _num(float(sc.f1_explain[f])),
@@ -189,9 +195,9 @@ def feature_list(r: "HookpointFeatures", steering: Optional[Steering]) -> dict[s
     st, sc = r.stats, r.scores
     freq = st.fires.double() / max(st.tokens, 1)
     top_tok = st.top.tokens[:, 0, st.cfg.window_before].tolist()
-    return {"freq": [_num(float(x)) for x in freq],
-            "max": [_num(float(x)) for x in st.top.value[:, 0]],
-            "f1": [_num(float(x)) for x in sc.f1],
+    return {"freq": [_num(x) for x in freq.tolist()],
+            "max": [_num(x) for x in st.top.value[:, 0].tolist()],
+            "f1": [_num(x) for x in sc.f1.tolist()],
             "ex": [[int(t) for t in row if t >= 0] for row in sc.sets],
             "top": top_tok,
             "steer": {str(k): v for k, v in (steering.marks(r.hookpoint) if steering else {}).items()}}
@@ -257,11 +263,11 @@ def write_report(out_dir: Path, results: list["HookpointFeatures"], tokenizer,
     metrics = _suite_metrics(suite)
     hookpoints = []
     for r in results:
-        groups = r.stats.quantile_groups()
+        enc = EncodedFeatures.of(r, width)
         sizes["lists"] += _js(data / r.hookpoint / "list.js", "list", r.hookpoint,
                               feature_list(r, steering))
         for b in range(math.ceil(r.stats.d_sae / per_file)):
-            recs = [feature_record(r, f, width, groups)
+            recs = [feature_record(r, f, enc)
                     for f in range(b * per_file, min(r.stats.d_sae, (b + 1) * per_file))]
             sizes["features"] += _js(data / r.hookpoint / f"{b}.js", "batch", r.hookpoint, b, recs)
         hookpoints.append({"name": r.hookpoint, "folder": r.folder, "summary": r.summary,
