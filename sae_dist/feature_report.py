@@ -12,9 +12,9 @@ a callback of the page (`SAEReport.<kind>(...)`), loaded on demand by adding a `
     features.json      run info, figures and per-hookpoint summaries (`sae_dist.features`)
 
 Contexts are compact: token ids as base64 little-endian uint16 (uint24 for vocabularies over
-65,535 ids; 0xFFFF... = outside the row), the feature's activation on each token as base64
-uint8 in units of its maximum activation / 255 (a firing token is at least 1), and the exact
-activation of the centre token. Numbers carry 4 significant digits.
+65,535 ids; 0xFFFF... = outside the row); the feature's activation only where it is active, as
+base64 byte pairs (window offset, uint8 in units of its maximum activation / 255, at least 1);
+and the exact activation of the centre token. Numbers carry 4 significant digits.
 """
 
 from __future__ import annotations
@@ -58,19 +58,24 @@ def _num(x: float) -> Optional[float]:
 
 def encode_examples(kept: "KeptExamples", scale: Tensor, width: int) -> list[list[Optional[list]]]:
     """Per feature and slot: [centre activation, token ids b64, activations b64], or None for
-    an empty slot. Token ids as little-endian unsigned ints of `width` bytes (-1 as all ones);
-    activations as uint8 round(255 * a / scale[f]), at least 1 where a > 0 (scale [F])."""
+    an empty slot. Token ids as little-endian unsigned ints of `width` bytes (-1 as all ones).
+    Activations sparsely, as byte pairs (window offset, q) for the tokens where the feature is
+    active, q = round(255 * a / scale[f]) clamped to 1..255 (scale [F])."""
     tok = kept.tokens.numpy().astype(np.int64)
     tok[tok < 0] = (1 << (8 * width)) - 1
     raw = np.ascontiguousarray(tok.astype("<u4").view(np.uint8).reshape(*tok.shape, 4)[..., :width])
     acts = kept.acts.double()
-    q = (acts / scale.double().clamp_min(1e-30)[:, None, None] * 255).round().clamp(0, 255)
-    q = q.to(torch.uint8)
-    q[(acts > 0) & (q == 0)] = 1
-    q = q.numpy()
+    q = (acts / scale.double().clamp_min(1e-30)[:, None, None] * 255).round().clamp(1, 255)
+    q = torch.where(acts > 0, q, 0).to(torch.uint8).numpy()
+    offsets = np.arange(q.shape[2], dtype=np.uint8)
     values, filled = kept.value.tolist(), (kept.position >= 0).tolist()
     b64 = base64.b64encode
-    return [[[_num(values[f][s]), b64(raw[f, s].tobytes()).decode(), b64(q[f, s].tobytes()).decode()]
+
+    def sparse(qs: np.ndarray) -> str:
+        on = qs > 0
+        return b64(np.stack([offsets[on], qs[on]], 1).tobytes()).decode()
+
+    return [[[_num(values[f][s]), b64(raw[f, s].tobytes()).decode(), sparse(q[f, s])]
              if filled[f][s] else None for s in range(kept.n)] for f in range(len(values))]
 
 

@@ -288,7 +288,9 @@
       quantiles(r, L.max[id]));
   }
   function context(ex, maxAct) {
-    const [value, toksB64, actsB64] = ex, toks = decodeTokens(toksB64), acts = b64bytes(actsB64);
+    const [value, toksB64, actsB64] = ex, toks = decodeTokens(toksB64), pairs = b64bytes(actsB64);
+    const acts = new Uint8Array(toks.length);
+    for (let k = 0; k < pairs.length; k += 2) acts[pairs[k]] = pairs[k + 1];
     const centre = S.suite.window_before, line = el("div", { class: "ctx" }, el("span", { class: "val" }, fmt(value, 3)));
     toks.forEach((t, k) => {
       if (t < 0) return;
