@@ -155,10 +155,13 @@ class KeptExamples:
 
     def merge(self, priority: Tensor, firings: Firings, position_offset: int,
               windows: WindowFn) -> None:
-        """Join a batch's firings (priority [E], larger first) to the kept ones."""
+        """Join a batch's firings (priority [E], larger first) to the kept ones; only firings
+        that beat their feature's last kept one are ranked."""
         d_sae = self.priority.shape[0]
-        order, rank = rank_within_groups(firings.feature, priority, d_sae)
-        events = order[rank < self.n]
+        worst = self.priority[:, -1].to(priority.device)
+        beat = (priority.to(worst.dtype) > worst[firings.feature]).nonzero().squeeze(1)
+        order, rank = rank_within_groups(firings.feature[beat], priority[beat], d_sae)
+        events = beat[order[rank < self.n]]
         rows, cols = firings.feature[events].cpu(), rank[rank < self.n].cpu()
         cand = torch.full_like(self.priority, self.lowest)
         cand_event = torch.full(self.priority.shape, -1, dtype=torch.int64)
