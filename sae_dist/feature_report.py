@@ -132,8 +132,8 @@ def load_steering(path: Path) -> Steering:
     items = raw if isinstance(raw, list) else [raw]
     interventions = [x for x in map(_intervention, items) if x is not None]
     if len(interventions) < len(items):
-        log.warning("steering: %d of %d entries of %s are unusable", len(items) - len(interventions),
-                    len(items), file)
+        log.warning("steering: %d of %d entries of %s are unusable",
+                    len(items) - len(interventions), len(items), file)
     steering = Steering(str(file), interventions)
     for name in RESULT_FILES:
         if (folder / name).is_file():
@@ -200,12 +200,13 @@ def feature_list(r: "HookpointFeatures", steering: Optional[Steering]) -> dict[s
     st, sc = r.stats, r.scores
     freq = st.fires.double() / max(st.tokens, 1)
     top_tok = st.top.tokens[:, 0, st.cfg.window_before].tolist()
+    marks = steering.marks(r.hookpoint) if steering else {}
     return {"freq": [_num(x) for x in freq.tolist()],
             "max": [_num(x) for x in st.top.value[:, 0].tolist()],
             "f1": [_num(x) for x in sc.f1.tolist()],
             "ex": [[int(t) for t in row if t >= 0] for row in sc.sets],
             "top": top_tok,
-            "steer": {str(k): v for k, v in (steering.marks(r.hookpoint) if steering else {}).items()}}
+            "steer": {str(k): v for k, v in marks.items()}}
 
 
 def _used_ids(results: list["HookpointFeatures"]) -> set[int]:

@@ -41,7 +41,7 @@ import time
 import resource
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import hydra
 import torch
@@ -49,7 +49,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sae_dist.config import CONF_DIR, ConfigError, FeaturesConfig, FeaturesRunConfig, register_configs
+from sae_dist.config import (CONF_DIR, ConfigError, FeaturesConfig, FeaturesRunConfig,
+                             register_configs)
 from sae_dist.data import TokenBatch, TokenStream
 from sae_dist.feature_score import TokenSetScorer, TokenSetScores, f1_summary, rank_within_groups
 from sae_dist.hookpoints import Hookpoint, capture
