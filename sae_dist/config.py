@@ -374,6 +374,7 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainRunConfig)
     store.store(name="eval_schema", node=EvalRunConfig)
+    store.store(name="features_schema", node=FeaturesRunConfig)
     for name, cls in SAE_CONFIGS.items():
         store.store(group="sae", name=f"{name}_schema", node=cls)
 
@@ -416,3 +417,83 @@ def validate(cfg: TrainRunConfig) -> None:
     _check(cfg.logger.kind in ("wandb", "none"), "logger.kind", cfg.logger.kind, "wandb, none")
     _check(cfg.logger.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
            cfg.logger.mode, "auto, online, offline, disabled")
+
+
+# --- feature discovery and the static feature report (python -m sae_dist.features) ----------
+
+
+@dataclass
+class ExplainerConfig:
+    endpoint: Optional[str] = None
+    """Base URL of an OpenAI-compatible API (e.g. http://localhost:8000/v1); null: no LLM
+    explanations, only the token-set explanation and its F1."""
+    model: str = "gpt-4o-mini"
+    """Model name sent to the endpoint."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Environment variable holding the API key (sent as a Bearer token when set)."""
+    max_features: int = 100
+    """Features explained per hookpoint (the most frequent live ones first), to bound cost."""
+    timeout_s: float = 60.0
+    """Seconds to wait for one explanation."""
+
+
+@dataclass
+class FeaturesConfig:
+    tokens: int = 100_000
+    """Held-out tokens (passing the train mask) streamed through the model (at least; whole
+    batches)."""
+    batch_seqs: int = 8
+    """Sequences per forward batch."""
+    top_n: int = 16
+    """Top activating contexts kept per feature."""
+    quantile_bins: int = 5
+    """Activation-quantile bins per feature (of a uniform random sample of its firings)."""
+    per_bin: int = 5
+    """Examples per quantile bin."""
+    window_before: int = 16
+    """Tokens shown before the activating token."""
+    window_after: int = 4
+    """Tokens shown after the activating token."""
+    hist_bins_per_decade: int = 10
+    """Activation histogram: log-spaced bins per factor of 10."""
+    hist_range: list[float] = field(default_factory=lambda: [1e-4, 1e4])
+    """Activation histogram: [low, high] edges; values outside fall in the end bins."""
+    logit_k: int = 10
+    """Promoted and suppressed tokens listed per decoder row (logit lens)."""
+    explain_fraction: float = 0.5
+    """Fraction of the held-out tokens (the first ones) on which the token-set explanation is
+    found; its F1 is measured on the rest."""
+    explain_max_tokens: int = 500_000
+    """Cap on the tokens of the explanation part (its events are held in memory)."""
+    explain_max_set: int = 5
+    """At most this many tokens in a token-set explanation."""
+    explain_candidates: int = 64
+    """Candidate tokens per feature for the greedy explanation search (best single-token F1)."""
+    token_level_f1: float = 0.7
+    """Features whose explanation reaches this held-out F1 count as token-level."""
+    features_per_file: int = 128
+    """Features per lazily loaded data file of the report."""
+    steering: Optional[str] = None
+    """A steering output folder or its intervention.json (python -m sae_dist.steer): its
+    features are marked and linked, and their pages show the intervention and results."""
+    explainer: ExplainerConfig = field(default_factory=ExplainerConfig)
+    """Optional LLM explainer (OpenAI-compatible endpoint)."""
+    seed: int = 0
+    """Seed of the token stream (shuffles HF streaming sources) and of the example sampling."""
+    device: str = "auto"
+    """cuda, cpu, or auto (cuda when available)."""
+
+
+@dataclass
+class FeaturesRunConfig:
+    suite: str = MISSING
+    """A suite directory (suite.json), one SAE folder (cfg.json: `suite=<SAE folder>`; a key
+    named `sae` cannot be overridden on the command line, as `sae` is a config group), or a
+    folder of SAE folders."""
+    model: Optional[ModelConfig] = None
+    """The model group; null means the model the suite names, looked up in conf/model/."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data: its held-out split (every `holdout_every`-th document), never trained on."""
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    out_dir: str = "runs/features"
+    """The static report (index.html and data/) and features.json go here."""
