@@ -278,7 +278,9 @@ class TrainConfig:
     seed: int = 0
     """Seed of SAE initialisation, data order and the shuffle buffer."""
     log_every: int = 10
-    """Log training metrics every n optimizer steps (and after the last one)."""
+    """Log training metrics every n optimizer steps (at the end of the forward batch in which
+    the n-th step falls, so several steps of one forward batch give one row) and after the last
+    step."""
     checkpoint_every: int = 0
     """Write a resumable training checkpoint every n forward batches (0: only at the end of
     training; one is always written there, before the evaluation)."""
@@ -321,7 +323,8 @@ class LoggerConfig:
 class TrainRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sites: SitesConfig = field(default_factory=SitesConfig)
-    sae: SAEConfig = field(default_factory=TopKConfig)
+    sae: SAEConfig = MISSING
+    """The SAE architecture and its keys: the `sae` group (topk, batchtopk, jumprelu, relu)."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

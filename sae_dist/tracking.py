@@ -73,7 +73,7 @@ class RunLogger:
         """Where the W&B run lives (URL online, directory offline), or 'disabled'."""
         if self.run is None:
             return "disabled"
-        return self.run.url or str(Path(self.run.dir).parent)
+        return str(Path(self.run.dir).parent) if self.run.offline else self.run.url
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")

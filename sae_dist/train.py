@@ -85,10 +85,10 @@ class TrainingRun:
         self.forward_batches = 0
         self.logger: RunLogger | None = None
         """Opened by `open_logger` once the run knows whether it resumed (main process)."""
-        log.info("process %d/%d trains %d of %d SAEs (%s, d_sae=%d, k=%d; %s) on data shards %s"
-                 " of %d, for %d tokens each", self.topology.rank, self.topology.world,
-                 len(owned), len(self.hookpoints), cfg.sae.architecture, d_sae, cfg.sae.k,
-                 cfg.trainer.kind, self.topology.shards, shards, t.tokens)
+        log.info("process %d/%d trains %d of %d SAEs (d_sae=%d, %s; %s) on data shards %s of "
+                 "%d, for %d tokens each", self.topology.rank, self.topology.world, len(owned),
+                 len(self.hookpoints), d_sae, cfg.sae, cfg.trainer.kind.value,
+                 self.topology.shards, shards, t.tokens)
 
     @property
     def checkpoint_dir(self) -> Path:

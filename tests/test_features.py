@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_dist.config import ConfigError, ExplainerConfig, FeaturesConfig, SAEConfig
+from sae_dist.config import ConfigError, ExplainerConfig, FeaturesConfig, sae_config
 from sae_dist.feature_score import (OpenAIExplainer, TokenSetScorer, f1_summary,
                                     fit_token_sets)
 from sae_dist.features import FeatureStats, event_keys, logit_lens
@@ -222,7 +222,7 @@ def tiny_topk(seed: int):
     from sae_dist.sae import build_sae
 
     torch.manual_seed(seed)
-    return build_sae(SAEConfig(architecture="topk", d_sae=96, k=6), 64).eval()
+    return build_sae(sae_config("topk", d_sae=96, k=6), 64).eval()
 
 
 def test_contexts_line_up_with_the_model_tokens(tiny_model):
@@ -277,7 +277,8 @@ def compose_features(overrides):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from sae_dist.config import CONF_DIR, register_configs
+    from sae_dist.cli import CONF_DIR
+    from sae_dist.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

@@ -186,9 +186,29 @@ def test_folded_takes_raw_activations():
     folded = sae.folded(scale)
     ref_latents, fold_latents = sae.encode(x * scale), folded.encode(x)
     assert torch.equal(fold_latents.indices, ref_latents.indices)
-    torch.testing.assert_close(fold_latents.values, ref_latents.values)
+    torch.testing.assert_close(fold_latents.values, ref_latents.values / scale)  # raw units
     torch.testing.assert_close(folded(x).x_hat, sae(x * scale).x_hat / scale)
-    torch.testing.assert_close(sae.W_enc * scale, folded.W_enc)  # the original is untouched
+    torch.testing.assert_close(folded.W_dec.norm(dim=1), sae.W_dec.norm(dim=1))  # unit rows
+    torch.testing.assert_close(sae.b_dec / scale, folded.b_dec)  # the original is untouched
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "batchtopk", "relu"])
+def test_folding_keeps_which_latents_fire_and_scales_thresholds(arch):
+    torch.manual_seed(0)
+    sae = build_sae(sae_config(arch, d_sae=64, **({"k": 4} if arch == "batchtopk" else {})),
+                    16).eval()
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    if arch == "batchtopk":
+        sae.threshold.fill_(0.3)
+    x, scale = torch.randn(50, 16), 2.5
+    folded = sae.folded(scale)
+    with torch.no_grad():
+        ref, got = sae.encode(x * scale).dense(), folded.encode(x).dense()
+        assert (ref > 0).any() and torch.equal(ref > 0, got > 0)
+        torch.testing.assert_close(got, ref / scale)
+        torch.testing.assert_close(folded(x).x_hat, sae(x * scale).x_hat / scale)
 
 
 def test_saelens_round_trip_is_bit_identical(tmp_path):

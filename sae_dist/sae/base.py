@@ -232,15 +232,23 @@ class SparseAutoencoder(nn.Module):
     # --- export ----------------------------------------------------------------------------
 
     def folded(self, scale: float) -> "SparseAutoencoder":
-        """Copy that takes raw activations x when this SAE was trained on x * scale: same
-        latents, x_hat in raw units (W_enc * scale, W_dec / scale, b_dec / scale)."""
+        """Copy that takes raw activations x when this SAE was trained on x * scale. The
+        decoder rows stay unit-norm and the latents come out in raw units: every
+        pre-activation, latent and threshold is 1/scale of the trained one (b_enc, b_dec and
+        thresholds / scale; W_enc, W_dec unchanged), so the same latents fire and x_hat is in
+        raw units. A latent's value is then the length of its (unit) decoder direction in the
+        model's own activation scale."""
         out = copy.deepcopy(self)
         out.zero_grad(set_to_none=True)
         with torch.no_grad():
-            out.W_enc.mul_(scale)
-            out.W_dec.div_(scale)
+            out.b_enc.div_(scale)
             out.b_dec.div_(scale)
+            out.scale_thresholds(1 / scale)
         return out
+
+    @torch.no_grad()
+    def scale_thresholds(self, factor: float) -> None:
+        """Multiply the architecture's activation thresholds by `factor` (none by default)."""
 
     def saelens_tensors(self) -> dict[str, Tensor]:
         """SAELens v6 weights: name -> contiguous CPU copy (W_enc, b_enc, W_dec, b_dec, ...)."""

@@ -101,6 +101,10 @@ class BatchTopKSAE(TopKSAE):
         self.threshold_batches += 1
         self.threshold.lerp_(batch_threshold, 1 / float(self.threshold_batches))
 
+    @torch.no_grad()
+    def scale_thresholds(self, factor: float) -> None:
+        self.threshold.mul_(factor)
+
     def to_jumprelu(self) -> JumpReLUSAE:
         """The inference SAE: a JumpReLU with `threshold` for every latent, same weights."""
         with torch.random.fork_rng(devices=[]):  # its random init is overwritten below

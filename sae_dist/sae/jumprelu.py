@@ -16,6 +16,7 @@ Latents are dense ([B, d_sae]); the SAELens export holds `threshold = exp(log_th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -81,6 +82,10 @@ class JumpReLUSAE(SparseAutoencoder):
         super().__init__(cfg, d_in)
         init = torch.full((self.d_sae,), cfg.threshold_init, dtype=torch.float64)
         self.log_threshold = nn.Parameter(init.log())
+
+    @torch.no_grad()
+    def scale_thresholds(self, factor: float) -> None:
+        self.log_threshold.add_(math.log(factor))
 
     @property
     def threshold(self) -> Tensor:
