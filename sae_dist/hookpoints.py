@@ -208,9 +208,10 @@ def run_forward(model: nn.Module, input_ids: torch.Tensor, **kwargs):
 
 
 def capture(model: nn.Module, hookpoints: list[Hookpoint], input_ids: torch.Tensor,
-            stop_early: bool = True) -> dict[Hookpoint, torch.Tensor]:
+            stop_early: bool = True, **forward_kwargs) -> dict[Hookpoint, torch.Tensor]:
     """Activations [batch, seq, d_model] at each hookpoint for one forward pass (no grad),
-    stopping after the last layer needed when `stop_early`."""
+    stopping after the last layer needed when `stop_early`; `forward_kwargs` (e.g. the
+    attention_mask of a padded batch) go to the model."""
     acts: dict[Hookpoint, torch.Tensor] = {}
 
     def store(hp: Hookpoint) -> HookFn:
@@ -219,7 +220,7 @@ def capture(model: nn.Module, hookpoints: list[Hookpoint], input_ids: torch.Tens
         return fn
 
     with torch.no_grad(), hooks(model, {hp: store(hp) for hp in hookpoints}, stop_early):
-        run_forward(model, input_ids)
+        run_forward(model, input_ids, **forward_kwargs)
     return acts
 
 
@@ -227,3 +228,42 @@ def splice(model: nn.Module, replacements: dict[Hookpoint, HookFn]):
     """Context manager replacing each hookpoint's activation by `fn(activation)` for every
     forward pass in the block (e.g. the SAE reconstruction, or zeros)."""
     return hooks(model, replacements, stop_after=False)
+
+
+# --- where the current forward pass sits in the sequence (for position-selective hooks) -----
+
+@dataclass
+class ForwardPositions:
+    """Where the tokens of the forward pass in progress sit, updated before every pass.
+
+    Under `generate` with a KV cache the first pass covers the prompt and each later pass one new
+    token; without a cache every pass covers the whole sequence so far. Absolute position p of a
+    row (counting pad tokens) is `start + t` for the pass's t-th token."""
+
+    start: int = 0
+    """Absolute position of the pass's first token: the length of the KV cache before it."""
+    valid: Optional[torch.Tensor] = None
+    """bool [B, T]: the pass's tokens that are not padding (from the 2-D attention mask; None
+    when the pass has no such mask: every token counts)."""
+
+
+@contextlib.contextmanager
+def track_positions(model: nn.Module) -> Iterator[ForwardPositions]:
+    """Yield a ForwardPositions that a pre-hook on the decoder stack refreshes before every
+    forward pass in the block, from the pass's cache length and 2-D attention mask."""
+    pos = ForwardPositions()
+
+    def pre(module: nn.Module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        seq = (ids if ids is not None else embeds).shape[1]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        pos.start = int(cache.get_seq_length()) if cache is not None else 0
+        mask = kwargs.get("attention_mask")
+        pos.valid = mask[:, -seq:].bool() if mask is not None and mask.dim() == 2 else None
+
+    handle = decoder_stack(model).register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield pos
+    finally:
+        handle.remove()
