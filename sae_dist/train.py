@@ -251,10 +251,12 @@ def train(cfg: TrainRunConfig) -> dict[str, dict[str, float]]:
     if cfg.train.resume:
         check_run_config(checkpoint_dir, training_shape(cfg))
         if is_complete(Path(cfg.out_dir)):
+            if not topology.is_main:
+                return {}
             print(f"The run in {cfg.out_dir} is complete (suite: {Path(cfg.out_dir) / 'suite'});"
                   " nothing to do. To train again: train.resume=false (replaces it) or another "
                   "out_dir.")
-            return completed_results(Path(cfg.out_dir)) if topology.is_main else {}
+            return completed_results(Path(cfg.out_dir))
     run = TrainingRun(cfg, topology)
     run.open_logger(run.restore())
     if not run.all_done():
