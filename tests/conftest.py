@@ -13,7 +13,9 @@ from sae_dist import cli
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# SAE_DIST_TEST_THREADS=1 on a machine shared with other CPU-bound jobs: two OpenMP threads on
+# a busy core spin-wait and run many times slower.
+torch.set_num_threads(int(os.environ.get("SAE_DIST_TEST_THREADS", min(2, os.cpu_count() or 1))))
 
 CONF_DIR = str(cli.CONF_DIR)
 
