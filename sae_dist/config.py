@@ -421,6 +421,9 @@ class SteerRunConfig:
     """Greedy tokens generated per prompt."""
     device: str = "auto"
     """cuda, cpu, or auto (cuda when available)."""
+    threads: Optional[int] = None
+    """torch CPU threads (null: torch's default). On a CPU shared with other jobs, 1 thread can
+    be several times faster than 2 (OpenMP threads waiting for each other)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     out_dir: str = "runs/steer"
     """Report, table, plots, examples and intervention.json go here."""

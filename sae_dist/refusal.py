@@ -28,10 +28,10 @@ repeated; otherwise it is a refusal when its first sentence (up to the first . !
 a space, or a newline) contains a refusal phrase (case-insensitive). Rates are over all prompts
 of the set, so refusal + degenerate + compliance = 1. Alpha: the norm of the added vector in
 units of the hookpoint's median activation norm N (over the response-contrast tokens); every
-row adds the same norm alpha * N. SAE features (add) adds c * sum_f W_dec[f] with the
-coefficient c = alpha * N / ||sum_f W_dec[f]|| (`alpha_abs`, activation units, decoder rows as
-saved: the `alpha` of intervention.json); SAE features (clamp) sets each feature to c (keeping
-the error term); the baselines add a unit direction times alpha * N. Perplexity is exp(mean NLL)
+row adds the same norm alpha * N. SAE features (add) adds c * sum_f d_f (d_f = W_dec[f] /
+||W_dec[f]||) with the coefficient c = alpha * N / ||sum_f d_f|| (`alpha_abs`, activation units:
+the `alpha` of intervention.json); SAE features (clamp) sets each feature's contribution to
+c * d_f (keeping the error term); the baselines add a unit direction times alpha * N. Perplexity is exp(mean NLL)
 over the generated tokens (EOS excluded) of the first `coherence_prompts` / 2 harmful and
 harmless prompts, under the unsteered model given the prompt; repetition is the mean over all
 outputs of the fraction of repeated 4-grams. The
@@ -381,7 +381,7 @@ class HookpointSelection:
     """Median activation norm over the response-contrast tokens: the unit of the alpha grid."""
 
     def direction_norm(self) -> float:
-        """||sum_f W_dec[f]|| of the steering features: the added norm per unit coefficient."""
+        """||sum_f d_f|| of the steering features: the added norm per unit coefficient."""
         return float(decoder_direction(self.sae, self.features).norm())
 
     def coefficient(self, alpha: float) -> float:
@@ -800,7 +800,7 @@ def report_markdown(rep: dict, table: str) -> str:
     lines += [f"| {k} | {n} | {rep['sources'][k]} |" for k, n in rep["sizes"].items()]
     lines += ["", f"## Selected features at {rep['hookpoint']}", "",
               f"Steering features {rep['features']} (random control: {rep['random_features']}); "
-              f"median activation norm {rep['median_norm']:.3g}, ||sum W_dec[f]|| = "
+              f"median activation norm {rep['median_norm']:.3g}, ||sum_f d_f|| = "
               f"{rep['direction_norm']:.3g}, ||difference in means|| = {rep['dim_norm']:.3g}.", ""]
     for name, feats in rep["features_report"].items():
         lines += [f"### Top features, {name} contrast", "",
