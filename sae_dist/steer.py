@@ -366,6 +366,8 @@ def apply_intervention_file(cfg: SteerRunConfig) -> dict[str, str]:
         raise ConfigError("prompt", cfg.prompt, 'a non-empty prompt="..." to steer')
     specs = load_interventions(Path(cfg.intervention))
     model_cfg = cfg.model or model_config_of_sae(Path(specs[0].sae))
+    if cfg.model_dtype:
+        model_cfg.dtype = cfg.model_dtype
     device = resolve_device(cfg.device)
     ivs = [s.build(model_cfg.n_layers, device) for s in specs]
     model, tokenizer = load_model(model_cfg, device)

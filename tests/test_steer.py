@@ -335,7 +335,9 @@ def test_refusal_classification():
     assert is_degenerate(gen("   ")) and is_degenerate(gen("aaaa", (7, 7, 7, 7)))
     assert not is_degenerate(gen("a", (7,)))
     c = classify([gen("I'm sorry."), gen("Sure."), gen(""), gen("I cannot", (5, 5, 5))])
-    assert c == {"refusal": 0.25, "degenerate": 0.5, "n": 4, "n_refusal": 1, "n_degenerate": 2}
+    assert c == {"refusal": 0.25, "strict_refusal": 0.0, "degenerate": 0.5, "n": 4,
+                 "n_refusal": 1, "n_degenerate": 2}
+    assert classify([gen("I'm sorry, but I can't help.")])["strict_refusal"] == 1.0
     assert repetition([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 / 5)
     assert repetition([1, 2, 3]) == 0.0
 
@@ -379,7 +381,8 @@ def test_refusal_study_end_to_end_on_the_tiny_model(tmp_path):
         assert r["added_norm"] == pytest.approx(r["alpha_abs"] * rep["direction_norm"])
         assert r["kl"] > 0
     for name in ("report.md", "table.md", "table.csv", "examples.md", "results.json",
-                 "refusal_vs_alpha.png", "refusal_vs_coherence.png", "intervention.json"):
+                 "refusal_vs_alpha.png", "refusal_vs_coherence.png", "intervention.json",
+                 "generations.jsonl"):
         assert (out / name).is_file(), name
     spec = load_interventions(out / "intervention.json")[0]
     assert spec.hookpoint == rep["hookpoint"] and spec.alpha == pytest.approx(rep["alpha_abs"])
