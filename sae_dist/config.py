@@ -536,23 +536,26 @@ class RefusalConfig:
     """ShareGPT first user turns (other conversations) used to select."""
     n_dev: int = 32
     """Selection prompts (harmful) generated on to choose the hookpoint and alpha."""
+    dev_max_new_tokens: int = 24
+    """Greedy tokens per dev prompt (the refusal phrases come first)."""
     max_prompt_chars: int = 300
     """ShareGPT first turns longer than this are not used as prompts."""
     n_responses: int = 160
     """Refusing and complying ShareGPT first responses each (the response contrast)."""
-    response_tokens: int = 24
-    """Leading content tokens of each response that enter the response contrast."""
+    response_tokens: int = 4
+    """Leading content tokens of each response that enter the response contrast (where a refusal
+    says "I'm sorry, but" / "As an AI")."""
     select_by: str = "response"
     """Contrast that ranks the steering features: `response` (assistant tokens of refusing vs
     complying responses) or `prompt` (end-of-instruction tokens of harmful vs harmless
     prompts)."""
     rank_by: str = "auroc"
     """Score that ranks features: auroc or mean_diff (ties broken by the other)."""
-    n_features: int = 1
+    n_features: int = 8
     """Features steered together (add: their decoder rows summed)."""
-    alphas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 4.0])
-    """Steering strengths in units of the hookpoint's median activation norm (over the
-    selection prompts' tokens); converted to absolute alpha (activation units) per hookpoint."""
+    alphas: list[float] = field(default_factory=lambda: [0.15, 0.3, 0.45])
+    """Steering strengths: the norm of the added vector in units of the hookpoint's median
+    activation norm (over the response-contrast tokens); every row adds the same norm."""
     dev_alphas: Optional[list[float]] = None
     """Alphas tried on the dev prompts (same units); null = `alphas`."""
     target_refusal: float = 0.8
@@ -567,11 +570,13 @@ class RefusalConfig:
     """Top features per contrast listed in the report."""
     n_examples: int = 6
     """Example generations per row in examples.md."""
-    capability_tokens: int = 4096
+    coherence_prompts: int = 64
+    """Outputs scored for perplexity per arm (half harmful, half harmless)."""
+    capability_tokens: int = 2048
     """Held-out chat tokens scored for the capability cost (intervention on at all positions
     vs off)."""
-    batch_size: int = 32
-    """Prompts per generation batch (left-padded, greedy)."""
+    batch_size: int = 64
+    """Prompts per generation batch (left-padded, greedy; larger batches use a CPU better)."""
     seed: int = 0
     """Seed of the prompt split and the random-feature control."""
 
@@ -594,10 +599,13 @@ class SteerRunConfig:
     """Chat data: ShareGPT first turns and responses (train split) for selection and prompts,
     held-out split for the capability cost."""
     refusal: RefusalConfig = field(default_factory=RefusalConfig)
-    max_new_tokens: int = 48
+    max_new_tokens: int = 40
     """Greedy tokens generated per prompt."""
     device: str = "auto"
     """cuda, cpu, or auto (cuda when available)."""
+    threads: Optional[int] = None
+    """torch CPU threads (null: torch's default). On a CPU shared with other jobs, 1 thread can
+    be several times faster than 2 (OpenMP threads waiting for each other)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     out_dir: str = "runs/steer"
     """Report, table, plots, examples and intervention.json go here."""

@@ -4,12 +4,14 @@
 An `Intervention` edits the activation x [B, T, d_model] of one hookpoint at selected positions:
 
 - add: x' = x + v with a fixed vector v [d_model] in activation units; `add_features` builds
-  v = alpha * sum_f W_dec[f] from SAE decoder rows (unit norm on disk, so alpha is in the
-  model's own activation scale), `add_direction` v = alpha * u for any direction u.
-- clamp: encode x with the SAE, set features f to values c_f, decode, and keep the SAE's error
-  term: x' = x + decode(z') - decode(z) = x + sum_f (c_f - z_f) W_dec[f] (the decoder is linear
-  in the latents), so only the clamped features change and a clamp to the current value adds
-  exactly zero.
+  v = alpha * sum_f d_f from the SAE's unit decoder directions d_f = W_dec[f] / ||W_dec[f]||
+  (so alpha is in the model's own activation scale whatever the norm of the saved rows),
+  `add_direction` v = alpha * u for any direction u.
+- clamp: encode x with the SAE, set features f to values, decode, and keep the SAE's error
+  term: x' = x + decode(z') - decode(z) = x + sum_f (z'_f - z_f) W_dec[f] (the decoder is
+  linear in the latents), so only the clamped features change and a clamp to the current value
+  adds exactly zero. A clamp value c is in the same units as alpha: the feature's contribution
+  z_f W_dec[f] becomes c d_f, i.e. z'_f = c / ||W_dec[f]|| (= c for unit-norm rows).
 
 Positions: `all` (every non-pad token), `prompt` (absolute position < prompt length) or
 `generated` (>= prompt length). `steer` tracks where each forward pass sits (the KV cache length
@@ -20,8 +22,9 @@ removes every hook.
 
 `intervention.json` (written by the refusal case study, read by `InterventionSpec`): a list of
 {"sae": SAE folder, "hookpoint": "layers.{i}.{site}", "features": [ids], "alpha": float,
-"mode": "add"|"clamp", "positions": "all"|"prompt"|"generated"}; add means
-x + alpha * sum_f W_dec[f], clamp means each feature f set to alpha, with W_dec as saved on disk.
+"mode": "add"|"clamp", "positions": "all"|"prompt"|"generated"}; with W_dec as saved on disk
+and d_f = W_dec[f] / ||W_dec[f]||, add means x + alpha * sum_f d_f, clamp means each feature's
+contribution set to alpha * d_f (latent alpha / ||W_dec[f]||), keeping the SAE error term.
 
 `python -m sae_dist.steer intervention=<file> prompt="..."` prints the unsteered and steered
 generations; `python -m sae_dist.steer experiment=refusal [suite=<path>] out_dir=<path>` runs the
@@ -70,7 +73,7 @@ class Intervention:
     features: list[int] = field(default_factory=list)
     """Feature ids (clamp: clamped; add_features: summed), for reports."""
     values: Optional[Tensor] = None
-    """clamp: float32 [n_features], the value each feature is clamped to."""
+    """clamp: float32 [n_features], the latent value each feature is clamped to."""
 
     def delta(self, x: Tensor) -> Tensor:
         """What to add to the selected activations x [n, d_model] -> [n, d_model] (x's dtype)."""
@@ -107,14 +110,16 @@ def _check_features(sae: SparseAutoencoder, features: Sequence[int], hp: Hookpoi
 
 
 def decoder_direction(sae: SparseAutoencoder, features: Sequence[int]) -> Tensor:
-    """sum_f W_dec[f] [d_model] (float32): the direction `add_features` adds per unit alpha."""
-    return sae.W_dec.detach()[list(features)].float().sum(0)
+    """sum_f W_dec[f] / ||W_dec[f]|| [d_model] (float32): what `add_features` adds per unit
+    alpha."""
+    rows = sae.W_dec.detach()[list(features)].float()
+    return (rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).sum(0)
 
 
 def add_features(hp: Hookpoint, sae: SparseAutoencoder, features: Sequence[int], alpha: float,
                  positions: str = "all") -> Intervention:
-    """x' = x + alpha * sum_f W_dec[f] at `positions` (alpha in activation units: rows are unit
-    norm on disk)."""
+    """x' = x + alpha * sum_f W_dec[f] / ||W_dec[f]|| at `positions` (alpha in activation
+    units)."""
     _check_positions(positions)
     feats = _check_features(sae, features, hp)
     return Intervention(hp, "add", positions, vector=alpha * decoder_direction(sae, feats),
@@ -132,8 +137,9 @@ def add_direction(hp: Hookpoint, direction: Tensor, alpha: float = 1.0,
 
 def clamp_features(hp: Hookpoint, sae: SparseAutoencoder, features: Sequence[int],
                    values: float | Sequence[float], positions: str = "all") -> Intervention:
-    """Set features f to values (one float for all, or one per feature) at `positions`, keeping
-    the SAE's error term: x' = x + sum_f (c_f - z_f(x)) W_dec[f]."""
+    """Set each feature's contribution to c_f * d_f (one float c for all, or one per feature;
+    activation units, d_f the unit decoder direction) at `positions`, keeping the SAE's error
+    term: x' = x + sum_f (c_f / ||W_dec[f]|| - z_f(x)) W_dec[f]."""
     _check_positions(positions)
     feats = _check_features(sae, features, hp)
     vals = torch.as_tensor(values, dtype=torch.float32).flatten()
@@ -141,7 +147,8 @@ def clamp_features(hp: Hookpoint, sae: SparseAutoencoder, features: Sequence[int
         vals = vals.expand(len(feats)).clone()
     if vals.numel() != len(feats):
         raise ConfigError("values", vals.tolist(), f"one value or {len(feats)} (one per feature)")
-    return Intervention(hp, "clamp", positions, sae=sae, features=feats, values=vals)
+    norms = sae.W_dec.detach()[feats].float().norm(dim=1)
+    return Intervention(hp, "clamp", positions, sae=sae, features=feats, values=vals / norms)
 
 
 def check_interventions(model: nn.Module, interventions: Sequence[Intervention]) -> None:
@@ -296,8 +303,8 @@ class InterventionSpec:
     features: list[int]
     """Feature ids of that SAE."""
     alpha: float
-    """add: x + alpha * sum_f W_dec[f]; clamp: each feature set to alpha (W_dec as on disk,
-    unit-norm rows, so alpha is in the model's activation units)."""
+    """Activation units. add: x + alpha * sum_f d_f; clamp: each feature's contribution set to
+    alpha * d_f (d_f = W_dec[f] / ||W_dec[f]||, W_dec as saved on disk)."""
     mode: str = "add"
     positions: str = "all"
 
@@ -356,6 +363,8 @@ def apply_intervention_file(cfg: SteerRunConfig) -> dict[str, str]:
         raise ConfigError("prompt", cfg.prompt, 'a non-empty prompt="..." to steer')
     specs = load_interventions(Path(cfg.intervention))
     model_cfg = cfg.model or model_config_of_sae(Path(specs[0].sae))
+    if cfg.model_dtype:
+        model_cfg.dtype = cfg.model_dtype
     device = resolve_device(cfg.device)
     ivs = [s.build(model_cfg.n_layers, device) for s in specs]
     model, tokenizer = load_model(model_cfg, device)
@@ -374,6 +383,10 @@ def run(cfg: SteerRunConfig):
     """Dispatch: apply an intervention file, or run the refusal case study."""
     if cfg.max_new_tokens < 1:
         raise ConfigError("max_new_tokens", cfg.max_new_tokens, ">= 1")
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise ConfigError("threads", cfg.threads, ">= 1 or null")
+        torch.set_num_threads(cfg.threads)
     if cfg.intervention:
         return apply_intervention_file(cfg)
     if cfg.task == "refusal":

