@@ -22,11 +22,18 @@ from tests.conftest import compose_train_config
 ROOT = Path(__file__).resolve().parents[1]
 HOOKPOINTS = ["layers.1.resid", "layers.3.resid"]
 RUN = ["model=tiny-qwen3", "sites.layers=[1,3]", "sites.sites=[resid]", "sae.expansion=4",
-       "sae.k=8", "sae.dead_tokens=4096", "train.tokens=51200", "train.batch_size=256",
+       "sae.dead_tokens=4096", "train.tokens=51200", "train.batch_size=256",
        "train.forward_batch_seqs=4", "train.buffer_batches=4", "train.eval_tokens=500",
        "train.log_every=20", "data.context_size=64", "train.lr=0.001", "logger=none",
        "train.data_shards=2"]
 """Two hookpoints, 200 steps of a global batch of 256 tokens, two data shards."""
+TOPK = ["sae.k=8"]
+"""The default architecture's k (other architectures have no `k`)."""
+
+
+def with_k(overrides: tuple[str, ...] | list[str]) -> list[str]:
+    """TOPK unless the overrides choose an architecture (which then set their own keys)."""
+    return [] if any(o.startswith("sae=") for o in overrides) else TOPK
 GUARD_S = 600
 """Hang guard for a launch (not a speed limit): far above any run here."""
 
@@ -41,8 +48,8 @@ def launch(out_dir: Path, *overrides: str, processes: int = 2, fault: str | None
         env["SAE_DIST_TEST_FAULT"] = fault
     runner = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable])
-    cmd = [*runner, str(ROOT / "tests" / "dist_worker.py"), *RUN, f"out_dir={out_dir}",
-           *overrides]
+    cmd = [*runner, str(ROOT / "tests" / "dist_worker.py"), *RUN, *with_k(overrides),
+           f"out_dir={out_dir}", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=GUARD_S)
 
@@ -72,7 +79,7 @@ def assert_same_saes(a: Path, b: Path, names: list[str] = HOOKPOINTS) -> None:
 def reference(tmp_path_factory) -> Path:
     """The single-process run with data_shards=2 (same global batches and data order)."""
     out = tmp_path_factory.mktemp("single")
-    train(compose_train_config(RUN + [f"out_dir={out}"]))
+    train(compose_train_config(RUN + TOPK + [f"out_dir={out}"]))
     return out
 
 
@@ -109,7 +116,7 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, reference)
 def test_global_batch_statistics_of_every_architecture_match_one_process(tmp_path, arch):
     """BatchTopK's batch-level selection and threshold, JumpReLU's L0 and thresholds, the L1
     penalty's normaliser: over the global batch. 16 steps, before any TopK flip can diverge."""
-    short = [f"sae={arch}", "sae.k=8", "train.tokens=4096"]
+    short = [f"sae={arch}", *(TOPK if arch == "batchtopk" else []), "train.tokens=4096"]
     single = tmp_path / "single"
     train(compose_train_config(RUN + short + [f"out_dir={single}"]))
     ok(launch(tmp_path / "ddp", *short, "trainer=ddp"))
@@ -138,7 +145,8 @@ def test_hookpoint_sharding_splits_the_saes_and_matches_the_unsharded_run(tmp_pa
     logs = proc.stdout + proc.stderr
     assert "process 0/2 trains 2 of 4 SAEs" in logs and "process 1/2 trains 2 of 4 SAEs" in logs
     unsharded = tmp_path / "unsharded"
-    train(compose_train_config(RUN + ["sites.sites=[resid,mlp]", f"out_dir={unsharded}"]))
+    train(compose_train_config(RUN + TOPK + ["sites.sites=[resid,mlp]",
+                                             f"out_dir={unsharded}"]))
     assert_same_saes(unsharded, tmp_path, HOOKPOINTS + ["layers.1.mlp", "layers.3.mlp"])
 
 

@@ -33,7 +33,7 @@ METADATA = {"model_name": "m", "hook_name": "blocks.1.hook_resid_post",
 def trained_like(arch: str, d_in: int = 16, d_sae: int = 64, k: int = 4) -> torch.nn.Module:
     """An SAE of `arch` with perturbed weights, varied thresholds, in eval mode."""
     torch.manual_seed(0)
-    sae = build_sae(sae_config(architecture=arch, d_sae=d_sae, k=k), d_in)
+    sae = build_sae(sae_config(arch, d_sae=d_sae, **({"k": k} if "topk" in arch else {})), d_in)
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.1 * torch.randn_like(p))

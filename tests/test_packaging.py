@@ -60,7 +60,8 @@ def test_wheel_imports_from_itself_with_its_configs(site):
     package_file, conf_dir = map(Path, out.split())
     assert package_file == site / "sae_dist" / "__init__.py"
     assert conf_dir == site / "sae_dist" / "conf"
-    assert sorted(p.name for p in conf_dir.glob("*.yaml")) == ["eval.yaml", "train.yaml"]
+    assert sorted(p.name for p in conf_dir.glob("*.yaml")) == ["eval.yaml", "features.yaml",
+                                                                   "steer.yaml", "train.yaml"]
     assert (conf_dir / "model" / "smollm2-135m-instruct.yaml").is_file()
 
 
