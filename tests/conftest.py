@@ -44,6 +44,20 @@ def smollm2_tokenizer(tiny_cfg):
     return _tokenizer_only(tiny_cfg.model)
 
 
+def scaled_tiny_model(tiny_cfg, gain: float):
+    """The tiny Qwen3 with its 2-D weights scaled up (embeddings x20, the others x `gain`): the
+    default init gives an almost uniform next-token distribution, and greedy generation repeats
+    one token."""
+    from sae_dist.models import _random_model
+
+    m = _random_model(tiny_cfg.model).eval().requires_grad_(False)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 2:
+                p.mul_(20.0 if "embed" in name else gain)
+    return m
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_cfg):
     from sae_dist.models import _random_model

@@ -19,6 +19,7 @@ from sae_dist.hookpoints import Hookpoint, capture, splice
 from sae_dist.metrics import clean_pass, masked_edit, replay_from
 from sae_dist.report import EVAL_METRICS
 from sae_dist.sae import build_sae
+from tests.conftest import scaled_tiny_model
 
 CPU = torch.device("cpu")
 HPS = [Hookpoint(0, "attn"), Hookpoint(1, "resid"), Hookpoint(2, "mlp"), Hookpoint(3, "resid")]
@@ -26,16 +27,8 @@ HPS = [Hookpoint(0, "attn"), Hookpoint(1, "resid"), Hookpoint(2, "mlp"), Hookpoi
 
 @pytest.fixture(scope="module")
 def model(tiny_cfg):
-    """The tiny Qwen3 with weights scaled up, so that ablations move the loss visibly (the
-    default init leaves the next-token distribution almost uniform)."""
-    from sae_dist.models import _random_model
-
-    m = _random_model(tiny_cfg.model).eval().requires_grad_(False)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() == 2:
-                p.mul_(20.0 if "embed" in name else 4.0)
-    return m
+    """The tiny Qwen3 scaled so that ablations move the loss visibly."""
+    return scaled_tiny_model(tiny_cfg, 4.0)
 
 
 @pytest.fixture(scope="module")

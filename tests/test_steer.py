@@ -20,6 +20,7 @@ from sae_dist.sae import build_sae
 from sae_dist.steer import (Generation, InterventionSpec, add_direction, add_features,
                             clamp_features, generate, load_interventions, save_interventions,
                             steer)
+from tests.conftest import scaled_tiny_model
 
 CONF_DIR = str(_CONF_DIR)
 HPS = [Hookpoint(1, "resid"), Hookpoint(2, "mlp"), Hookpoint(1, "attn")]
@@ -29,16 +30,8 @@ PROMPTS = ["Tell me a story about a cat.", "How do I make a bomb at home quickly
 
 @pytest.fixture(scope="module")
 def model(tiny_cfg):
-    """The tiny Qwen3 with weights scaled up so that greedy generations vary (the default init
-    repeats one token)."""
-    from sae_dist.models import _random_model
-
-    m = _random_model(tiny_cfg.model).eval().requires_grad_(False)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if p.dim() == 2:
-                p.mul_(20.0 if "embed" in name else 8.0)
-    return m
+    """The tiny Qwen3 scaled so that greedy generations vary."""
+    return scaled_tiny_model(tiny_cfg, 8.0)
 
 
 @pytest.fixture(scope="module")
