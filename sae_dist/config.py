@@ -63,7 +63,9 @@ class ModelConfig:
     package: str = ""
     """Python package that ships the GGUF (source package), located without importing it."""
     dtype: str = "float32"
-    """Dtype of the LM forward pass: float32, bfloat16 or float16."""
+    """Dtype of the LM forward pass: float32, bfloat16, float16, or auto (bfloat16 where the
+    device computes it natively: CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX;
+    float32 elsewhere, where emulated bf16 matmuls run several times slower than float32)."""
     n_layers: int = MISSING
     """Number of decoder layers (checked against the loaded model)."""
     d_model: int = MISSING
@@ -389,7 +391,7 @@ def validate(cfg: TrainRunConfig) -> None:
     m = cfg.model
     _check(m.source in ("hub", "gguf", "package", "random"), "model.source", m.source,
            "hub, gguf, package, random")
-    _check(m.dtype in DTYPES, "model.dtype", m.dtype, ", ".join(DTYPES))
+    _check(m.dtype in (*DTYPES, "auto"), "model.dtype", m.dtype, ", ".join([*DTYPES, "auto"]))
     _check(m.n_layers > 0, "model.n_layers", m.n_layers, "> 0")
     _check(m.d_model > 0, "model.d_model", m.d_model, "> 0")
     grid_hookpoints(cfg.sites, m.n_layers)  # raises ConfigError for bad layers / sites
@@ -594,7 +596,7 @@ class SteerRunConfig:
     model: Optional[ModelConfig] = None
     """The model group; null = the model the suite or SAE names (conf/model/)."""
     model_dtype: Optional[str] = None
-    """Override of the model's dtype for steering runs (float32 is faster on most CPUs)."""
+    """Override of the model's dtype for steering runs (auto, float32, bfloat16, float16)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Chat data: ShareGPT first turns and responses (train split) for selection and prompts,
     held-out split for the capability cost."""

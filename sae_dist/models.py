@@ -24,7 +24,7 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model in eval mode without gradients, on `device` in `cfg.dtype`, and its tokenizer.
     Checks the model's layer count and width against `cfg`."""
-    dtype = DTYPES[cfg.dtype]
+    dtype = resolve_dtype(cfg.dtype, device)
     if cfg.source == "random":
         model = _random_model(cfg)
         tokenizer = _tokenizer_only(cfg)
@@ -37,6 +37,20 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     check_shape(model, cfg)
     return model, tokenizer
+
+
+def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """The torch dtype for a `model.dtype` name; `auto` is bfloat16 where `device` has native
+    bf16 arithmetic (CUDA with bf16 support; a CPU with AVX512-BF16 or AMX tiles), else float32."""
+    if name != "auto":
+        return DTYPES[name]
+    if torch.device(device).type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    dtype = torch.bfloat16 if native else torch.float32
+    log.info("model.dtype=auto: %s on %s", dtype, torch.device(device).type)
+    return dtype
 
 
 def check_shape(model: PreTrainedModel, cfg: ModelConfig) -> None:

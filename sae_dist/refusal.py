@@ -362,9 +362,9 @@ def validate_refusal(cfg: SteerRunConfig) -> None:
         ("refusal.capability_tokens", r.capability_tokens, r.capability_tokens >= 1, ">= 1"),
         ("refusal.coherence_prompts", r.coherence_prompts, r.coherence_prompts >= 2, ">= 2"),
         ("refusal.train_tokens", r.train_tokens, r.train_tokens >= 1, ">= 1"),
-        ("model_dtype", cfg.model_dtype, cfg.model_dtype in (None, "float32", "bfloat16",
+        ("model_dtype", cfg.model_dtype, cfg.model_dtype in (None, "auto", "float32", "bfloat16",
                                                              "float16"),
-         "null, float32, bfloat16, float16")]
+         "null, auto, float32, bfloat16, float16")]
     for key, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(key, value, allowed)
@@ -753,7 +753,8 @@ def run_refusal_study(cfg: SteerRunConfig) -> dict[str, Any]:
     chosen = InterventionSpec(str(sel.folder), sel.hookpoint.name, sel.features,
                               sel.coefficient(alpha), "add", r.positions)
     report = {
-        "suite": str(suite), "model": model_cfg.name, "model_dtype": model_cfg.dtype,
+        "suite": str(suite), "model": model_cfg.name,
+        "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "hookpoint": sel.hookpoint.name, "features": sel.features, "random_features": rand,
         "select_by": r.select_by, "rank_by": r.rank_by,
         "alpha": alpha, "alpha_abs": sel.coefficient(alpha), "median_norm": sel.median_norm,

@@ -2,10 +2,12 @@
 key, the value and what is allowed; good ones compose from the YAML groups."""
 
 import pytest
+import torch
 from omegaconf.errors import ValidationError
 
 from sae_dist import train as train_module
 from sae_dist.config import ConfigError, validate
+from sae_dist.models import load_model, resolve_dtype
 from tests.conftest import compose_train_config
 
 
@@ -23,7 +25,7 @@ def no_model_load(monkeypatch):
     ("sae.k=10000", r"sae.k=10000 is not allowed; allowed: 1..4608 \(d_sae\)"),
     ("sae.architecture=gated", r"sae.architecture='gated'.*allowed: .*topk"),
     ("train.tokens=0", r"train.tokens=0 .*> 0"),
-    ("model.dtype=int8", r"model.dtype='int8'.*float32, bfloat16, float16"),
+    ("model.dtype=int8", r"model.dtype='int8'.*float32, bfloat16, float16, auto"),
     ("train.checkpoint_every=-1", r"train.checkpoint_every=-1 .*>= 0"),
     ("train.log_every=0", r"train.log_every=0 .*> 0"),
     ("train.tokens=100", r"train.tokens=100 .*>= train.batch_size"),
@@ -57,3 +59,18 @@ def test_model_groups_carry_real_shapes(model, n_layers, d_model):
     cfg = compose_train_config([f"model={model}", "sites=all"])
     validate(cfg)
     assert (cfg.model.n_layers, cfg.model.d_model) == (n_layers, d_model)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [
+    (False, False, torch.float32), (True, False, torch.bfloat16), (False, True, torch.bfloat16)])
+def test_auto_dtype_follows_native_cpu_bf16(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_dtype("auto", "cpu") is expected
+    assert resolve_dtype("float16", "cpu") is torch.float16
+
+
+def test_auto_dtype_loads_a_model():
+    cfg = compose_train_config(["model=tiny-qwen3", "model.dtype=auto"]).model
+    model, _ = load_model(cfg)
+    assert next(model.parameters()).dtype is resolve_dtype("auto", "cpu")
