@@ -95,7 +95,7 @@ class Steering:
     results: dict[str, Any] = field(default_factory=dict)
     """File name -> parsed JSON (or a note when too large or unreadable)."""
     tables: dict[str, str] = field(default_factory=dict)
-    """File name -> text of the Markdown tables beside intervention.json."""
+    """File name -> text of the Markdown files beside intervention.json (table.md first)."""
 
     def marks(self, hookpoint: str) -> dict[int, list[int]]:
         """feature id -> indices of the interventions on it at `hookpoint`."""
@@ -138,7 +138,7 @@ def load_steering(path: Path) -> Steering:
     for name in RESULT_FILES:
         if (folder / name).is_file():
             steering.results[name] = _read_json(folder / name)
-    for md in sorted(folder.glob("*.md"))[:5]:
+    for md in sorted(folder.glob("*.md"), key=lambda f: (f.name != "table.md", f.name))[:5]:
         text = md.read_text(errors="replace")
         steering.tables[md.name] = text[:MAX_RESULT_CHARS]
     return steering

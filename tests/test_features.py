@@ -301,6 +301,8 @@ def tiny_report(tiny_suite, tmp_path_factory):
          "features": [3, 17], "alpha": 8.0, "mode": "add", "positions": "all"},
         {"hookpoint": "layers.9.attn", "features": "bad"}]))
     (steer / "results.json").write_text(json.dumps({"refusal_rate": {"steered": 0.8, "base": 0.1}}))
+    (steer / "examples.md").write_text("# Example generations\n")
+    (steer / "table.md").write_text("| row | refusal |\n|---|---|\n| steered | 0.8 |\n")
     out = tmp_path_factory.mktemp("report")
     cfg = compose_features([f"suite={tiny_suite}", f"out_dir={out}", "features.tokens=300",
                             "features.batch_seqs=2", "data.context_size=40",
@@ -354,6 +356,8 @@ def test_steering_marks_the_intervened_features(tiny_report):
     st = suite["steering"]
     assert len(st["interventions"]) == 1 and st["interventions"][0]["alpha"] == 8.0
     assert st["results"]["results.json"]["refusal_rate"]["steered"] == 0.8
+    assert list(st["tables"]) == ["table.md", "examples.md"]  # the result table comes first
+    assert "| steered | 0.8 |" in st["tables"]["table.md"]
     _, (_, lst) = read_js(out / "data" / "layers.2.mlp" / "list.js")
     assert lst["steer"] == {"3": [0], "17": [0]}
     _, (_, other) = read_js(out / "data" / "layers.1.resid" / "list.js")
