@@ -226,6 +226,38 @@ def sae_config(architecture: str = "topk", **values: Any) -> SAEConfig:
     return cls(**values)
 
 
+POSITIONS = ("all", "content", "assistant")
+"""Token policy position sets (TokenPolicyConfig.positions)."""
+
+
+@dataclass
+class TokenPolicyConfig:
+    """The one token policy (DESIGN.md section 5): the positions an SAE trains on are the
+    positions it is scored on, spliced at and described by (producer, evaluation, features)."""
+
+    positions: str = "all"
+    """all: every non-special token of the rendered chat, the template's own text (role
+    headers, injected system prompt, end-of-instruction tokens) included; content: only message
+    contents; assistant: only assistant message contents. Special tokens (BOS, <|im_start|>,
+    <think>, ...) never count; plain text counts every non-special token under all three."""
+    outlier_factor: Optional[float] = 10.0
+    """Leave out positions whose activation norm exceeds this multiple of the running median
+    norm at any hookpoint of the run (null: keep them; non-finite activations are always left
+    out). Chosen from measured norm distributions (benchmarks/README.md, "Token norms")."""
+
+    def __post_init__(self) -> None:
+        _check(self.positions in POSITIONS, "data.policy.positions", self.positions,
+               ", ".join(POSITIONS))
+        _check(self.outlier_factor is None or self.outlier_factor > 1,
+               "data.policy.outlier_factor", self.outlier_factor, "> 1 or null")
+
+    def describe(self) -> str:
+        """One line naming the policy, e.g. `positions=all, outliers > 10x median norm out`."""
+        out = ("no outlier filter" if self.outlier_factor is None
+               else f"outliers > {self.outlier_factor:g}x median norm left out")
+        return f"positions={self.positions}, {out}"
+
+
 @dataclass
 class DataConfig:
     source: str = "sharegpt"
@@ -243,16 +275,15 @@ class DataConfig:
     """Tokens per packed sequence."""
     prepend_bos: bool = True
     """Start every packed sequence with the tokenizer's BOS token, where it has one."""
-    assistant_only: bool = False
-    """Train only on tokens of assistant messages (otherwise on every message's content)."""
     max_doc_tokens: int = 4096
     """Documents are cut to this many tokens, so one long chat cannot dominate the stream."""
     holdout_every: int = 50
     """Every n-th document belongs to the held-out evaluation split, never to training."""
     shuffle_buffer: int = 1000
     """Documents shuffled in a buffer of this size (HF streaming sources)."""
-    max_norm_multiple: float = 50.0
-    """Tokens whose activation norm exceeds this multiple of the running median are dropped."""
+    policy: TokenPolicyConfig = field(default_factory=TokenPolicyConfig)
+    """Which positions an SAE trains on and is scored on (the same for training, evaluation and
+    feature statistics)."""
 
 
 @dataclass
@@ -351,6 +382,9 @@ class EvalConfig:
     """Also compute the model-level metrics (ce_*, delta_loss, loss_recovered, kl)."""
     ce_mean: bool = False
     """Also compute ce_mean (activation replaced by its mean over the evaluation tokens)."""
+    all_tokens: bool = False
+    """Also report every metric with no outlier left out (`<metric>_all`: reconstructed and
+    spliced at every position of data.policy.positions)."""
     seed: int = 0
     """Seed of the evaluation token stream (shuffles HF streaming sources)."""
     device: str = "auto"
@@ -419,7 +453,6 @@ def validate(cfg: TrainRunConfig) -> None:
     d = cfg.data
     _check(d.context_size >= 2, "data.context_size", d.context_size, ">= 2")
     _check(d.holdout_every >= 2, "data.holdout_every", d.holdout_every, ">= 2")
-    _check(d.max_norm_multiple > 1, "data.max_norm_multiple", d.max_norm_multiple, "> 1")
     _check(cfg.logger.kind in ("wandb", "none"), "logger.kind", cfg.logger.kind, "wandb, none")
     _check(cfg.logger.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
            cfg.logger.mode, "auto, online, offline, disabled")

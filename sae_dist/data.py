@@ -1,9 +1,11 @@
 """Token stream: documents -> chat template -> packed sequences with a per-token train mask.
 
 A document is a chat (`{"messages": [{"role", "content"}, ...]}`, rendered with the tokenizer's
-own chat template) or plain text (`{"text": str}`, followed by EOS). Only the content of messages
-(or plain text) can train: special tokens, role headers and any text the template injects (a
-default system prompt, `<think>` tags) are masked out. Documents are numbered in source order;
+own chat template) or plain text (`{"text": str}`, followed by EOS). The train mask is the token
+policy's position set (`data.policy.positions`): every non-special token of the rendered chat
+(`all`, the template's own text included), only message contents (`content`) or only assistant
+contents (`assistant`); special tokens (BOS, chat control tokens, `<think>` tags) never count.
+Documents are numbered in source order;
 every `holdout_every`-th one is held out for evaluation, and the documents of a split are dealt
 round-robin to the ranks. The packed stream is deterministic and resumes exactly from
 `TokenStream.state_dict()` (DESIGN.md section 5).
@@ -50,7 +52,8 @@ class TokenBatch:
     input_ids: torch.Tensor
     """int64 [n_seqs, context_size]."""
     train_mask: torch.Tensor
-    """bool [n_seqs, context_size]; True = this token's activation may reach the SAE."""
+    """bool [n_seqs, context_size]; True = the position is in the token policy's position set
+    (its activation reaches the SAE unless it is an outlier, sae_dist.policy)."""
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -265,29 +268,44 @@ def _span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> 
     return (k >= 0) & (off[:, 1] <= ends[np.maximum(k, 0)])
 
 
+def _render_chat(messages: list[dict], tokenizer, positions: str
+                 ) -> Optional[tuple[list[int], np.ndarray]]:
+    """(token ids, bool mask [n_tokens] before special tokens are removed) of a chat under the
+    policy's `positions`; None when a content cannot be located (content / assistant only)."""
+    if positions == "all":
+        ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False),
+                        add_special_tokens=False)["input_ids"]
+        return ids, np.ones(len(ids), dtype=bool)
+    rendered = chat_content_spans(messages, tokenizer, positions == "assistant")
+    if rendered is None:
+        return None
+    text, spans = rendered
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], _span_mask(enc["offset_mapping"], spans)
+
+
 def render_document(record: dict, tokenizer, cfg: DataConfig,
                     specials: Optional[set[int]] = None) -> tuple[list[int], list[bool]]:
     """Token ids and train mask of one document, cut to `cfg.max_doc_tokens` tokens.
 
-    Chat: rendered with the tokenizer's chat template; a token trains iff it is not special and
-    its characters lie inside a message's content (an assistant message's with
-    `cfg.assistant_only`). Plain text: all non-special tokens train; EOS (masked) follows as a
-    separator. Empty lists mean the document is skipped: a bad record, a chat the template
-    rejects or rewrites, or no trainable token. `specials` defaults to special_token_ids().
+    Chat: rendered with the tokenizer's chat template; under `cfg.policy.positions` = all every
+    non-special token is in the mask, under content (assistant) a non-special token is iff its
+    characters lie inside a (an assistant) message's content. Plain text: all non-special
+    tokens; EOS (masked) follows as a separator. Empty lists mean the document is skipped: a bad
+    record, a chat the template rejects (or, for content / assistant, rewrites), or no token in
+    the mask. `specials` defaults to special_token_ids().
     """
     specials = special_token_ids(tokenizer) if specials is None else specials
     if "messages" in record:
         try:
-            rendered = chat_content_spans(record["messages"], tokenizer, cfg.assistant_only)
+            rendered = _render_chat(record["messages"], tokenizer, cfg.policy.positions)
         except jinja2.TemplateError as e:
             logger.debug("chat template rejects a document: %s", e)
             return [], []
         if rendered is None:
             logger.debug("a message's content is not found in the rendered chat")
             return [], []
-        text, spans = rendered
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, mask = enc["input_ids"], _span_mask(enc["offset_mapping"], spans)
+        ids, mask = rendered
     elif "text" in record:
         ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"]
         ids = ids[:cfg.max_doc_tokens - 1]

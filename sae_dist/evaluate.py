@@ -4,11 +4,14 @@
 (conf/eval.yaml) evaluates a suite directory, one SAE folder, or a folder of SAE folders on the
 held-out split of the data config (every `holdout_every`-th document, never trained on).
 
-Token sets. Reconstruction metrics use every token whose train_mask is True (special and chat
-control tokens, BOS / attention sinks are excluded exactly as in training; no outlier filter).
-Splices (SAE reconstruction, zeros, mean) replace the activation at exactly those positions and
-leave masked positions untouched. CE and KL count position t iff train_mask[t] is True and
-t + 1 is in the row, with target input_ids[t + 1]; the same positions for every CE and the KL.
+Token sets: the token policy of training (`data.policy`, DESIGN.md section 5). The position set
+is the train_mask (special tokens and BOS never in it); of it, reconstruction metrics use the
+positions the policy's outlier filter keeps (sae_dist.policy, the producer's own rule), and
+splices (SAE reconstruction, zeros, mean) replace the activation at exactly those positions; the
+positions left out keep their clean activation and are counted (`excluded`). CE and KL count
+position t iff train_mask[t] is True and t + 1 is in the row, with target input_ids[t + 1]; the
+same positions for every CE and the KL. `eval.all_tokens` adds every metric over the whole
+position set (`<metric>_all`).
 
 Metrics, accumulated in float64 over those tokens:
 - fvu = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, explained_variance = 1 - fvu,
@@ -83,6 +86,7 @@ from sae_dist.data import TokenBatch, TokenStream
 from sae_dist.hookpoints import Hookpoint, capture
 from sae_dist.metrics import (CE_POSITIONS, SPLICE_POSITIONS, ModelLevelAccumulator,
                               NextTokenScorer, ce_positions, clean_pass, masked_edit, replay_from)
+from sae_dist.policy import PositionFilter
 from sae_dist.sae import Latents, SparseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -192,18 +196,22 @@ def take_batches(stream: TokenStream, n_tokens: int, n_seqs: int) -> list[TokenB
 
 @torch.no_grad()
 def mean_activations(model: nn.Module, hookpoints: list[Hookpoint], batches: Sequence[TokenBatch],
-                     device: torch.device) -> dict[Hookpoint, Tensor]:
-    """Mean activation [d_model] (float64) of each hookpoint over the masked tokens of `batches`
-    (one extra pass, stopped after the last layer needed)."""
+                     device: torch.device, outlier_factor: Optional[float] = None
+                     ) -> dict[Hookpoint, Tensor]:
+    """Mean activation [d_model] (float64) of each hookpoint over the positions the token policy
+    keeps in `batches` (a fresh `PositionFilter`, so the same positions as `evaluate_saes`; one
+    extra pass, stopped after the last layer needed)."""
     sums: dict[Hookpoint, Tensor] = {}
     n = 0
+    policy = PositionFilter([hp.name for hp in hookpoints], outlier_factor)
     for batch in batches:
         mask = batch.train_mask.to(device)
         acts = capture(model, hookpoints, batch.input_ids.to(device), stop_early=True)
+        keep = policy.keep_positions(acts, mask)
         for hp in hookpoints:
-            s = acts[hp][mask].double().sum(0)
+            s = acts[hp][keep].double().sum(0)
             sums[hp] = sums[hp] + s if hp in sums else s
-        n += int(mask.sum())
+        n += int(keep.sum())
     return {hp: s / n for hp, s in sums.items()}
 
 
@@ -217,44 +225,83 @@ def split_batches(batches: Sequence[TokenBatch], max_tokens: int) -> list[TokenB
     return out
 
 
+@dataclass
+class _View:
+    """The sums of one token set: the positions the policy keeps (suffix ""), or every
+    position of the position set (the all-token figures, suffix "_all", no ce_mean)."""
+
+    every_position: bool
+    recon: dict[Hookpoint, ReconstructionAccumulator]
+    ce: dict[Hookpoint, ModelLevelAccumulator]
+
+    @property
+    def suffix(self) -> str:
+        return "_all" if self.every_position else ""
+
+
 @torch.no_grad()
 def evaluate_saes(model: nn.Module, saes: dict[Hookpoint, SAELike], batches: Sequence[TokenBatch],
                   device: torch.device, model_level: bool = True, ce_mean: bool = False,
                   max_variants: int = 8, logit_chunk: int = 256,
-                  max_batch_tokens: int = MAX_BATCH_TOKENS) -> dict[str, dict[str, Any]]:
+                  max_batch_tokens: int = MAX_BATCH_TOKENS,
+                  outlier_factor: Optional[float] = None,
+                  all_tokens: bool = False) -> dict[str, dict[str, Any]]:
     """Reconstruction (and with `model_level` the model-level) metrics of every SAE over the
     held-out `batches`; keyed by hookpoint name, in the order of `saes`. An SAE may be a plain
     function x [n, d] -> x_hat [n, d] (sparsity metrics are then None). Batches are split to at
     most `max_batch_tokens` positions per forward (the clean logits and float32 probs of a
     batch, positions x vocab each, are held in memory); on CPU a replay batch holds at most
-    that many positions too (the module docstring gives the scheme)."""
+    that many positions too (the module docstring gives the scheme).
+
+    Token policy: of each batch's position set (train_mask) the positions a fresh
+    `PositionFilter(outlier_factor)` over the evaluated hookpoints keeps are reconstructed and
+    spliced, the others keep their clean activation; `excluded` counts the positions left out.
+    CE and KL are scored at the position set's CE positions. `all_tokens` adds every metric
+    over the whole position set (no outlier left out) as `<metric>_all` (without ce_mean)."""
     hps = list(saes)
     batches = split_batches(batches, max_batch_tokens)
-    recon = {hp: ReconstructionAccumulator(_d_in(sae, model), getattr(sae, "d_sae", None))
-             for hp, sae in saes.items()}
-    ce = {hp: ModelLevelAccumulator() for hp in hps}
-    means = mean_activations(model, hps, batches, device) if model_level and ce_mean else {}
+
+    views = [_View(every, {hp: ReconstructionAccumulator(_d_in(sae, model),
+                                                        getattr(sae, "d_sae", None))
+                           for hp, sae in saes.items()},
+                   {hp: ModelLevelAccumulator() for hp in hps})
+             for every in ([False, True] if all_tokens else [False])]
+    policy = PositionFilter([hp.name for hp in hps], outlier_factor)
+    means = (mean_activations(model, hps, batches, device, outlier_factor)
+             if model_level and ce_mean else {})
+    excluded = 0
     for batch in tqdm(batches, desc="eval", unit="batch", leave=False):
         ids, mask = batch.input_ids.to(device), batch.train_mask.to(device)
         if model_level:
             clean = clean_pass(model, ids, hps, sorted({hp.layer for hp in hps}))
             acts = clean.acts
+            sel, targets = ce_positions(ids, mask)
+            scorer = NextTokenScorer(model, clean.final, sel, targets, logit_chunk)
         else:
             acts = capture(model, hps, ids, stop_early=True)
-        x_hats = {}
-        for hp, sae in saes.items():
-            x = acts[hp][mask].float()
-            x_hats[hp], latents = reconstruct(sae, x)
-            recon[hp].update(x, x_hats[hp], latents)
-        if model_level:
-            _model_level_batch(model, clean, ids, mask, x_hats, means, ce, max_variants,
-                               logit_chunk, max_batch_tokens)
+        keep = policy.keep_positions(acts, mask)
+        excluded += int(mask.sum() - keep.sum())
+        for v in views:
+            positions = mask if v.every_position else keep
+            x_hats = {}
+            for hp, sae in saes.items():
+                x = acts[hp][positions].float()
+                x_hats[hp], latents = reconstruct(sae, x)
+                v.recon[hp].update(x, x_hats[hp], latents)
+            if model_level:
+                _model_level_batch(model, clean, scorer, positions, x_hats,
+                                   {} if v.every_position else means, v.ce, max_variants,
+                                   max_batch_tokens)
     results = {}
     for hp in hps:
-        res = recon[hp].result()
-        if model_level:
-            res.update(ce[hp].result())
-        res["latent_freq_hist"] = recon[hp].frequency_histogram()
+        res: dict[str, Any] = {}
+        for v in views:
+            part = v.recon[hp].result()
+            if model_level:
+                part.update(v.ce[hp].result())
+            res.update({f"{k}{v.suffix}": val for k, val in part.items()})
+        res["excluded"] = excluded
+        res["latent_freq_hist"] = views[0].recon[hp].frequency_histogram()
         results[hp.name] = res
     return results
 
@@ -263,24 +310,24 @@ def _d_in(sae: SAELike, model: nn.Module) -> int:
     return sae.d_in if isinstance(sae, SparseAutoencoder) else model.config.hidden_size
 
 
-def _model_level_batch(model: nn.Module, clean, ids: Tensor, mask: Tensor,
+def _model_level_batch(model: nn.Module, clean, scorer: NextTokenScorer, splice: Tensor,
                        x_hats: dict[Hookpoint, Tensor], means: dict[Hookpoint, Tensor],
                        acc: dict[Hookpoint, ModelLevelAccumulator], max_variants: int,
-                       logit_chunk: int, max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:
-    """Score one batch: clean CE, then per start layer the SAE / zero / mean splices of every
-    hookpoint of that layer, batched `max_variants` at a time (on CPU also at most
-    `max_batch_tokens` positions per replay: larger batches are slower per token there)."""
-    sel, targets = ce_positions(ids, mask)
-    scorer = NextTokenScorer(model, clean.final, sel, targets, logit_chunk)
+                       max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:
+    """Score one batch: clean CE, then per start layer the SAE / zero / mean splices at the
+    positions `splice` [B, T] of every hookpoint of that layer, batched `max_variants` at a
+    time (on CPU also at most `max_batch_tokens` positions per replay: larger batches are
+    slower per token there)."""
     variants: dict[int, list[tuple[Hookpoint, str, Any]]] = {}
     d_model = model.config.hidden_size
-    per_replay = max_variants if ids.device.type != "cpu" else max(1, min(
-        max_variants, max_batch_tokens // ids.numel()))
+    per_replay = max_variants if splice.device.type != "cpu" else max(1, min(
+        max_variants, max_batch_tokens // splice.numel()))
     for hp, x_hat in x_hats.items():
         acc[hp].add_clean(scorer.ce_clean)
         kinds = [("spliced", x_hat), ("zero", x_hat.new_zeros(d_model))]
         kinds += [("mean", means[hp])] if hp in means else []
-        variants.setdefault(hp.layer, []).extend((hp, k, masked_edit(mask, v)) for k, v in kinds)
+        variants.setdefault(hp.layer, []).extend((hp, k, masked_edit(splice, v))
+                                                 for k, v in kinds)
     for layer, vs in sorted(variants.items()):
         for i in range(0, len(vs), per_replay):
             group = vs[i:i + per_replay]
@@ -293,8 +340,10 @@ def _model_level_batch(model: nn.Module, clean, ids: Tensor, mask: Tensor,
 def eval_context(suite: str, model: ModelConfig, data: Any, batches: Sequence[TokenBatch],
                  **extra: Any) -> dict[str, Any]:
     """What a per-SAE JSON records besides the metrics: suite, model and data configs, split,
-    splice and CE positions, and the sequences and tokens the evaluation read."""
+    the token policy (named), splice and CE positions, and the sequences and tokens the
+    evaluation read."""
     return {"suite": suite, "model": asdict(model), "data": asdict(data), "split": "eval",
+            "token_policy": data.policy.describe(),
             "splice_positions": SPLICE_POSITIONS, "ce_positions": CE_POSITIONS,
             "sequences": sum(len(b.input_ids) for b in batches),
             "lm_tokens": sum(b.input_ids.numel() for b in batches), **extra}
@@ -396,7 +445,9 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, dict[str, Any]]:
                            cfg.eval.tokens, cfg.eval.batch_seqs)
     start = time.perf_counter()
     results = evaluate_saes(model, saes, batches, device, cfg.eval.model_level, cfg.eval.ce_mean,
-                            cfg.eval.max_variants, cfg.eval.logit_chunk)
+                            cfg.eval.max_variants, cfg.eval.logit_chunk,
+                            outlier_factor=cfg.data.policy.outlier_factor,
+                            all_tokens=cfg.eval.all_tokens)
     seconds = time.perf_counter() - start
     context = eval_context(str(cfg.suite), cfg.model, cfg.data, batches, eval=asdict(cfg.eval),
                            seconds=seconds)

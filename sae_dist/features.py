@@ -7,9 +7,9 @@ report (DESIGN.md section 9b).
 (conf/features.yaml; `suite=` also takes one SAE folder or a folder of SAE folders).
 
 Tokens. The held-out split of the data config (every `holdout_every`-th document), streamed in
-batches and never held: a token is scored iff its train_mask is True, exactly the tokens
-`sae_dist.evaluate` reconstructs (special and chat control tokens and BOS never reach an SAE; no
-outlier filter). A feature fires at a token when its activation is > 0. Positions are global:
+batches and never held: a token is scored iff the token policy keeps it (`data.policy`: in the
+train mask and not an outlier, sae_dist.policy), exactly the tokens `sae_dist.evaluate`
+reconstructs (special and chat control tokens, BOS and outliers never reach an SAE). A feature fires at a token when its activation is > 0. Positions are global:
 p = row * context_size + column over the stream of packed rows.
 
 Per feature, with memory fixed by d_sae and the config, never by the token count:
@@ -41,7 +41,7 @@ import time
 import resource
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +53,7 @@ from sae_dist.errors import ConfigError
 from sae_dist.data import TokenBatch, TokenStream
 from sae_dist.feature_score import TokenSetScorer, TokenSetScores, f1_summary, rank_within_groups
 from sae_dist.hookpoints import Hookpoint, capture, final_norm, unembedding
+from sae_dist.policy import PositionFilter
 from sae_dist.sae import Latents, SparseAutoencoder
 
 log = logging.getLogger(__name__)
@@ -313,17 +314,21 @@ def stream_batches(stream: TokenStream, n_tokens: int, n_seqs: int) -> Iterator[
 @torch.no_grad()
 def collect(model: nn.Module, saes: dict[Hookpoint, SparseAutoencoder],
             stats: dict[Hookpoint, FeatureStats], batches: Iterator[TokenBatch], n_tokens: int,
-            device: torch.device) -> int:
+            device: torch.device, outlier_factor: Optional[float] = None) -> int:
     """Stream `batches` through the model (stopping after the last layer needed) and every SAE,
-    updating `stats`. Returns the number of LM tokens (all positions) read."""
+    updating `stats` at the positions the token policy keeps (a fresh `PositionFilter` with
+    `outlier_factor` over the suite's hookpoints, as in evaluation). Returns the number of LM
+    tokens (all positions) read."""
     rows = lm_tokens = 0
+    policy = PositionFilter([hp.name for hp in saes], outlier_factor)
     with tqdm(total=n_tokens, desc="features", unit="tok") as bar:
         for batch in batches:
             ids, mask = batch.input_ids.to(device), batch.train_mask.to(device)
             acts = capture(model, list(saes), ids, stop_early=True)
+            keep = policy.keep_positions(acts, mask)
             for hp, sae in saes.items():
-                latents = sae.encode(acts[hp][mask].to(sae.W_dec.dtype))
-                stats[hp].update(ids, mask, latents, rows)
+                latents = sae.encode(acts[hp][keep].to(sae.W_dec.dtype))
+                stats[hp].update(ids, keep, latents, rows)
             rows += ids.shape[0]
             lm_tokens += ids.numel()
             bar.update(int(mask.sum()))
@@ -415,7 +420,7 @@ def run_features(cfg: FeaturesRunConfig) -> dict[str, dict[str, Any]]:
              for hp, sae in saes.items()}
     stream = TokenStream(cfg.data, tokenizer, "eval", seed=f.seed)
     lm_tokens = collect(model, saes, stats, stream_batches(stream, f.tokens, f.batch_seqs),
-                        f.tokens, device)
+                        f.tokens, device, cfg.data.policy.outlier_factor)
     W_U, gain = unembedding(model).weight.detach(), final_norm_gain(model)
     results = []
     for hp, sae in saes.items():

@@ -27,8 +27,9 @@ variant, instead of (1 + n_variants) full passes. That is the floor of this sche
 
 Positions (the same for ce_clean, ce_spliced, ce_zero, ce_mean and kl): position t of a row
 counts iff train_mask[t] is True and t + 1 exists in the row; its target is input_ids[t + 1].
-Splices replace the activation at every position whose train_mask is True and leave masked
-positions (BOS / attention sinks, chat control tokens) untouched.
+Splices replace the activation at the positions the token policy keeps (the train mask less
+the outliers, sae_dist.policy) and leave the others (BOS, chat control tokens, outliers)
+untouched.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ from torch import Tensor, nn
 from sae_dist.hookpoints import (HookFn, Hookpoint, decoder_layers, decoder_stack, final_norm,
                                  hooks, unembedding)
 
-SPLICE_POSITIONS = "train_mask"
-"""Where splices act: every position whose train_mask is True (others keep the clean value)."""
+SPLICE_POSITIONS = "train_mask less the token policy's outliers"
+"""Where splices act: the positions the token policy keeps (others keep the clean value)."""
 CE_POSITIONS = "t with train_mask[t] and t+1 in the row; target input_ids[t+1]"
 """The positions of every cross-entropy and KL metric."""
 

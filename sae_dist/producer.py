@@ -1,61 +1,22 @@
 """The activation producer: LM forward passes with capture hooks at every requested hookpoint,
-stopped after the last layer needed; per data shard and hookpoint the masked, outlier-filtered
-activations go into an in-memory shuffle buffer that hands out training batches. Nothing
-touches disk."""
+stopped after the last layer needed; per data shard and hookpoint the activations at the
+positions the token policy keeps (sae_dist.policy) go into an in-memory shuffle buffer that
+hands out training batches. Nothing touches disk."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
 from sae_dist.data import TokenBatch, TokenStream
 from sae_dist.hookpoints import Hookpoint, capture
+from sae_dist.policy import PositionFilter
 
 log = logging.getLogger(__name__)
-
-
-class OutlierFilter:
-    """Drops tokens whose activation norm exceeds `max_multiple` x the running median norm
-    (attention sinks reach 100-1000x), and tokens with non-finite values. Counts both."""
-
-    def __init__(self, max_multiple: float, window: int = 16384):
-        self.max_multiple = max_multiple
-        self.window = window
-        self.history = torch.empty(0)
-        self.dropped_outliers = 0
-        self.dropped_nonfinite = 0
-
-    def __call__(self, acts: torch.Tensor) -> torch.Tensor:
-        """acts [n, d] -> the kept rows [m, d], m <= n."""
-        return acts[self.keep(acts)]
-
-    def keep(self, acts: torch.Tensor) -> torch.Tensor:
-        """acts [n, d] -> bool [n] (on acts' device): finite and not an outlier. Counts the
-        rows it rejects; the running median follows the rows it keeps."""
-        finite = torch.isfinite(acts).all(dim=1)
-        self.dropped_nonfinite += int((~finite).sum())
-        norms = acts.norm(dim=1).float().cpu()
-        valid = norms[finite.cpu()]
-        if not valid.numel():
-            return finite
-        reference = torch.cat([self.history, valid]).median()
-        keep = finite.cpu() & (norms <= self.max_multiple * reference)
-        self.dropped_outliers += int((finite.cpu() & ~keep).sum())
-        self.history = torch.cat([self.history, norms[keep]])[-self.window:]
-        return keep.to(acts.device)
-
-    def state_dict(self) -> dict:
-        return {"history": self.history, "dropped_outliers": self.dropped_outliers,
-                "dropped_nonfinite": self.dropped_nonfinite}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.history = state["history"]
-        self.dropped_outliers = state["dropped_outliers"]
-        self.dropped_nonfinite = state["dropped_nonfinite"]
 
 
 class ShuffleBuffer:
@@ -109,22 +70,23 @@ class ProducerStats:
     tokens: int = 0
     """Tokens through the LM (all positions)."""
     train_tokens: int = 0
-    """Tokens passing the train mask (before outlier filtering)."""
+    """Tokens in the policy's position set (the train mask, before outliers are left out)."""
 
 
 class ActivationProducer:
     """One LM forward pass per step feeds every hookpoint of every data shard this process
     hosts: each shard's token stream gives `seqs_per_shard` rows, the rows of all shards go
-    through the model together, and each shard filters its own rows (`OutlierFilter` per shard
-    and hookpoint). A token rejected at any hookpoint is dropped at all of them, so every SAE
-    trains on the same tokens and the lockstep trainer's buffers stay the same size. Yields
-    float32 activations on `device`."""
+    through the model together, and each shard keeps the positions its own `PositionFilter`
+    keeps (the token policy: a position that is an outlier at any hookpoint is left out at all
+    of them), so every SAE trains on the same tokens and the lockstep trainer's buffers stay the
+    same size. Yields float32 activations on `device`."""
 
-    def __init__(self, model: nn.Module, hookpoints: list[Hookpoint], max_norm_multiple: float,
-                 device: torch.device, streams: dict[int, TokenStream], seqs_per_shard: int):
+    def __init__(self, model: nn.Module, hookpoints: list[Hookpoint],
+                 outlier_factor: Optional[float], device: torch.device,
+                 streams: dict[int, TokenStream], seqs_per_shard: int):
         self.model, self.hookpoints, self.device = model, hookpoints, device
         self.streams, self.seqs_per_shard = streams, seqs_per_shard
-        self.filters = {v: {hp.name: OutlierFilter(max_norm_multiple) for hp in hookpoints}
+        self.filters = {v: PositionFilter([hp.name for hp in hookpoints], outlier_factor)
                         for v in streams}
         self.stats = ProducerStats()
         self._batches: dict[int, Iterator[TokenBatch]] = {}
@@ -154,23 +116,22 @@ class ActivationProducer:
         out = {}
         for i, (v, m) in enumerate(zip(batches, mask.split(rows))):
             shard = {name: parts[i][m].float() for name, parts in splits.items()}
-            joint = torch.stack([self.filters[v][n].keep(x) for n, x in shard.items()]).all(0)
-            out[v] = {name: x[joint] for name, x in shard.items()}
+            keep = self.filters[v].keep(shard)
+            out[v] = {name: x[keep] for name, x in shard.items()}
         return out
 
     def dropped(self) -> dict[str, dict[str, int]]:
         """{"outliers" | "nonfinite": {hookpoint name: tokens dropped on this process}}."""
-        return {kind: {hp.name: sum(getattr(f[hp.name], f"dropped_{kind}")
-                                    for f in self.filters.values()) for hp in self.hookpoints}
+        return {kind: {hp.name: sum(f.dropped(kind)[hp.name] for f in self.filters.values())
+                       for hp in self.hookpoints}
                 for kind in ("outliers", "nonfinite")}
 
     def state_dict(self, shard: int) -> dict:
         """One hosted shard's position: its stream and filters."""
         return {"stream": self.streams[shard].state_dict(),
-                "filters": {n: f.state_dict() for n, f in self.filters[shard].items()}}
+                "filters": self.filters[shard].state_dict()}
 
     def load_state_dict(self, shard: int, state: dict) -> None:
         self.streams[shard].load_state_dict(state["stream"])
         self._batches.pop(shard, None)
-        for name, f in self.filters[shard].items():
-            f.load_state_dict(state["filters"][name])
+        self.filters[shard].load_state_dict(state["filters"])

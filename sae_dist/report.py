@@ -19,6 +19,8 @@ EVAL_METRICS = RECON_METRICS + MODEL_METRICS
 EVAL_COLUMNS = ("fvu", "l0", "dead_frac", "cosine", "delta_loss", "loss_recovered", "kl",
                 "tokens")
 """Columns of the end-of-training report table."""
+ALL_TOKEN_COLUMNS = ("fvu_all", "delta_loss_all", "kl_all", "tokens_all")
+"""All-token figures (eval.all_tokens) shown in the suite table when present."""
 PIVOT_METRICS = ("fvu", "l0", "delta_loss", "loss_recovered", "kl")
 """Metrics shown as layer x site tables in the suite report."""
 
@@ -116,7 +118,7 @@ def write_eval_outputs(results: dict[str, dict[str, Any]], out_dir: Path,
         path.write_text(json.dumps(doc, indent=2))
         jsons.append(path)
     columns = [m for m in EVAL_METRICS if any(r.get(m) is not None for r in results.values())]
-    columns += [c for c in ("ce_mean", "tokens", "ce_tokens")
+    columns += [c for c in ("ce_mean", "tokens", "ce_tokens", "excluded", *ALL_TOKEN_COLUMNS)
                 if any(c in r for r in results.values())]
     table_csv = out_dir / "suite_table.csv"
     with open(table_csv, "w", newline="") as f:
@@ -131,7 +133,9 @@ def write_eval_outputs(results: dict[str, dict[str, Any]], out_dir: Path,
         f"# Suite evaluation: {context.get('suite', '')}\n\n"
         f"Model `{context.get('model', {}).get('name', '?')}`, held-out split of "
         f"`{context.get('data', {}).get('source', '?')}`, "
-        f"{_cell(next(iter(results.values())).get('tokens'))} tokens.\n\n"
+        f"{_cell(next(iter(results.values())).get('tokens'))} tokens; token policy: "
+        f"{context.get('token_policy', '?')} (`excluded`: positions left out and unspliced; "
+        f"`*_all`: every position of the position set).\n\n"
         f"{markdown_table(dict(_sorted(results)), tuple(columns))}\n\n{pivots}\n")
     plots = [plot_metrics_by_layer(results, out_dir / "metrics_by_layer.png"),
              plot_tradeoff(results, out_dir / "l0_tradeoff.png")]

@@ -68,7 +68,8 @@ def write_suite(cfg: TrainRunConfig, saes: dict[Hookpoint, SparseAutoencoder],
                             f"{cfg.train.forward_batch_seqs} sequences (every "
                             f"{cfg.data.holdout_every}-th document is held out): use more data "
                             "or train.eval_tokens=0 (the suite is then saved unevaluated)")
-        results = evaluate_saes(model, saes, batches, device)
+        results = evaluate_saes(model, saes, batches, device,
+                                outlier_factor=cfg.data.policy.outlier_factor)
         write_eval_outputs(results, out_dir / "eval",
                            eval_context(str(suite_dir), cfg.model, cfg.data, batches))
     entries = []
@@ -96,9 +97,11 @@ def write_report(cfg: TrainRunConfig, results: dict[str, dict[str, Any]],
     curve = plot_training_curves(out_dir / "metrics.jsonl", out_dir / "fvu_curve.png")
     logger.log_images({"train/fvu_curve": curve})
     if results:
-        tokens = next(iter(results.values()))["tokens"]
-        table = (f"Held-out metrics ({tokens} tokens that pass the train mask, every SAE "
-                 f"spliced alone):\n\n{markdown_table(results, EVAL_COLUMNS)}")
+        first = next(iter(results.values()))
+        table = (f"Held-out metrics, token policy {cfg.data.policy.describe()} (the policy "
+                 f"of training): {first['tokens']} tokens, {first['excluded']} outlier "
+                 f"positions left out and unspliced; every SAE spliced alone:\n\n"
+                 f"{markdown_table(results, EVAL_COLUMNS)}")
         logger.log_table("eval/results", results, EVAL_COLUMNS)
         logger.log_images({f"eval/{p.stem}": p for p in sorted((out_dir / "eval").glob("*.png"))})
     else:

@@ -63,8 +63,9 @@ class TrainingRun:
         self.model, self.tokenizer = load_model(cfg.model, self.device)
         streams = {v: TokenStream(cfg.data, self.tokenizer, "train", v, shards, t.seed)
                    for v in self.topology.shards}
-        self.producer = ActivationProducer(self.model, self.hookpoints, cfg.data.max_norm_multiple,
-                                           self.device, streams, t.forward_batch_seqs // shards)
+        self.producer = ActivationProducer(self.model, self.hookpoints,
+                                           cfg.data.policy.outlier_factor, self.device, streams,
+                                           t.forward_batch_seqs // shards)
         self.sharded = cfg.trainer.kind == TrainerKind.sharded
         if self.sharded and self.topology.world > len(self.hookpoints):
             raise ConfigError("trainer.kind", "sharded", f"at most {len(self.hookpoints)} "

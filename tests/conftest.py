@@ -63,3 +63,22 @@ def tiny_model(tiny_cfg):
     from sae_dist.models import _random_model
 
     return _random_model(tiny_cfg.model).eval().requires_grad_(False)
+
+
+SINK_POSITION = 5
+"""The position at which `sink_tiny_model` has a massive activation, in every row."""
+
+
+def sink_tiny_model(tiny_cfg):
+    """The scaled tiny Qwen3 with an attention-sink-like outlier: layer 1's MLP output is 1000x
+    at position SINK_POSITION of every row, so the residual stream from layer 1 on is too (a
+    forward hook of the model itself: captures, splices and replays all see it)."""
+    model = scaled_tiny_model(tiny_cfg, 4.0)
+
+    def massive(module, args, out):
+        out = out.clone()
+        out[:, SINK_POSITION] *= 1000.0
+        return out
+
+    model.model.layers[1].mlp.register_forward_hook(massive)
+    return model

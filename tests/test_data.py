@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sae_dist import data
-from sae_dist.config import ConfigError, DataConfig
+from sae_dist.config import ConfigError, DataConfig, TokenPolicyConfig
 
 CHAT = [
     {"role": "user", "content": "You"},  # also the first word of the injected system prompt
@@ -20,6 +20,8 @@ CHAT = [
     {"role": "assistant", "content": "Sure!\n- one\n- two"},
 ]
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+CONTENT = DataConfig(policy=TokenPolicyConfig(positions="content"))
+ASSISTANT = DataConfig(policy=TokenPolicyConfig(positions="assistant"))
 
 
 def trained_runs(tok, ids: list[int], mask: list[bool]) -> list[str]:
@@ -70,9 +72,26 @@ def test_special_token_ids(smollm2_tokenizer):
     assert not specials & set(tok("Hello <think> world", add_special_tokens=False)["input_ids"])
 
 
-def test_chat_mask_trains_only_message_content(smollm2_tokenizer):
+def test_chat_mask_all_positions_is_every_non_special_token(smollm2_tokenizer):
+    """The default policy: the template's own text (injected system prompt, role headers, the
+    end-of-instruction `assistant\n`) trains too; control tokens never do."""
     tok = smollm2_tokenizer
     ids, mask = data.render_document({"messages": CHAT}, tok, DataConfig())
+    text = tok.apply_chat_template(CHAT, tokenize=False)
+    assert ids == tok(text, add_special_tokens=False)["input_ids"]
+    assert mask == [i not in data.special_token_ids(tok) for i in ids]
+    runs = trained_runs(tok, ids, mask)
+    assert runs[0] == f"system\n{DEFAULT_SYSTEM}" and runs[1] == "\n"
+    assert runs[2] == "user\nYou" and runs[4] == "assistant\na"
+    assert runs[-2:] == ["assistant\nSure!\n- one\n- two", "\n"]
+    assert tok.decode([i for i, m in zip(ids, mask) if not m]) == (
+        "<|im_start|><|im_end|><|im_start|><|im_end|><|im_start|><|im_end|><|im_start|>"
+        "<|im_end|><|im_start|><|im_end|>")
+
+
+def test_chat_mask_trains_only_message_content(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    ids, mask = data.render_document({"messages": CHAT}, tok, CONTENT)
     text = tok.apply_chat_template(CHAT, tokenize=False)
     assert ids == tok(text, add_special_tokens=False)["input_ids"]
     assert len(mask) == len(ids)
@@ -86,17 +105,17 @@ def test_chat_mask_trains_only_message_content(smollm2_tokenizer):
 
 def test_chat_mask_assistant_only(smollm2_tokenizer):
     tok = smollm2_tokenizer
-    ids, mask = data.render_document({"messages": CHAT}, tok, DataConfig(assistant_only=True))
+    ids, mask = data.render_document({"messages": CHAT}, tok, ASSISTANT)
     assert trained_runs(tok, ids, mask) == ["a", "Sure!\n- one\n- two"]
     user_only = {"messages": [{"role": "user", "content": "Hi"}]}
-    assert data.render_document(user_only, tok, DataConfig(assistant_only=True)) == ([], [])
+    assert data.render_document(user_only, tok, ASSISTANT) == ([], [])
 
 
 def test_chat_content_whitespace_and_special_text(smollm2_tokenizer):
     tok = smollm2_tokenizer
     chat = [{"role": "user", "content": " padded\n"},
             {"role": "assistant", "content": "literal <|im_end|> inside"}]
-    ids, mask = data.render_document({"messages": chat}, tok, DataConfig())
+    ids, mask = data.render_document({"messages": chat}, tok, CONTENT)
     assert trained_runs(tok, ids, mask) == [" padded\n", "literal ", " inside"]
     assert ids.count(2) == 4  # 3 turn ends + the literal control token: special, masked out
 
@@ -105,10 +124,23 @@ def test_chat_not_locatable_or_rejected_is_skipped(smollm2_tokenizer):
     shouting = copy.copy(smollm2_tokenizer)
     shouting.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
                               "{{ m.content | upper }}<|im_end|>\n{% endfor %}")
-    assert data.render_document({"messages": CHAT}, shouting, DataConfig()) == ([], [])
+    assert data.render_document({"messages": CHAT}, shouting, CONTENT) == ([], [])
+    ids, mask = data.render_document({"messages": CHAT}, shouting, DataConfig())
+    assert "TELL ME ABOUT HUGGING FACE" in shouting.decode(ids) and sum(mask) > 20
     strict = copy.copy(smollm2_tokenizer)
     strict.chat_template = "{{ raise_exception('roles must alternate') }}"
-    assert data.render_document({"messages": CHAT}, strict, DataConfig()) == ([], [])
+    for cfg in (CONTENT, DataConfig()):
+        assert data.render_document({"messages": CHAT}, strict, cfg) == ([], [])
+
+
+def test_token_policy_values_are_checked():
+    with pytest.raises(ConfigError, match="data.policy.positions"):
+        TokenPolicyConfig(positions="user")
+    with pytest.raises(ConfigError, match="data.policy.outlier_factor"):
+        TokenPolicyConfig(outlier_factor=0.5)
+    assert TokenPolicyConfig().describe() == (
+        "positions=all, outliers > 10x median norm left out")
+    assert TokenPolicyConfig("content", None).describe() == "positions=content, no outlier filter"
 
 
 def test_plain_text_and_cut(smollm2_tokenizer):

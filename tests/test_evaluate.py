@@ -19,7 +19,7 @@ from sae_dist.hookpoints import Hookpoint, capture, splice
 from sae_dist.metrics import clean_pass, masked_edit, replay_from
 from sae_dist.report import EVAL_METRICS
 from sae_dist.sae import build_sae
-from tests.conftest import scaled_tiny_model
+from tests.conftest import SINK_POSITION, scaled_tiny_model, sink_tiny_model
 
 CPU = torch.device("cpu")
 HPS = [Hookpoint(0, "attn"), Hookpoint(1, "resid"), Hookpoint(2, "mlp"), Hookpoint(3, "resid")]
@@ -98,11 +98,14 @@ def test_constant_mean_predictor_has_fvu_one(model, batches):
 
 # ------------------------------------------------------------- independent computation
 
-def reference(model, hp, sae, batches):
+def reference(model, hp, sae, batches, keep=None):
     """Every metric of DESIGN.md section 8, the plain way: captures with full forward passes,
-    a dense float64 TopK SAE, full HF forwards with the splice for the logits."""
-    xs = torch.cat([capture(model, [hp], b.input_ids, stop_early=False)[hp][b.train_mask]
-                    for b in batches]).double()
+    a dense float64 TopK SAE, full HF forwards with the splice for the logits. `keep`: the
+    positions [B, T] per batch that are reconstructed and spliced (default: the train mask);
+    CE positions always come from the train mask."""
+    keep = keep or [b.train_mask for b in batches]
+    xs = torch.cat([capture(model, [hp], b.input_ids, stop_early=False)[hp][k]
+                    for b, k in zip(batches, keep)]).double()
     W_enc, b_enc, W_dec, b_dec = (p.detach().double() for p in (sae.W_enc, sae.b_enc, sae.W_dec,
                                                        sae.b_dec))
     pre = (xs - b_dec) @ W_enc + b_enc
@@ -120,15 +123,15 @@ def reference(model, hp, sae, batches):
     mean = xs.mean(0).float()
     ce = {k: [] for k in ("clean", "spliced", "zero", "mean")}
     kls, start = [], 0
-    for b in batches:
-        n = int(b.train_mask.sum())
+    for b, k in zip(batches, keep):
+        n = int(k.sum())
         rows = x_hat[start:start + n].float()
         start += n
         logits = {"clean": model(b.input_ids).logits}
         for kind, values in (("spliced", rows), ("zero", torch.zeros(64)), ("mean", mean)):
-            def fn(act, values=values):
+            def fn(act, values=values, k=k, n=n):
                 out = act.clone()
-                out[b.train_mask] = values if values.dim() == 2 else values.expand(n, -1)
+                out[k] = values if values.dim() == 2 else values.expand(n, -1)
                 return out
             with splice(model, {hp: fn}):
                 logits[kind] = model(b.input_ids).logits
@@ -173,6 +176,39 @@ def test_every_metric_matches_an_independent_computation(model, batches, max_var
         hist = got["latent_freq_hist"]
         assert sum(hist["counts"]) + hist["dead"] == sae.d_sae
         assert hist["dead"] == round(ref["dead_frac"] * sae.d_sae)
+
+
+def test_outlier_positions_are_left_out_of_the_sums_and_unspliced(tiny_cfg, batches):
+    """The token policy at evaluation: the sink position (an outlier from layer 1 on) is left
+    out of every SAE's reconstruction sums and keeps its clean activation in every splice, also
+    at layer 0 where it is not an outlier; `excluded` counts it; with all_tokens the `_all`
+    figures are those of the whole train mask."""
+    model = sink_tiny_model(tiny_cfg)
+    batches = [TokenBatch(b.input_ids, b.train_mask.clone()) for b in batches]
+    for b in batches:
+        b.train_mask[:, SINK_POSITION] = True
+    keep = [b.train_mask & (torch.arange(20) != SINK_POSITION) for b in batches]
+    saes = {hp: topk_sae(i) for i, hp in enumerate(HPS[:2])}
+    res = evaluate_saes(model, saes, batches, CPU, ce_mean=True, logit_chunk=16,
+                        outlier_factor=10.0, all_tokens=True)
+    for hp, sae in saes.items():
+        got = res[hp.name]
+        assert got["excluded"] == 6
+        kept = reference(model, hp, sae, batches, keep)
+        for suffix, ref in (("", kept), ("_all", reference(model, hp, sae, batches))):
+            assert got[f"tokens{suffix}"] == ref["tokens"]
+            assert got[f"ce_tokens{suffix}"] == ref["ce_tokens"]
+            for key in ("fvu", "mse", "cosine"):
+                assert got[f"{key}{suffix}"] == pytest.approx(ref[key], rel=1e-5), (hp, key)
+            for key in ("ce_clean", "ce_spliced", "ce_zero", "delta_loss"):
+                assert got[f"{key}{suffix}"] == pytest.approx(ref[key], abs=2e-5), (hp, key)
+            assert got[f"kl{suffix}"] == pytest.approx(ref["kl"], rel=5e-5, abs=1e-6), hp
+        assert got["ce_mean"] == pytest.approx(kept["ce_mean"], abs=2e-5)
+        assert "ce_mean_all" not in got
+    # where the sink is an outlier the two token sets give visibly different figures
+    one = res["layers.1.resid"]
+    assert one["fvu_all"] != pytest.approx(one["fvu"], rel=0.02)
+    assert one["delta_loss_all"] != pytest.approx(one["delta_loss"], rel=0.02)
 
 
 def test_replay_from_the_spliced_layer_equals_a_full_spliced_forward(model, batches):
@@ -256,7 +292,8 @@ def compose_eval(overrides):
 def test_cli_writes_jsons_tables_and_plots(tiny_suite, tmp_path):
     out = tmp_path / "eval"
     cfg = compose_eval([f"suite={tiny_suite}", f"out_dir={out}", "eval.tokens=120",
-                        "eval.batch_seqs=2", "data.context_size=40", "logger=none"])
+                        "eval.batch_seqs=2", "data.context_size=40", "logger=none",
+                        "eval.all_tokens=true"])
     assert cfg.model is None
     results = run_evaluation(cfg)
     assert cfg.model.name == "tiny-qwen3"  # taken from suite.json
@@ -268,7 +305,9 @@ def test_cli_writes_jsons_tables_and_plots(tiny_suite, tmp_path):
         assert doc["hookpoint"] == name and doc["fvu"] == pytest.approx(results[name]["fvu"])
         assert doc["model"]["name"] == "tiny-qwen3" and doc["data"]["context_size"] == 40
         assert doc["split"] == "eval" and doc["tokens"] >= 120
-        assert doc["splice_positions"] == "train_mask" and doc["sae"]["d_sae"] == 256
+        assert doc["token_policy"] == "positions=all, outliers > 10x median norm left out"
+        assert doc["excluded"] == 0 and doc["tokens_all"] == doc["tokens"]  # no outliers here
+        assert doc["fvu_all"] == pytest.approx(doc["fvu"]) and doc["sae"]["d_sae"] == 256
         assert doc["loss_recovered"] == pytest.approx(results[name]["loss_recovered"])
     with open(out / "suite_table.csv") as f:
         rows = list(csv.DictReader(f))
@@ -276,6 +315,8 @@ def test_cli_writes_jsons_tables_and_plots(tiny_suite, tmp_path):
     assert float(rows[3]["delta_loss"]) == pytest.approx(results["layers.3.resid"]["delta_loss"])
     md = (out / "suite_table.md").read_text()
     assert "| loss_recovered | resid | mlp | attn |" in md and "| layer 3 |" in md
+    assert "token policy: positions=all, outliers > 10x median norm left out" in md
+    assert {"excluded", "fvu_all", "delta_loss_all"} <= set(rows[0])
     for png in ("metrics_by_layer.png", "l0_tradeoff.png", "latent_frequency.png"):
         assert (out / png).stat().st_size > 10_000
 

@@ -1,26 +1,11 @@
-"""The producer's outlier filter and shuffle buffer, and one real forward through it."""
+"""The producer's shuffle buffer and real forwards through it (its filter: test_policy.py)."""
 
 import torch
 
 from sae_dist.data import TokenBatch
 from sae_dist.hookpoints import Hookpoint, capture
-from sae_dist.producer import ActivationProducer, OutlierFilter, ShuffleBuffer
-
-
-def test_outliers_and_nonfinite_are_dropped_and_counted():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1000, 16, generator=g)
-    x[[3, 500]] *= 1000.0          # attention-sink-like tokens
-    x[7, 2] = float("nan")
-    x[8, 0] = float("inf")
-    filt = OutlierFilter(max_multiple=50.0)
-    kept = filt(x)
-    assert kept.shape == (996, 16)
-    assert filt.dropped_outliers == 2 and filt.dropped_nonfinite == 2
-    assert torch.isfinite(kept).all() and kept.norm(dim=1).max() < 50 * 4
-    # the running median persists: a later batch of only huge tokens is dropped entirely
-    assert filt(torch.randn(10, 16, generator=g) * 1000).shape[0] == 0
-    assert filt.dropped_outliers == 12
+from sae_dist.policy import PositionFilter
+from sae_dist.producer import ActivationProducer, ShuffleBuffer
 
 
 def test_shuffle_buffer_hands_out_every_row_once_shuffled():
@@ -48,10 +33,9 @@ def test_producer_masks_and_counts(tiny_model):
     mask[:, 0] = False
     mask[1, 5:] = False
     hps = [Hookpoint(0, "resid"), Hookpoint(2, "attn")]
-    producer = ActivationProducer(tiny_model, hps, max_norm_multiple=1e6,
+    producer = ActivationProducer(tiny_model, hps, outlier_factor=1e6,
                                   device=torch.device("cpu"), streams={}, seqs_per_shard=1)
-    producer.filters = {3: {hp.name: OutlierFilter(1e6) for hp in hps},
-                        5: {hp.name: OutlierFilter(1e6) for hp in hps}}
+    producer.filters = {v: PositionFilter([hp.name for hp in hps], 1e6) for v in (3, 5)}
     # shards 3 and 5 each bring one row; one forward serves both, each gets its own rows
     out = producer.activations({3: TokenBatch(ids[:1], mask[:1]), 5: TokenBatch(ids[1:], mask[1:])})
     ref = capture(tiny_model, hps, ids)
@@ -69,9 +53,9 @@ def test_a_token_rejected_at_one_hookpoint_is_dropped_at_all(tiny_model):
     ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(2))
     mask = torch.ones(1, 12, dtype=torch.bool)
     hps = [Hookpoint(0, "resid"), Hookpoint(1, "mlp")]
-    producer = ActivationProducer(tiny_model, hps, max_norm_multiple=1e6,
+    producer = ActivationProducer(tiny_model, hps, outlier_factor=1e6,
                                   device=torch.device("cpu"), streams={}, seqs_per_shard=1)
-    producer.filters = {0: {hp.name: OutlierFilter(1e6) for hp in hps}}
+    producer.filters = {0: PositionFilter([hp.name for hp in hps], 1e6)}
     clean = capture(tiny_model, hps, ids)
     original = producer.model.model.layers[1].mlp.forward
 

@@ -46,7 +46,9 @@ def test_suite_on_disk(trained):
         assert meta["fvu"] == pytest.approx(results[name]["fvu"])
         assert 0 < meta["fvu"] < 1 and 0 < meta["l0"] <= 8 and 0 <= meta["dead_frac"] <= 1
         assert (sae.d_in, sae.d_sae, sae_cfg["k"]) == (64, 256, 8)
-    assert "| layers.3.mlp |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| layers.3.mlp |" in report
+    assert "token policy positions=all, outliers > 10x median norm left out" in report
 
 
 def test_wandb_offline_run_and_curve(trained):
@@ -202,7 +204,9 @@ def no_model_load(monkeypatch):
 
 
 @pytest.mark.parametrize("changed, key", [("sae.k=4", "sae.k"), ("train.tokens=8192", "train.tokens"),
-                                          ("sae.expansion=8", "sae.expansion")])
+                                          ("sae.expansion=8", "sae.expansion"),
+                                          ("data.policy.positions=content",
+                                           "data.policy.positions")])
 def test_a_checkpoint_of_another_config_is_refused_before_the_model_loads(
         tmp_path, monkeypatch, changed, key):
     from sae_dist.checkpoint import CheckpointError
