@@ -358,8 +358,8 @@ def test_refusal_study_end_to_end_on_the_tiny_model(tmp_path):
             "refusal.n_harmful_select=5", "refusal.n_dev=3", "refusal.n_harmless_select=4",
             "refusal.n_harmless_aplomb=3", "refusal.n_harmless_sharegpt_measure=2",
             "refusal.n_responses=6", "data.context_size=32",
-            "refusal.response_tokens=4", "refusal.alphas=[1.0,2.0]",
-            "refusal.capability_tokens=64", "refusal.batch_size=8"])
+            "refusal.response_tokens=4", "refusal.alphas=[1.0,2.0]", "refusal.dev_alphas=null",
+            "refusal.hookpoints=null", "refusal.capability_tokens=64", "refusal.batch_size=8"])
     rep = run(OmegaConf.to_object(dcfg))
     assert rep["sizes"] == {"harmful_measure": 6, "harmful_select": 5, "harmless_measure": 5,
                             "harmless_select": 4, "refusing": 6, "complying": 6}
