@@ -1,10 +1,10 @@
 """The sparsity frontier: TopK, BatchTopK and JumpReLU at L0 16, 32 and 64 on two hookpoints of
 the embedded model, all trained on the same activations; held-out FVU, L0 and delta loss.
 
-    python benchmarks/frontier.py capture --out /work/acts/frontier.safetensors
-    python benchmarks/frontier.py train   --acts /work/acts/frontier.safetensors --runs runs/frontier
-    python benchmarks/frontier.py evaluate --runs runs/frontier
-    python benchmarks/frontier.py table   --runs runs/frontier     # Markdown table + PNG plots
+    python -m benchmarks.frontier capture --out /work/acts/frontier.safetensors
+    python -m benchmarks.frontier train   --acts /work/acts/frontier.safetensors --runs runs/frontier
+    python -m benchmarks.frontier evaluate --runs runs/frontier
+    python -m benchmarks.frontier table   --runs runs/frontier     # Markdown table + PNG plots
 
 `capture` runs the producer (masks and outlier filter of `python -m sae_dist.train`) over the
 training split once and saves float32 activations of every hookpoint, so that every run sees the
