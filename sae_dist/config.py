@@ -166,19 +166,29 @@ class JumpReLUConfig(SAEConfig):
 
     architecture: str = "jumprelu"
     l0_coef: float = 1e-3
-    """Weight of the L0 penalty (per token, against the FVU) after its warm-up; with
-    `target_l0`, the weight of (L0 / target_l0 - 1)^2 instead."""
+    """Weight of the L0 penalty (loss term l0_coef x mean L0 per token, against the FVU);
+    with `target_l0`, the starting weight, which the L0 controller then adapts."""
     l0_warmup_frac: float = 0.1
-    """Fraction of training over which the L0 weight rises linearly from 0."""
+    """Fraction of training over which the L0 weight rises linearly from 0 (without
+    `target_l0`; with it the thresholds start at the target and there is no warm-up)."""
     target_l0: Optional[float] = None
-    """Aim at this L0; the L0 coefficient then follows the batch's L0 (penalty
-    l0_coef * (L0 / target_l0 - 1)^2, coefficient 2 l0_coef (L0 / target_l0 - 1) / target_l0,
-    negative below the target). null: plain L0 penalty l0_coef * L0."""
-    bandwidth: float = 0.5
+    """Aim at this L0: thresholds start at each latent's 1 - target_l0 / d_sae quantile of the
+    first batch's pre-activations (L0 = target at step 0), and the L0 controller
+    (`l0_adapt_rate`) holds it there. null: thresholds from `threshold_init`, L0 set by
+    `l0_coef` alone."""
+    l0_adapt_rate: float = 0.1
+    """L0 controller (with `target_l0`): after each training step every log-threshold moves by
+    l0_adapt_rate x log(L0 / target_l0) of that batch (clipped to +-1). 0: off."""
+    bandwidth: float = 0.05
     """Width of the rectangle kernel of the threshold's straight-through estimator, in units of
-    the (scaled, E||x||^2 = d_in) pre-activations."""
-    threshold_init: float = 1.0
-    """Initial threshold of every latent (trained as its logarithm)."""
+    the scaled (E||x||^2 = d_in) pre-activations (Gemma Scope: 0.001 over ~10^5 steps)."""
+    threshold_init: float = 1e-3
+    """Initial threshold of every latent without `target_l0` (Gemma Scope: 0.001); with it,
+    the floor of the data-dependent initial thresholds. Scaled units."""
+    threshold_lr_mult: float = 1.0
+    """Learning rate of the log-thresholds as a multiple of `train.lr` (schedule included).
+    With `target_l0` the controller sets the overall level, so the thresholds need no faster
+    rate: 10x gave a worse FVU (0.79 against 0.68 at 1x, synthetic dictionary, 150 steps)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -188,6 +198,8 @@ class JumpReLUConfig(SAEConfig):
                "> 0 or null")
         _check(self.bandwidth > 0, "sae.bandwidth", self.bandwidth, "> 0")
         _check(self.threshold_init > 0, "sae.threshold_init", self.threshold_init, "> 0")
+        _check(self.l0_adapt_rate >= 0, "sae.l0_adapt_rate", self.l0_adapt_rate, ">= 0")
+        _check(self.threshold_lr_mult > 0, "sae.threshold_lr_mult", self.threshold_lr_mult, "> 0")
 
 
 @dataclass

@@ -85,7 +85,8 @@ class SuiteTrainer:
         self.n_steps = max(1, t.tokens // t.batch_size)
         lr = t.lr if t.lr is not None else 2e-4 / math.sqrt(self.suite[hookpoints[0].name].d_sae
                                                               / 2**14)
-        self.optimizer = torch.optim.Adam(self.suite.parameters(), lr=lr, fused=True)
+        groups = [g for hp in hookpoints for g in self.suite[hp.name].param_groups(lr)]
+        self.optimizer = torch.optim.Adam(groups, lr=lr, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, self.n_steps, t.lr_warmup_frac, t.lr_decay_frac))
         self.engine: nn.Module | None = None
@@ -111,14 +112,15 @@ class SuiteTrainer:
         return self.suite[name]
 
     def calibrate(self, batches: dict[str, Tensor]) -> None:
-        """Input scales and b_dec of the SAEs that have none, from their first global batches
+        """Input scales and data-dependent initialisation (`init_from_batch`: b_dec, and e.g.
+        JumpReLU thresholds) of the SAEs that have none, from their first global batches
         {name: raw activations [B, d_in]}."""
         for name, x in batches.items():
             if self.scales[name] is None:
                 mean_sq = self.group.sum(x.pow(2).sum()) / self.group.sum(
                     x.new_tensor(float(x.shape[0])))
                 self.scales[name] = math.sqrt(x.shape[1] / float(mean_sq))
-                self.sae(name).init_b_dec(x * self.scales[name])
+                self.sae(name).init_from_batch(x * self.scales[name])
 
     def prepare(self) -> None:
         """Hand module, optimizer and schedule to accelerate (DDP / DeepSpeed wrapping); the

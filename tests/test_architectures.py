@@ -32,8 +32,10 @@ encoder reads each active coefficient with the interference of the others, so FV
 near (N_ACTIVE - 1) / D_IN: about 20 active directions per token would need D_IN >= 400 and
 minutes of CPU per architecture (measured: d_in 128 with 8 active stalls near FVU 0.11-0.2)."""
 SAE_FIELDS = {"topk": {"k": N_ACTIVE}, "batchtopk": {"k": N_ACTIVE},
-              "jumprelu": {"target_l0": N_ACTIVE, "l0_coef": 1.0},
+              "jumprelu": {"target_l0": N_ACTIVE, "l0_coef": 0.1},
               "relu": {"l1_coef": 0.09}}
+"""JumpReLU: the controller holds L0 at the target; l0_coef sets the per-latent sparsity pressure
+(measured at 1500 steps: l0_coef 0.001 FVU 0.27, 0.01 FVU 0.20, 0.1 FVU 0.08)."""
 STEPS = {"topk": 1500, "batchtopk": 1500, "jumprelu": 1500, "relu": 2500}
 """ReLU + L1 converges more slowly (measured: FVU 0.11 after 1500 steps, 0.093 after 2500)."""
 
@@ -48,17 +50,20 @@ def sample_tokens(dictionary: torch.Tensor, n: int, gen: torch.Generator) -> tor
     return x + 0.01 * torch.randn(n, d, generator=gen)
 
 
-def train_on_dictionary(arch: str) -> dict[str, float]:
-    """Train `arch` with SuiteTrainer (Adam, LR schedule, input scale, b_dec init, dead-latent
-    counters, progress and after-step hooks) for STEPS[arch] batches; evaluate the folded SAE
-    in eval mode on fresh raw tokens: FVU, L0, recovered fraction of the true directions."""
+def train_on_dictionary(arch: str, steps: int | None = None, lr: float = 3e-3,
+                        **fields) -> dict[str, float]:
+    """Train `arch` (SAE_FIELDS[arch] updated by `fields`) with SuiteTrainer (Adam, LR
+    schedule, input scale, data-dependent init, dead-latent counters, progress and after-step
+    hooks) for `steps` (default STEPS[arch]) batches; evaluate the folded SAE in eval mode on
+    fresh raw tokens: FVU, L0, recovered fraction of the true directions."""
+    steps = steps or STEPS[arch]
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     dictionary = F.normalize(torch.randn(N_TRUE, D_IN, generator=gen), dim=1)
     cfg = TrainRunConfig()
     cfg.sae = sae_config(architecture=arch, d_sae=D_SAE, dead_tokens=20 * BATCH,
-                        **SAE_FIELDS[arch])
-    cfg.train.tokens, cfg.train.batch_size, cfg.train.lr = STEPS[arch] * BATCH, BATCH, 3e-3
+                        **{**SAE_FIELDS[arch], **fields})
+    cfg.train.tokens, cfg.train.batch_size, cfg.train.lr = steps * BATCH, BATCH, lr
     trainer = SuiteTrainer([Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True))
     while not trainer.done:
         trainer.step({"layers.0.resid": sample_tokens(dictionary, BATCH, gen)})
@@ -70,7 +75,7 @@ def train_on_dictionary(arch: str) -> dict[str, float]:
         best_cos = (dictionary @ F.normalize(sae.W_dec, dim=1).t()).max(dim=1).values
     return {"fvu": float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
             "l0": float(latents.l0().mean()), "recovered": float((best_cos > 0.9).float().mean()),
-            "progress": trainer.sae("layers.0.resid").progress}
+            "progress": trainer.sae("layers.0.resid").progress, "steps": steps}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +102,18 @@ def test_recovers_synthetic_dictionary(arch, trained):
 
 @pytest.mark.slow
 def test_jumprelu_reaches_its_target_l0(trained):
-    assert abs(trained("jumprelu")["l0"] / N_ACTIVE - 1) < 0.2
+    assert abs(trained("jumprelu")["l0"] / N_ACTIVE - 1) < 0.1
+
+
+@pytest.mark.parametrize("target", [N_ACTIVE, 3 * N_ACTIVE])
+def test_jumprelu_reaches_its_target_l0_in_a_short_run(target):
+    """The default recipe (data-initialised thresholds, L0 controller) lands the held-out L0
+    within 10% of the target in 150 steps, at the dictionary's own sparsity and above it, and
+    already explains part of the variance (measured: FVU 0.68 and 0.54; TopK k=4 is at 0.45
+    after 150 steps; the 1,500-step test above asks for FVU < 0.1)."""
+    result = train_on_dictionary("jumprelu", steps=150, target_l0=target)
+    assert abs(result["l0"] / target - 1) < 0.1, result
+    assert result["fvu"] < 0.9, result
 
 
 @pytest.mark.slow
@@ -152,17 +168,48 @@ def test_jumprelu_encode_and_l0_penalty_with_warmup():
     torch.testing.assert_close(sae(x).losses["l0"], 0.01 * l0)
 
 
-def test_jumprelu_target_l0_coefficient_follows_the_batch():
-    """With target_l0 the penalty is coef * (L0/target - 1)^2: it pulls thresholds up above the
-    target and down below it."""
+def test_jumprelu_l0_controller_follows_the_batch():
+    """With target_l0, after each training step every log-threshold moves by
+    rate * clip(log(L0 / target), -1, 1): up above the target, down below it. The loss is
+    l0_coef * L0 with no warm-up. Eval-mode batches leave the thresholds alone."""
     x = torch.randn(40, 16, dtype=torch.float64) * 2
-    for target, sign in [(2.0, -1), (60.0, 1)]:
-        sae = make_jumprelu(l0_coef=1.0, target_l0=target, bandwidth=10.0)
+    for target in [2.0, 9.0, 500.0]:
+        sae = make_jumprelu(l0_coef=0.3, target_l0=target, l0_adapt_rate=0.1)
+        before = sae.log_threshold.detach().clone()
+        sae.set_progress(0.0)
         out = sae(x)
         l0 = float(out.latents.l0().mean())
-        assert float(out.losses["l0"].detach()) == pytest.approx((l0 / target - 1) ** 2)
-        out.losses["l0"].backward()
-        assert (torch.sign(sae.log_threshold.grad) == sign).all()  # descent: -grad
+        assert float(out.losses["l0"].detach()) == pytest.approx(0.3 * l0)
+        sae.after_step(out)
+        shift = 0.1 * min(1.0, max(-1.0, math.log(l0 / target)))
+        torch.testing.assert_close(sae.log_threshold.detach(), before + shift)
+        sae.eval()
+        sae.after_step(sae(x))
+        torch.testing.assert_close(sae.log_threshold.detach(), before + shift)
+
+
+@pytest.mark.parametrize("target", [1.0, 6.4, 20.0])
+def test_jumprelu_data_init_starts_at_the_target_l0(target):
+    """init_from_batch puts each latent's threshold at its 1 - target/d_sae quantile of the
+    batch's pre-activations: every latent fires on target/d_sae of the batch (up to the
+    interpolation between two tokens) and the mean L0 on that batch is the target."""
+    sae = make_jumprelu(target_l0=target)
+    x = torch.randn(500, 16, dtype=torch.float64) * 3 + 1
+    sae.init_from_batch(x)
+    pre = sae.pre_acts(x)
+    expected = torch.quantile(pre, 1 - target / 64, dim=0).clamp_min(sae.cfg.threshold_init)
+    torch.testing.assert_close(sae.threshold.detach(), expected)
+    fires = (pre > sae.threshold).sum(0).double()
+    assert (fires - target / 64 * 500).abs().max() <= 1
+    assert float(sae.encode(x).l0().mean()) == pytest.approx(target, abs=64 / 500)
+
+
+def test_jumprelu_thresholds_have_their_own_learning_rate():
+    sae = make_jumprelu(threshold_lr_mult=7.0)
+    groups = sae.param_groups(0.01)
+    assert [g["lr"] for g in groups] == [0.01, 0.07]
+    assert groups[1]["params"] == [sae.log_threshold]
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in sae.parameters()}
 
 
 def test_jumprelu_trains_only_thresholds_through_the_l0_term():

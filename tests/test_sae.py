@@ -156,7 +156,7 @@ def test_topk_recovers_synthetic_dictionary(one_thread):
     d_in, n_true, n_active, batch, dead_after = 128, 256, 8, 256, 20_000
     dictionary = F.normalize(torch.randn(n_true, d_in, generator=gen), dim=1)
     sae = build_sae(sae_config(d_sae=512, k=n_active), d_in)
-    sae.init_b_dec(sample_tokens(dictionary, 4096, n_active, gen))
+    sae.init_from_batch(sample_tokens(dictionary, 4096, n_active, gen))
     sae.project_decoder_grads()
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
     since_fired = torch.zeros(sae.d_sae, dtype=torch.long)
@@ -283,13 +283,13 @@ def test_project_decoder_grads():
     assert after.abs().max() > 0
 
 
-def test_init_b_dec_is_robust_to_outliers():
+def test_init_from_batch_is_robust_to_outliers():
     gen = torch.Generator().manual_seed(0)
     centre = torch.randn(8, generator=gen) * 3
     x = centre + 0.1 * torch.randn(1000, 8, generator=gen)
     x[:100] += 1000.0  # 10% far outliers move the mean by ~100
     sae = build_sae(sae_config(d_sae=16, k=2), 8)
-    sae.init_b_dec(x)
+    sae.init_from_batch(x)
     assert (sae.b_dec - centre).norm() < 0.05
 
 

@@ -197,6 +197,31 @@ def test_resume_in_every_lr_phase_equals_the_uninterrupted_run(
                 torch.testing.assert_close(got["adam"][pname][key], value, rtol=0, atol=0)
 
 
+def test_jumprelu_with_target_resumes_bitwise(tmp_path, monkeypatch):
+    """JumpReLU's recipe state (data-initialised thresholds, the L0 controller's moves, the
+    thresholds' own Adam group and learning rate) survives a kill: the resumed run's weights
+    and Adam moments equal the uninterrupted run's bit for bit."""
+    jumprelu = [o for o in TINY if not o.startswith("sae.k=")] + [
+        "sae=jumprelu", "sae.target_l0=8", *PHASED]
+    reference = tmp_path / "reference"
+    train(compose_train_config(jumprelu + [f"out_dir={reference}", "logger=none"]))
+    undo = killed_at(monkeypatch, 12)
+    killed = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train(compose_train_config(jumprelu + [f"out_dir={killed}", "logger=none"]))
+    assert 0 < final_state(killed, "layers.1.resid")["step_count"] < 16
+    undo()
+    train(compose_train_config(jumprelu + [f"out_dir={killed}", "logger=none"]))
+    for name in ["layers.1.resid", "layers.3.mlp"]:
+        ref, got = final_state(reference, name), final_state(killed, name)
+        assert set(ref["adam"]) == {"W_enc", "b_enc", "W_dec", "b_dec", "log_threshold"}
+        for key, value in ref["sae"].items():
+            torch.testing.assert_close(got["sae"][key], value, rtol=0, atol=0)
+        for pname, moments in ref["adam"].items():
+            for key, value in moments.items():
+                torch.testing.assert_close(got["adam"][pname][key], value, rtol=0, atol=0)
+
+
 def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the check")

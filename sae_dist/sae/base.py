@@ -5,7 +5,8 @@ An architecture is one file with a `SparseAutoencoder` subclass decorated with
 loss terms, `aux_losses`; it may override `_decode_latents` for a faster decoder. Parameters,
 decoder constraints, input-scale folding and the SAELens v6 layout are shared.
 
-The trainer calls `set_progress` before each step (scheduled loss coefficients read
+The trainer calls `init_from_batch` once with the first (scaled) batch, `param_groups` to build
+its optimizer, `set_progress` before each step (scheduled loss coefficients read
 `self.progress`) and `after_step` after the optimizer step (running statistics).
 
 Shapes: B tokens, d_in activation width, d_sae latents, k active latents per token.
@@ -199,6 +200,10 @@ class SparseAutoencoder(nn.Module):
 
     # --- training schedule and statistics --------------------------------------------------
 
+    def param_groups(self, lr: float) -> list[dict]:
+        """Optimizer parameter groups at base learning rate `lr` (one group by default)."""
+        return [{"params": list(self.parameters()), "lr": lr}]
+
     def set_progress(self, progress: float) -> None:
         """Fraction of training done (0 at the first step) for coefficient warm-ups."""
         self.progress = progress
@@ -214,8 +219,11 @@ class SparseAutoencoder(nn.Module):
     # --- training-time constraints ---------------------------------------------------------
 
     @torch.no_grad()
-    def init_b_dec(self, x: Tensor) -> None:
-        """Set b_dec to the geometric median of a sample x [N, d_in] (the global batch)."""
+    def init_from_batch(self, x: Tensor) -> None:
+        """Data-dependent initialisation from the first training batch x [N, d_in] (this
+        process's rows of the global batch, scaled inputs): b_dec = the global batch's geometric
+        median. Architectures with thresholds extend it (the result must be the same on every
+        process)."""
         self.b_dec.copy_(geometric_median(x.to(self.b_dec.dtype), group=self.batch_group))
 
     @torch.no_grad()

@@ -23,12 +23,23 @@ import torch
 from torch import Tensor, nn
 
 from sae_dist.config import JumpReLUConfig
-from sae_dist.sae.base import Latents, SparseAutoencoder, register
+from sae_dist.sae.base import Latents, SAEOutput, SparseAutoencoder, register
 
 
 def rectangle(u: Tensor) -> Tensor:
     """K(u) = 1 where |u| < 1/2, else 0 (same dtype as u)."""
     return (u.abs() < 0.5).to(u.dtype)
+
+
+def upper_quantile(pre: Tensor, frac: float) -> Tensor:
+    """Per column of pre [N, d], the value with a fraction `frac` of the column above it: the
+    1 - frac quantile (linear interpolation, as torch.quantile), from the top rows only
+    (torch.quantile sorts every row and refuses more than 2^24 entries) -> [d]."""
+    rank = frac * (pre.shape[0] - 1)  # position counted from the largest
+    below = int(rank)
+    top = pre.topk(min(pre.shape[0], below + 2), dim=0).values
+    upper, lower = top[below], top[min(below + 1, top.shape[0] - 1)]
+    return upper + (rank - below) * (lower - upper)
 
 
 class JumpReLUFn(torch.autograd.Function):
@@ -84,6 +95,41 @@ class JumpReLUSAE(SparseAutoencoder):
         self.log_threshold = nn.Parameter(init.log())
 
     @torch.no_grad()
+    def init_from_batch(self, x: Tensor) -> None:
+        """b_dec (base class), then with `target_l0` each latent's threshold at the
+        1 - target_l0 / d_sae quantile of its pre-activations over the global batch x, so that
+        the starting L0 is target_l0 and every latent fires on its share of the tokens."""
+        super().init_from_batch(x)
+        target = self.cfg.target_l0
+        if target is None:
+            return
+        rows = self.batch_group.cat(x.flatten()).view(-1, x.shape[1])
+        pre = self.pre_acts(rows.to(self.W_enc.dtype))
+        threshold = upper_quantile(pre, min(1.0, target / self.d_sae))
+        self.log_threshold.copy_(threshold.double().clamp_min(self.cfg.threshold_init).log())
+
+    def param_groups(self, lr: float) -> list[dict]:
+        """The weights at `lr`, the log-thresholds at `threshold_lr_mult` x lr."""
+        weights = [p for name, p in self.named_parameters() if name != "log_threshold"]
+        return [{"params": weights, "lr": lr},
+                {"params": [self.log_threshold], "lr": lr * self.cfg.threshold_lr_mult}]
+
+    @torch.no_grad()
+    def after_step(self, out: SAEOutput) -> None:
+        """With `target_l0`, the L0 controller: every log-threshold moves by
+        l0_adapt_rate x log(L0 / target_l0), the batch's L0 over the global batch (the log
+        ratio clipped to [-1, 1]; L0 floored at 1/2), so L0 returns to the target within a few
+        steps whatever the encoder did."""
+        target = self.cfg.target_l0
+        if target is None or not self.training:
+            return
+        group = self.batch_group
+        l0 = group.sum(out.latents.l0().sum()) / group.sum(
+            out.latents.values.new_tensor(float(out.latents.values.shape[0])))
+        miss = math.log(max(float(l0), 0.5) / target)
+        self.log_threshold.add_(self.cfg.l0_adapt_rate * min(1.0, max(-1.0, miss)))
+
+    @torch.no_grad()
     def scale_thresholds(self, factor: float) -> None:
         self.log_threshold.add_(math.log(factor))
 
@@ -100,14 +146,14 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def aux_losses(self, x: Tensor, x_hat: Tensor, latents: Latents, pre: Tensor,
                    dead_mask: Tensor | None) -> dict[str, Tensor]:
-        """{"l0": warm-up * l0_coef * L0 term}, the L0 counted through `StepFn` so that the
-        thresholds (only they) get its gradient."""
+        """{"l0": warm-up * l0_coef * mean_tokens L0}, the L0 counted through `StepFn` so
+        that the thresholds (only they) get its gradient. With `target_l0` there is no warm-up:
+        the thresholds start at the target and the controller (`after_step`) holds it."""
         steps = StepFn.apply(pre, self.threshold, self.cfg.bandwidth)
         group = self.batch_group
         l0 = group.sum(steps.sum()) / group.sum(pre.new_tensor(float(pre.shape[0])))
-        target = self.cfg.target_l0
-        term = l0 if target is None else (l0 / target - 1).pow(2)
-        return {"l0": self.cfg.l0_coef * self.warmup(self.cfg.l0_warmup_frac) * term}
+        warmup = 1.0 if self.cfg.target_l0 is not None else self.warmup(self.cfg.l0_warmup_frac)
+        return {"l0": self.cfg.l0_coef * warmup * l0}
 
     def saelens_tensors(self) -> dict[str, Tensor]:
         """W_enc, b_enc, W_dec, b_dec and threshold [d_sae] (float32)."""

@@ -1,0 +1,259 @@
+"""The sparsity frontier: TopK, BatchTopK and JumpReLU at L0 16, 32 and 64 on two hookpoints of
+the embedded model, all trained on the same activations; held-out FVU, L0 and delta loss.
+
+    python -m benchmarks.frontier capture --out /work/acts/frontier.safetensors
+    python -m benchmarks.frontier train   --acts /work/acts/frontier.safetensors --runs runs/frontier
+    python -m benchmarks.frontier evaluate --runs runs/frontier
+    python -m benchmarks.frontier table   --runs runs/frontier     # Markdown table + PNG plots
+
+`capture` runs the producer (masks and outlier filter of `python -m sae_dist.train`) over the
+training split once and saves float32 activations of every hookpoint, so that every run sees the
+same tokens in the same order. `train` trains each (hookpoint, architecture, L0) with
+`SuiteTrainer` (the trainer of the real entry point) on those activations and saves the folded
+SAE; `evaluate` scores each saved SAE on the same held-out chats with `sae_dist.evaluate`
+(FVU, L0, delta loss with the reconstruction spliced in). Every stage skips what is done, so
+an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from accelerate import Accelerator
+from omegaconf import OmegaConf
+
+from sae_dist.checkpoint import load_sae, save_sae
+from sae_dist.cli import _compose
+from sae_dist.config import DataConfig, ModelConfig, SitesConfig, TrainRunConfig, register_configs
+from sae_dist.data import TokenStream
+from sae_dist.evaluate import evaluate_saes, scalar_metrics, take_batches
+from sae_dist.hookpoints import Hookpoint, grid_hookpoints
+from sae_dist.models import load_model
+from sae_dist.producer import ActivationProducer
+from sae_dist.sae import SparseAutoencoder
+from sae_dist.trainer import SuiteTrainer
+
+HOOKPOINTS = ["layers.12.resid", "layers.12.mlp"]
+ARCHS = ["topk", "batchtopk", "jumprelu"]
+L0S = [16, 32, 64]
+log = logging.getLogger("frontier")
+
+
+def model_config() -> ModelConfig:
+    """The embedded model's config (conf/model/smollm2-135m-instruct.yaml)."""
+    from omegaconf import OmegaConf
+    path = Path(__file__).parents[1] / "conf/model/smollm2-135m-instruct.yaml"
+    return ModelConfig(**OmegaConf.to_container(OmegaConf.load(path)))
+
+
+def capture(args: argparse.Namespace) -> None:
+    """Producer activations of the training split at HOOKPOINTS -> one safetensors file
+    {hookpoint: float32 [N, d_model]} (N >= --tokens)."""
+    if args.out.exists():
+        log.info("%s exists; nothing to capture", args.out)
+        return
+    model, tokenizer = load_model(model_config())
+    hps = grid_hookpoints(SitesConfig(hookpoints=HOOKPOINTS), 30)
+    stream = TokenStream(DataConfig(), tokenizer, "train", seed=0)
+    producer = ActivationProducer(model, hps, DataConfig().max_norm_multiple,
+                                  torch.device("cpu"), {0: stream}, args.seqs)
+    parts: dict[str, list[torch.Tensor]] = {hp.name: [] for hp in hps}
+    n = 0
+    with tqdm(total=args.tokens, desc="capture", unit="tok") as bar, torch.no_grad():
+        while n < args.tokens:
+            batches = producer.next_batches()
+            if batches is None:
+                raise RuntimeError(f"training split ran out after {n} tokens")
+            acts = producer.activations(batches)[0]
+            for name, x in acts.items():
+                parts[name].append(x)
+            n += next(iter(acts.values())).shape[0]
+            bar.update(next(iter(acts.values())).shape[0])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: torch.cat(v).contiguous() for k, v in parts.items()}, str(args.out))
+    log.info("saved %d tokens per hookpoint to %s (dropped: %s)", n, args.out, producer.dropped())
+
+
+def run_overrides(hookpoint: str, arch: str, l0: int, tokens: int) -> list[str]:
+    """The Hydra overrides of one frontier run (`python -m sae_dist.train` spelling): the
+    demo's settings with the architecture aimed at L0 = l0."""
+    sparsity = f"sae.target_l0={l0}" if arch == "jumprelu" else f"sae.k={l0}"
+    return ["experiment=demo", f"sites.hookpoints=[{hookpoint}]", f"sae={arch}", sparsity,
+            f"train.tokens={tokens}", "logger=none"]
+
+
+def train_config(overrides: list[str]) -> TrainRunConfig:
+    """TrainRunConfig of conf/train.yaml plus Hydra overrides."""
+    register_configs()
+    cfg, _ = _compose("train", overrides)
+    return OmegaConf.to_object(cfg)
+
+
+def shuffled(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The rows of x [N, d] in a fixed random order (the same for every run)."""
+    return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))]
+
+
+def train_sae(acts: torch.Tensor, cfg: TrainRunConfig) -> tuple[SparseAutoencoder, list[dict]]:
+    """Train cfg's one SAE with `SuiteTrainer` on consecutive batches of acts [N, d] (raw
+    activations, N >= train.tokens) -> (the folded SAE in eval mode, per-step metrics)."""
+    hp = grid_hookpoints(cfg.sites, cfg.model.n_layers)[0]
+    trainer = SuiteTrainer([hp], cfg, acts.shape[1], Accelerator(cpu=True))
+    b, history = cfg.train.batch_size, []
+    for step in tqdm(range(trainer.n_steps), desc=f"{cfg.sae.architecture} {hp.name}",
+                     leave=False):
+        metrics = trainer.step({hp.name: acts[step * b:(step + 1) * b]})[hp.name]
+        history.append({k: float(v) for k, v in metrics.items()})
+    return trainer.folded_saes()[hp.name].eval(), history
+
+
+@torch.no_grad()
+def quick_metrics(sae: SparseAutoencoder, x: torch.Tensor) -> dict[str, float]:
+    """FVU and mean L0 of an eval-mode SAE on raw activations x [N, d] (no LM needed)."""
+    latents = sae.encode(x)
+    x_hat = sae.decode(latents)
+    return {"fvu": float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
+            "l0": float(latents.l0().mean())}
+
+
+def run_dir(runs: Path, hookpoint: str, arch: str, l0: int) -> Path:
+    return runs / f"{hookpoint}_{arch}_l0{l0}"
+
+
+def grid(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """(hookpoint, architecture, L0) of every run, L0 first so a partial sweep has whole rows."""
+    return [(hp, arch, l0) for l0 in args.l0s for hp in args.hookpoints for arch in args.archs]
+
+
+def train(args: argparse.Namespace) -> None:
+    """Train every run of the grid that has no saved SAE yet (same activations, same order):
+    SAE folder `<runs>/<hookpoint>_<arch>_l0<L0>/sae`, `train.json` with the training curve."""
+    acts = load_file(str(args.acts))
+    for hp, arch, l0 in tqdm(grid(args), desc="frontier runs"):
+        out = run_dir(args.runs, hp, arch, l0)
+        if (out / "train.json").exists():
+            continue
+        overrides = run_overrides(hp, arch, l0, args.tokens) + args.extra
+        x = shuffled(acts[hp])
+        if x.shape[0] < args.tokens:
+            raise ValueError(f"{args.acts} holds {x.shape[0]} tokens of {hp}; need {args.tokens}")
+        cfg = train_config(overrides)
+        start = time.perf_counter()
+        sae, history = train_sae(x[:args.tokens], cfg)
+        save_sae(sae, out / "sae", {"hookpoint": hp, "model_name": cfg.model.name,
+                                    "overrides": overrides})
+        (out / "train.json").write_text(json.dumps({
+            "overrides": overrides, "minutes": (time.perf_counter() - start) / 60,
+            "load": os.getloadavg(), "history": history}))
+        log.info("%s %s L0 %d: train FVU %.3f L0 %.1f", hp, arch, l0, history[-1]["fvu"],
+                 history[-1]["l0"])
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """Held-out metrics (sae_dist.evaluate: FVU, L0, delta loss, ...) of every trained run
+    without `eval.json`, on the same held-out chats; the SAEs of one (architecture, L0) are
+    spliced one at a time in one pass over the batches."""
+    model_cfg = model_config()
+    model, tokenizer = load_model(model_cfg)
+    batches = take_batches(TokenStream(DataConfig(), tokenizer, "eval", seed=0),
+                           args.eval_tokens, 8)
+    for arch in args.archs:
+        for l0 in args.l0s:
+            todo = {Hookpoint.parse(hp): run_dir(args.runs, hp, arch, l0) for hp in args.hookpoints}
+            todo = {hp: d for hp, d in todo.items()
+                    if (d / "train.json").exists() and not (d / "eval.json").exists()}
+            if not todo:
+                continue
+            saes = {hp: load_sae(d / "sae")[0].eval() for hp, d in todo.items()}
+            results = evaluate_saes(model, saes, batches, torch.device("cpu"))
+            for hp, d in todo.items():
+                (d / "eval.json").write_text(json.dumps(scalar_metrics(results[hp.name])))
+                log.info("%s %s L0 %d: %s", hp.name, arch, l0, scalar_metrics(results[hp.name]))
+
+
+def rows(args: argparse.Namespace) -> list[dict]:
+    """One dict per evaluated run: hookpoint, arch, target L0, held-out metrics, minutes."""
+    out = []
+    for hp, arch, l0 in grid(args):
+        d = run_dir(args.runs, hp, arch, l0)
+        if (d / "eval.json").exists():
+            minutes = json.loads((d / "train.json").read_text())["minutes"]
+            out.append({"hookpoint": hp, "arch": arch, "target": l0, "minutes": minutes,
+                        **json.loads((d / "eval.json").read_text())})
+    return out
+
+
+def table(args: argparse.Namespace) -> None:
+    """Markdown table of every evaluated run, and per hookpoint a PNG of delta loss and FVU
+    against held-out L0 (benchmarks/frontier_<hookpoint>.png)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = rows(args)
+    print("| hookpoint | arch | target L0 | L0 | FVU | delta loss (nats) | loss recovered | "
+          "dead frac | train (min) |\n|---|---|---|---|---|---|---|---|---|")
+    for r in found:
+        print(f"| {r['hookpoint']} | {r['arch']} | {r['target']} | {r['l0']:.1f} | "
+              f"{r['fvu']:.4f} | {r['delta_loss']:.4f} | {r['loss_recovered']:.3f} | "
+              f"{r['dead_frac']:.3f} | {r['minutes']:.1f} |")
+    for hp in args.hookpoints:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for arch in args.archs:
+            pts = sorted((r["l0"], r["delta_loss"], r["fvu"]) for r in found
+                         if r["hookpoint"] == hp and r["arch"] == arch)
+            if not pts:
+                continue
+            l0, delta, fvu_ = zip(*pts)
+            axes[0].plot(l0, delta, "o-", label=arch)
+            axes[1].plot(l0, fvu_, "o-", label=arch)
+        for ax, name in zip(axes, ["delta loss (nats)", "FVU"]):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("held-out L0")
+            ax.set_ylabel(name)
+            ax.legend()
+        fig.suptitle(f"{hp}: {args.tokens:,} training tokens per SAE")
+        fig.tight_layout()
+        fig.savefig(args.plots / f"frontier_{hp.replace('.', '_')}.png", dpi=100)
+        plt.close(fig)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="mode", required=True)
+    c = sub.add_parser("capture", help="save the training activations once")
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--tokens", type=int, default=210_000)
+    c.add_argument("--seqs", type=int, default=16)
+    for name, help_ in [("train", "train the missing runs"), ("evaluate", "evaluate them"),
+                        ("table", "print the table and write the plots")]:
+        q = sub.add_parser(name, help=help_)
+        q.add_argument("--runs", type=Path, required=True)
+        q.add_argument("--acts", type=Path, default=Path("/work/acts/frontier.safetensors"))
+        q.add_argument("--tokens", type=int, default=200_000)
+        q.add_argument("--eval-tokens", type=int, default=10_000)
+        q.add_argument("--hookpoints", nargs="+", default=HOOKPOINTS)
+        q.add_argument("--archs", nargs="+", default=ARCHS, choices=ARCHS)
+        q.add_argument("--l0s", nargs="+", type=int, default=L0S)
+        q.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides per run")
+        q.add_argument("--plots", type=Path, default=Path(__file__).parent)
+    return p.parse_args()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args()
+    {"capture": capture, "train": train, "evaluate": evaluate, "table": table}[args.mode](args)
+
+
+if __name__ == "__main__":
+    main()
