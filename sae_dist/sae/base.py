@@ -2,7 +2,7 @@
 
 An architecture is one file with a `SparseAutoencoder` subclass decorated with
 `@register("<name>")`. It implements `_encode` (latents and pre-activations) and, if it adds
-loss terms, `aux_losses`; it may override `_decode_latents` for a faster decoder. Parameters,
+loss terms, `aux_losses`; sparse latents decode through an `embedding_bag`. Parameters,
 decoder constraints, input-scale folding and the SAELens v6 layout are shared.
 
 The trainer calls `set_progress` before each step (scheduled loss coefficients read
@@ -19,6 +19,7 @@ from functools import partial
 from typing import Callable, ClassVar, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae_dist.config import SAEConfig, sae_config
@@ -134,6 +135,9 @@ class SparseAutoencoder(nn.Module):
     """The SAELens v6 `architecture` this class exports as (default: `architecture`)."""
     saelens_fields: ClassVar[tuple[str, ...]] = ()
     """Config fields written to, and read back from, the SAELens cfg (e.g. "k")."""
+    sparse: bool = True
+    """Sparse kernels where the latents are sparse (the training default); False selects the
+    plain-autograd dense reference path, with the same results."""
 
     def __init__(self, cfg: SAEConfig, d_in: int):
         super().__init__()
@@ -176,8 +180,13 @@ class SparseAutoencoder(nn.Module):
         return self._encode(x)[0]
 
     def _decode_latents(self, latents: Latents) -> Tensor:
-        """sum_l latents[:, l] * W_dec[l], without b_dec: [B, d_in]."""
-        return latents.dense().to(self.W_dec.dtype) @ self.W_dec
+        """sum_l latents[:, l] * W_dec[l], without b_dec: [B, d_in]. Sparse latents
+        (values/indices [B, j]) go through an `embedding_bag` over their j decoder rows
+        (unless `sparse` is False), dense ones through a matmul."""
+        if latents.indices is None or not self.sparse:
+            return latents.dense().to(self.W_dec.dtype) @ self.W_dec
+        return F.embedding_bag(latents.indices, self.W_dec, mode="sum",
+                               per_sample_weights=latents.values.to(self.W_dec.dtype))
 
     def decode(self, latents: Latents) -> Tensor:
         """latents -> x_hat [B, d_in] (includes + b_dec)."""

@@ -8,7 +8,7 @@ initialisation, would bias it). In eval mode the SAE keeps relu(pre) > threshold
 to SAELens as architecture "jumprelu" with that threshold for every latent.
 
 Latents stay sparse: each token's candidates are padded to the largest count in the batch
-(indices [B, m], unkept entries have value 0), so the TopK kernels (`TopKEncode`,
+(indices [B, m], unkept entries have value 0), so the TopK kernels (`GatheredPreActs`,
 `embedding_bag`) and the AuxK loss of `TopKSAE` apply unchanged.
 """
 

@@ -1,8 +1,9 @@
-"""Sparse autograd kernels for TopK-style SAEs.
+"""Sparse autograd kernels for SAEs whose latents are sparse (TopK, BatchTopK, JumpReLU).
 
-A TopK SAE keeps k << d_sae latents per token, so the gradients of the encoder only touch
-B*k columns of `W_enc`. These kernels compute them from the (token, latent) pairs instead of
-a dense [B, d_sae] gradient of the pre-activations, which would cost two more dense matmuls.
+Such an SAE keeps a few latents per token (k << d_sae, or those above a threshold), so the
+gradients of the encoder only touch those columns of `W_enc`. These kernels compute them from
+the (token, latent) pairs instead of a dense [B, d_sae] gradient of the pre-activations, which
+would cost two more dense matmuls.
 """
 
 from __future__ import annotations
@@ -35,42 +36,56 @@ def scatter_outer(indices: Tensor, coeffs: Tensor, rows: Tensor, d_sae: int) -> 
     return s @ rows
 
 
-class TopKEncode(torch.autograd.Function):
-    """relu(pre[b, indices[b, j]]) with sparse gradients for x, W_enc, b_enc and b_dec.
+def pad_rows(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int,
+             fill: float) -> tuple[Tensor, Tensor]:
+    """Ragged (row, column, value) entries, sorted by row, as per-row lists padded to the
+    longest: (indices int64 [n_rows, m], values [n_rows, m]), m = max entries of a row (>= 1);
+    padding has column 0 and value `fill`."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    m = max(1, int(counts.max())) if rows.numel() else 1
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+    indices = torch.zeros(n_rows, m, dtype=torch.long, device=rows.device)
+    indices[rows, pos] = cols
+    padded = values.new_full((n_rows, m), fill)
+    padded[rows, pos] = values
+    return indices, padded
+
+
+class GatheredPreActs(torch.autograd.Function):
+    """The encoder pre-activations at a few latents per token, with sparse gradients for x,
+    W_enc, b_enc and b_dec.
 
     forward(x [B, d_in], W_enc [d_in, d_sae], b_enc [d_sae], b_dec [d_in],
-            pre_top [B, k] (pre-activations gathered at `indices`, no grad),
-            indices int64 [B, k]) -> values [B, k] = relu(pre_top),
-    where pre = (x - b_dec) @ W_enc + b_enc was computed once outside autograd.
+            pre_at [B, j] (pre gathered at `indices`, no grad), indices int64 [B, j]) -> pre_at,
+    where pre = (x - b_dec) @ W_enc + b_enc was computed once outside autograd. Entries whose
+    output gradient is zero (padding) may hold any value and any index.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
-                pre_top: Tensor, indices: Tensor) -> Tensor:
-        values = pre_top.clamp_min(0)
-        ctx.save_for_backward(x, W_enc, b_dec, indices, values)
-        return values
+                pre_at: Tensor, indices: Tensor) -> Tensor:
+        ctx.save_for_backward(x, W_enc, b_dec, indices)
+        return pre_at.clone()
 
     @staticmethod
-    def backward(ctx, grad_values: Tensor):
-        x, W_enc, b_dec, indices, values = ctx.saved_tensors
+    def backward(ctx, grad: Tensor):
+        x, W_enc, b_dec, indices = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):  # grads in the parameters' dtype
-            grads = _topk_encode_grads(x, W_enc, b_dec, indices, values, grad_values,
-                                       ctx.needs_input_grad[:4])
+            grads = _encoder_grads(x, W_enc, b_dec, indices, grad, ctx.needs_input_grad[:4])
         return *grads, None, None
 
 
-def _topk_encode_grads(x: Tensor, W_enc: Tensor, b_dec: Tensor, indices: Tensor,
-                       values: Tensor, grad_values: Tensor, needed: tuple[bool, ...]
-                       ) -> tuple[Tensor | None, ...]:
-    """Gradients (x, W_enc, b_enc, b_dec) of `TopKEncode`, None where not `needed`.
+def _encoder_grads(x: Tensor, W_enc: Tensor, b_dec: Tensor, indices: Tensor, grad: Tensor,
+                   needed: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    """Gradients (x, W_enc, b_enc, b_dec) of `GatheredPreActs`, None where not `needed`.
 
-    With g [B, k] the gradient of the pre-activations at `indices` (zero where relu cut):
-    b_enc: index_add of g; W_enc: scatter_outer(g, x - b_dec).T; b_dec: -W_enc @ grad_b_enc;
-    x: the k rows W_enc[:, indices[b]] weighted by g[b] (embedding_bag).
+    With g [B, j] the gradient of the pre-activations at `indices`: b_enc: index_add of g;
+    W_enc: scatter_outer(g, x - b_dec).T; b_dec: -W_enc @ grad_b_enc; x: the j rows
+    W_enc[:, indices[b]] weighted by g[b] (embedding_bag).
     """
     need_x, need_w, need_benc, need_bdec = needed
-    g = grad_values.to(W_enc.dtype) * (values > 0)
+    g = grad.to(W_enc.dtype)
     grad_x = grad_w = grad_b_enc = grad_b_dec = None
     if need_benc or need_bdec:
         grad_b_enc = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=g.device)
