@@ -243,7 +243,7 @@ def test_batch_topk_is_the_batch_level_top_n():
     expected = torch.zeros_like(pre).flatten()
     top = pre.relu().flatten().topk(n)
     expected[top.indices] = top.values
-    got = torch.zeros_like(pre).scatter(1, indices, pre.gather(1, indices) * keep)
+    got = torch.zeros_like(pre).scatter_add(1, indices, pre.gather(1, indices) * keep)
     assert torch.equal(got, expected.view_as(pre))
     assert int(keep.sum()) == n and int(keep[3].sum()) > 4 * 4
     assert threshold == top.values.min()

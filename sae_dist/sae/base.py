@@ -19,11 +19,11 @@ from functools import partial
 from typing import Callable, ClassVar, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sae_dist.config import SAEConfig, sae_config
 from sae_dist.distributed import LOCAL, BatchGroup
+from sae_dist.sae.sparse_ops import Entries
 
 SAE_REGISTRY: dict[str, type["SparseAutoencoder"]] = {}
 """Architecture name (`SAEConfig.architecture`, SAELens `architecture`) -> class."""
@@ -55,6 +55,9 @@ class Latents:
     indices: Tensor | None
     """int64 [B, k] latent ids of `values`, or None for dense latents."""
     d_sae: int
+    live: Tensor | None = None
+    """bool [B, k]: the entries that take part (others are padding, with value 0 and no
+    gradient); None: all of them."""
 
     def dense(self) -> Tensor:
         """[B, d_sae] latent matrix (differentiable in `values`)."""
@@ -181,12 +184,11 @@ class SparseAutoencoder(nn.Module):
 
     def _decode_latents(self, latents: Latents) -> Tensor:
         """sum_l latents[:, l] * W_dec[l], without b_dec: [B, d_in]. Sparse latents
-        (values/indices [B, j]) go through an `embedding_bag` over their j decoder rows
-        (unless `sparse` is False), dense ones through a matmul."""
+        (values/indices [B, j]) go through an `embedding_bag` over their live entries' decoder
+        rows (unless `sparse` is False), dense ones through a matmul."""
         if latents.indices is None or not self.sparse:
             return latents.dense().to(self.W_dec.dtype) @ self.W_dec
-        return F.embedding_bag(latents.indices, self.W_dec, mode="sum",
-                               per_sample_weights=latents.values.to(self.W_dec.dtype))
+        return Entries.of(latents.indices, latents.live).bag_sum(latents.values, self.W_dec)
 
     def decode(self, latents: Latents) -> Tensor:
         """latents -> x_hat [B, d_in] (includes + b_dec)."""

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from sae_dist.config import JumpReLUConfig
 from sae_dist.sae.base import Latents, SparseAutoencoder, register
-from sae_dist.sae.sparse_ops import GatheredPreActs, pad_rows
+from sae_dist.sae.sparse_ops import Entries, GatheredPreActs, pad_rows
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -130,12 +130,13 @@ class JumpReLUSAE(SparseAutoencoder):
             lowest = threshold - self.cfg.bandwidth / 2 if grad else threshold
             rows, cols = (pre > lowest.detach()).nonzero(as_tuple=True)
             near = pre[rows, cols]
-            indices, pre_at = pad_rows(rows, cols, near, pre.shape[0], float("-inf"))
-        pre_at = GatheredPreActs.apply(x, self.W_enc, self.b_enc, self.b_dec, pre_at, indices)
+            indices, pre_at, live = pad_rows(rows, cols, near, pre.shape[0], float("-inf"))
+        pre_at = GatheredPreActs.apply(x, self.W_enc, self.b_enc, self.b_dec, pre_at,
+                                       Entries.of(indices, live))
         values = JumpReLUFn.apply(pre_at, threshold[indices], self.cfg.bandwidth)
         near_pre = torch.sparse_coo_tensor(torch.stack([rows, cols]), near, pre.shape,
                                            is_coalesced=True, check_invariants=False)
-        return Latents(values, indices, self.d_sae), near_pre
+        return Latents(values, indices, self.d_sae, live), near_pre
 
     def aux_losses(self, x: Tensor, x_hat: Tensor, latents: Latents, pre: Tensor,
                    dead_mask: Tensor | None) -> dict[str, Tensor]:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from sae_dist.config import TopKConfig
 from sae_dist.sae.base import Latents, SparseAutoencoder, register, total_variance
-from sae_dist.sae.sparse_ops import GatheredPreActs
+from sae_dist.sae.sparse_ops import Entries, GatheredPreActs
 
 
 @register("topk")
@@ -50,14 +50,15 @@ class TopKSAE(SparseAutoencoder):
         if keep is not None:
             pre_top = pre_top.masked_fill(~keep, 0)
         return torch.relu(GatheredPreActs.apply(x, self.W_enc, self.b_enc, self.b_dec, pre_top,
-                                                indices))
+                                                Entries.of(indices, keep)))
 
     def _encode(self, x: Tensor) -> tuple[Latents, Tensor]:
         """x [B, d_in] -> (values/indices [B, j], pre [B, d_sae]; pre has no graph if sparse)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse):
             pre = self.pre_acts(x)
         indices, keep = self._select(pre.detach())
-        return Latents(self._activate(x, pre, indices, keep), indices, self.d_sae), pre
+        values = self._activate(x, pre, indices, keep)
+        return Latents(values, indices, self.d_sae, keep), pre
 
     def aux_losses(self, x: Tensor, x_hat: Tensor, latents: Latents, pre: Tensor,
                    dead_mask: Tensor | None) -> dict[str, Tensor]:
