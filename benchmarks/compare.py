@@ -64,7 +64,8 @@ def load() -> str:
 
 def run(cmd: list[str]) -> dict:
     """Run one script and parse its JSON line (the last line of stdout)."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": cmd[cmd.index("--threads") + 1]}
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": cmd[cmd.index("--threads") + 1],
+           "PYTHONPATH": str(HERE.parent)}  # sae_step.py imports this checkout's sae_dist
     before = load()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE.parent)
     if proc.returncode:
