@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 import actsfile
-from sae_dist.config import TrainConfig, TrainRunConfig, sae_config
+from sae_dist.config import SAEConfig, TrainConfig, TrainRunConfig, sae_config
 from sae_dist.hookpoints import Hookpoint
 from sae_dist.sae import SparseAutoencoder, TopKSAE
 from sae_dist.trainer import SuiteTrainer
@@ -71,7 +71,7 @@ def time_steps(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, bf16: bool,
     return statistics.median(times)
 
 
-def sae_config_of(args: argparse.Namespace):
+def sae_config_of(args: argparse.Namespace) -> SAEConfig:
     """The SAE config of --arch, --d-sae and --k (JumpReLU: target L0 = k)."""
     if args.arch in ("topk", "batchtopk"):
         return sae_config(args.arch, d_sae=args.d_sae, k=args.k)
