@@ -53,6 +53,8 @@ def parse_args() -> argparse.Namespace:
     s.add_argument("--threads", type=int, default=2)
     s.add_argument("--warmup", type=int, default=2)
     s.add_argument("--steps", type=int, default=7)
+    s.add_argument("--archs", nargs="+", default=ARCHS, choices=ARCHS)
+    s.add_argument("--paths", nargs="+", default=["sparse", "dense"], choices=["sparse", "dense"])
     return p.parse_args()
 
 
@@ -88,20 +90,39 @@ def quality(args: argparse.Namespace) -> None:
 
 
 def speed(args: argparse.Namespace) -> None:
-    """One table row per architecture and decode path."""
+    """One table row per architecture and decode path, at the same width and L0 (JumpReLU's
+    thresholds are set so that each latent fires on k / d_sae of the batch)."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.d_in)
     dead = torch.zeros(args.d_sae, dtype=torch.bool)
     print("| architecture | decode | median step (ms) | tokens/s |\n|---|---|---|---|")
-    for arch in ARCHS:
-        paths = ["sparse", "dense"] if arch in ("topk", "batchtopk") else ["dense"]
-        for path in paths:
-            cfg = sae_config(architecture=arch, d_sae=args.d_sae, k=args.k)
-            extra = {"sparse": path == "sparse"} if arch in ("topk", "batchtopk") else {}
-            sae = SAE_REGISTRY[arch](cfg, args.d_in, **extra)
+    for arch in args.archs:
+        for path in args.paths if arch != "relu" else ["dense"]:
+            sae = SAE_REGISTRY[arch](sae_config(arch, **arch_fields(arch, args)), args.d_in)
+            sae.sparse = path == "sparse"
+            if arch == "jumprelu":
+                set_thresholds_for_l0(sae, x, args.k)
             sec = time_steps(sae, x, dead, False, args.warmup, args.steps)
             print(f"| {arch} | {path} | {sec * 1e3:.0f} | {args.batch / sec:,.0f} |", flush=True)
+
+
+def arch_fields(arch: str, args: argparse.Namespace) -> dict:
+    """Config keys of `arch` for width d_sae and L0 k."""
+    if arch == "relu":
+        return {"d_sae": args.d_sae}
+    if arch == "jumprelu":
+        return {"d_sae": args.d_sae, "target_l0": float(args.k)}
+    return {"d_sae": args.d_sae, "k": args.k}
+
+
+@torch.no_grad()
+def set_thresholds_for_l0(sae: torch.nn.Module, x: torch.Tensor, k: int) -> None:
+    """Each latent's threshold = its (1 - k / d_sae) quantile of pre-activations on x, so the
+    mean L0 on x is about k."""
+    pre = sae.pre_acts(x)
+    rank = max(1, round(x.shape[0] * k / sae.d_sae))
+    sae.log_threshold.copy_(pre.topk(rank, dim=0).values[-1].clamp_min(1e-6).log())
 
 
 def main() -> None:

@@ -1,10 +1,19 @@
-"""Tokens/s of one full SAE training step: forward, backward, parallel-grad removal, Adam step
-and decoder renormalisation, for the sparse TopK kernels and the dense reference path.
+"""SAE training speed, two modes.
 
-    python benchmarks/sae_step.py                      # the figures in benchmarks/README.md
+Training from an activation file (`--data`): trains one SAE with sae_dist's own training step
+(`SuiteTrainer.step`, the step of `python -m sae_dist.train`: input scaling, forward, backward,
+gradient clipping, Adam, LR schedule, decoder renormalisation, dead-latent counters) and prints
+one JSON line: tokens_per_s (training steps after the first 3), fvu / l0 / dead_frac on the
+held-out last 20,000 rows, peak_rss_mb (`actsfile.py` has the protocol).
+
+    python benchmarks/sae_step.py --data ACTS.safetensors --key acts --arch topk --d-sae 9216 \
+        --k 32 --batch 4096 --tokens 400000 --threads 2 [--dtype fp32|bf16]
+
+Step-timing table (no `--data`): one full TopK training step on random data, sparse kernels
+against the dense reference path, one Markdown row per configuration (median after warm-up).
+
+    python benchmarks/sae_step.py --header --autocast   # the table in benchmarks/README.md
     python benchmarks/sae_step.py --paths sparse --autocast --dead-frac 0.5
-
-Prints one Markdown table row per configuration (median of the timed steps after warm-up).
 """
 
 from __future__ import annotations
@@ -15,18 +24,23 @@ import statistics
 import time
 
 import torch
+from accelerate import Accelerator
+from tqdm import tqdm
 
-from sae_dist.config import sae_config
-from sae_dist.sae import TopKSAE
+import actsfile
+from sae_dist.config import SAEConfig, TrainConfig, TrainRunConfig, sae_config
+from sae_dist.hookpoints import Hookpoint
+from sae_dist.sae import SparseAutoencoder, TopKSAE
+from sae_dist.trainer import SuiteTrainer
+
+HOOKPOINT = Hookpoint(12, "resid")
+"""Name under which the trainer holds the SAE (only used for its seed)."""
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--d-in", type=int, default=576)
-    p.add_argument("--d-sae", type=int, default=9216)
-    p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=2)
+    actsfile.add_args(p)
+    p.add_argument("--d-in", type=int, default=576, help="table mode: activation width")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--paths", nargs="+", default=["sparse", "dense"], choices=["sparse", "dense"])
@@ -57,9 +71,49 @@ def time_steps(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, bf16: bool,
     return statistics.median(times)
 
 
+def sae_config_of(args: argparse.Namespace) -> SAEConfig:
+    """The SAE config of --arch, --d-sae and --k (JumpReLU: target L0 = k)."""
+    if args.arch in ("topk", "batchtopk"):
+        return sae_config(args.arch, d_sae=args.d_sae, k=args.k)
+    if args.arch == "jumprelu":
+        return sae_config(args.arch, d_sae=args.d_sae, target_l0=float(args.k))
+    return sae_config(args.arch, d_sae=args.d_sae)
+
+
+def train_from_file(args: argparse.Namespace) -> None:
+    """Train one SAE on --data with `SuiteTrainer` and print the JSON line."""
+    x_train, x_held = actsfile.load(args.data, args.key)
+    args.lr = args.lr or actsfile.default_lr(args.d_sae)
+    cfg = TrainRunConfig(sae=sae_config_of(args), train=TrainConfig(
+        tokens=args.tokens, batch_size=args.batch, lr=args.lr, eval_tokens=0))
+    cfg.trainer.mixed_precision = "bf16" if args.dtype == "bf16" else "no"
+    accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision, cpu=True)
+    trainer = SuiteTrainer([HOOKPOINT], cfg, x_train.shape[1], accelerator)
+    timer = actsfile.StepTimer()
+    stats = {}
+    for batch in tqdm(actsfile.batches(x_train, args.batch, args.tokens), desc=args.arch,
+                      total=trainer.n_steps, unit="step"):
+        timer.start()
+        stats = trainer.step({HOOKPOINT.name: batch})[HOOKPOINT.name]
+        timer.stop(batch.shape[0])
+    sae = trainer.folded_saes()[HOOKPOINT.name].eval()
+    metrics = actsfile.held_out_metrics(lambda rows: decode_dense(sae, rows), x_held)
+    actsfile.report("sae_dist", args, timer, metrics, train_fvu=float(stats["fvu"]),
+                    train_l0=float(stats["l0"]))
+
+
+def decode_dense(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [n, d_in] -> (x_hat [n, d_in], dense latents [n, d_sae]) in inference mode."""
+    latents = sae.encode(x)
+    return sae.decode(latents), latents.dense()
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.data:
+        train_from_file(args)
+        return
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.d_in)
     dead = torch.rand(args.d_sae) < args.dead_frac

@@ -341,8 +341,9 @@ class TrainerConfig:
     kind: TrainerKind = TrainerKind.single
     """single (one process), ddp (accelerate DDP), zero2 / zero3 (DeepSpeed through accelerate),
     sharded (each process trains a balanced subset of the SAEs on every process's activations)."""
-    mixed_precision: str = "no"
-    """accelerate mixed precision of the SAE step: no, bf16 or fp16."""
+    mixed_precision: str = "auto"
+    """accelerate mixed precision of the SAE step: no, bf16, fp16, or auto (bf16 autocast with
+    float32 master weights where the device computes bf16 natively, else no)."""
     deepspeed_config: Optional[str] = None
     """DeepSpeed JSON config (trainer zero2/zero3)."""
     timeout_s: float = 600.0
@@ -465,6 +466,8 @@ def validate(cfg: TrainRunConfig) -> None:
     d = cfg.data
     _check(d.context_size >= 2, "data.context_size", d.context_size, ">= 2")
     _check(d.holdout_every >= 2, "data.holdout_every", d.holdout_every, ">= 2")
+    _check(cfg.trainer.mixed_precision in ("no", "bf16", "fp16", "auto"),
+           "trainer.mixed_precision", cfg.trainer.mixed_precision, "no, bf16, fp16, auto")
     _check(cfg.logger.kind in ("wandb", "none"), "logger.kind", cfg.logger.kind, "wandb, none")
     _check(cfg.logger.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
            cfg.logger.mode, "auto, online, offline, disabled")

@@ -53,6 +53,15 @@ def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
     return dtype
 
 
+def resolve_mixed_precision(name: str, device: str | torch.device = "cpu") -> str:
+    """accelerate's mixed precision for a `trainer.mixed_precision` name: `auto` is bf16 (bf16
+    autocast of the SAE step, float32 master weights) where `device` computes bf16 natively
+    (`resolve_dtype("auto")`), else no; other names pass through."""
+    if name != "auto":
+        return name
+    return "bf16" if resolve_dtype("auto", device) is torch.bfloat16 else "no"
+
+
 def check_shape(model: PreTrainedModel, cfg: ModelConfig) -> None:
     """Raise ConfigError when the loaded model disagrees with the config's declared shape."""
     n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size

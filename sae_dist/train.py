@@ -35,7 +35,7 @@ from sae_dist.distributed import (Topology, all_min, assign_hookpoints, barrier,
                                   init_process_group, sum_counts)
 from sae_dist.errors import ConfigError, DataError
 from sae_dist.hookpoints import grid_hookpoints
-from sae_dist.models import load_model
+from sae_dist.models import load_model, resolve_mixed_precision
 from sae_dist.producer import ActivationProducer, ProducerStats, ShuffleBuffer
 from sae_dist.sae import SparseAutoencoder
 from sae_dist.suite import completed_results, is_complete, suite_info, write_suite
@@ -207,7 +207,9 @@ def make_accelerator(cfg: TrainRunConfig, world: int) -> Accelerator:
     gradient clipping), collective timeout; checks that DDP really spans the processes."""
     trainer = cfg.trainer
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=trainer.timeout_s))
-    kwargs = {"mixed_precision": trainer.mixed_precision, "kwargs_handlers": [timeout],
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs = {"mixed_precision": resolve_mixed_precision(trainer.mixed_precision, device),
+              "kwargs_handlers": [timeout],
               # one LR step per optimizer step, whatever the process count
               "step_scheduler_with_optimizer": False,
               "cpu": not torch.cuda.is_available() and not trainer.kind.zero_stage}

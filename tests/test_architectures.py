@@ -162,7 +162,7 @@ def test_jumprelu_encode_and_l0_penalty_with_warmup():
     l0 = (pre > sae.threshold).sum(1).double().mean()
     sae.set_progress(0.2)  # 40% of the warm-up
     out = sae(x)
-    torch.testing.assert_close(out.latents.values, pre * (pre > sae.threshold))
+    torch.testing.assert_close(out.latents.dense(), pre * (pre > sae.threshold))
     torch.testing.assert_close(out.losses["l0"], 0.01 * 0.4 * l0)
     sae.set_progress(0.7)
     torch.testing.assert_close(sae(x).losses["l0"], 0.01 * l0)
@@ -212,6 +212,66 @@ def test_jumprelu_thresholds_have_their_own_learning_rate():
     assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in sae.parameters()}
 
 
+@pytest.mark.parametrize("target_l0", [None, 4.0])
+def test_jumprelu_sparse_path_matches_dense(target_l0):
+    """Sparse kernels (latents near or above the threshold only, sparse L0 steps) against the
+    dense reference: latents, both losses and every gradient, with entries inside the
+    threshold's gradient window on both sides of the threshold."""
+    x = torch.randn(64, 16, dtype=torch.float64) * 2 + 0.3
+    outs, grads = [], []
+    for sparse in (True, False):
+        sae = make_jumprelu(l0_coef=0.5, target_l0=target_l0, bandwidth=0.4)
+        sae.sparse = sparse
+        with torch.no_grad():
+            sae.b_enc.normal_(0, 0.1)
+            sae.b_dec.normal_(0, 0.1)
+        out = sae(x)
+        sum(out.losses.values()).backward()
+        outs.append(out)
+        grads.append({n: p.grad for n, p in sae.named_parameters()})
+    (sparse_out, dense_out), (sparse_grads, dense_grads) = outs, grads
+    assert sparse_out.latents.indices is not None and dense_out.latents.indices is None
+    assert sparse_out.latents.values.shape[1] < 64  # fewer than d_sae entries per token
+    torch.testing.assert_close(sparse_out.latents.dense(), dense_out.latents.values)
+    torch.testing.assert_close(sparse_out.x_hat, dense_out.x_hat)
+    for name in ("fvu", "l0"):
+        torch.testing.assert_close(sparse_out.losses[name], dense_out.losses[name])
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    in_window = ((pre - sae.threshold).abs() < 0.2).sum()
+    assert in_window > 10  # the threshold gradient has work to do
+    for name, grad in dense_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(sparse_grads[name], grad, msg=name)
+
+
+def test_jumprelu_sparse_encode_without_grad_keeps_only_firing_latents():
+    sae = make_jumprelu()
+    x = torch.randn(30, 16, dtype=torch.float64) * 2
+    with torch.no_grad():
+        latents = sae.encode(x)
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    assert latents.values.shape[1] == int((pre > sae.threshold).sum(1).max())
+    torch.testing.assert_close(latents.dense(), pre * (pre > sae.threshold))
+
+
+def test_jumprelu_step_on_sparse_entries_matches_dense():
+    """StepFn on a sparse COO tensor of the entries above threshold - eps/2 gives the dense
+    steps and the same threshold gradient for any output gradient."""
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(12, 10, generator=gen, dtype=torch.float64)
+    t = torch.rand(10, generator=gen, dtype=torch.float64).requires_grad_()
+    eps, weight = 0.6, torch.randn(12, 10, generator=gen, dtype=torch.float64)
+    at = (pre > t.detach() - eps / 2).nonzero().t()
+    near = torch.sparse_coo_tensor(at, pre[tuple(at)], pre.shape, check_invariants=True)
+    dense = StepFn.apply(pre, t, eps)
+    (dense * weight).sum().backward()
+    expected, t.grad = t.grad, None
+    sparse = StepFn.apply(near, t, eps)
+    assert torch.equal(sparse.to_dense(), dense.detach())
+    (sparse * weight).sum().backward()
+    torch.testing.assert_close(t.grad, expected)
+
+
 def test_jumprelu_trains_only_thresholds_through_the_l0_term():
     sae = make_jumprelu(l0_coef=1.0)
     sae(torch.randn(40, 16, dtype=torch.float64) * 2).losses["l0"].backward()
@@ -230,7 +290,7 @@ def test_batch_topk_is_the_batch_level_top_n():
     expected = torch.zeros_like(pre).flatten()
     top = pre.relu().flatten().topk(n)
     expected[top.indices] = top.values
-    got = torch.zeros_like(pre).scatter(1, indices, pre.gather(1, indices) * keep)
+    got = torch.zeros_like(pre).scatter_add(1, indices, pre.gather(1, indices) * keep)
     assert torch.equal(got, expected.view_as(pre))
     assert int(keep.sum()) == n and int(keep[3].sum()) > 4 * 4
     assert threshold == top.values.min()

@@ -7,7 +7,7 @@ from omegaconf.errors import ValidationError
 
 from sae_dist import train as train_module
 from sae_dist.config import ConfigError, validate
-from sae_dist.models import load_model, resolve_dtype
+from sae_dist.models import load_model, resolve_dtype, resolve_mixed_precision
 from tests.conftest import compose_train_config
 
 
@@ -29,6 +29,7 @@ def no_model_load(monkeypatch):
     ("train.checkpoint_every=-1", r"train.checkpoint_every=-1 .*>= 0"),
     ("train.log_every=0", r"train.log_every=0 .*> 0"),
     ("train.tokens=100", r"train.tokens=100 .*>= train.batch_size"),
+    ("trainer.mixed_precision=bf15", r"trainer.mixed_precision='bf15'.*no, bf16, fp16, auto"),
 ])
 def test_bad_config_fails_before_model_load(no_model_load, override, message):
     with pytest.raises(ConfigError, match=message):  # at composition or at start-up
@@ -68,6 +69,8 @@ def test_auto_dtype_follows_native_cpu_bf16(monkeypatch, avx512_bf16, amx, expec
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     assert resolve_dtype("auto", "cpu") is expected
     assert resolve_dtype("float16", "cpu") is torch.float16
+    assert resolve_mixed_precision("auto", "cpu") == ("bf16" if avx512_bf16 or amx else "no")
+    assert resolve_mixed_precision("no", "cpu") == "no"
 
 
 def test_auto_dtype_loads_a_model():

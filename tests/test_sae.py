@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_dist.config import ConfigError, sae_config
 from sae_dist.sae import SAE_REGISTRY, Latents, TopKSAE, build_sae, sae_from_saelens
-from sae_dist.sae.sparse_ops import TopKEncode, scatter_outer
+from sae_dist.sae.sparse_ops import Entries, GatheredPreActs, pad_rows, scatter_outer
 
 
 def make_topk(d_in: int = 16, d_sae: int = 96, k: int = 5, k_aux: int | None = 7,
@@ -85,7 +85,7 @@ def test_encode_is_relu_of_topk_preactivations():
     torch.testing.assert_close(sae.decode(latents), latents.dense() @ sae.W_dec + sae.b_dec)
 
 
-def test_topk_encode_gradcheck():
+def test_gathered_pre_acts_gradcheck():
     """The custom backward is the true derivative, including w.r.t. the input x."""
     sae = make_topk(d_in=6, d_sae=20, k=3)
     x = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
@@ -93,7 +93,7 @@ def test_topk_encode_gradcheck():
 
     def values(x_, w, b_enc, b_dec):
         pre_top = ((x_ - b_dec) @ w + b_enc).detach().gather(1, idx)
-        return TopKEncode.apply(x_, w, b_enc, b_dec, pre_top, idx)
+        return GatheredPreActs.apply(x_, w, b_enc, b_dec, pre_top, Entries.of(idx))
 
     assert torch.autograd.gradcheck(values, (x, sae.W_enc, sae.b_enc, sae.b_dec))
 
@@ -103,7 +103,22 @@ def test_scatter_outer_matches_dense():
     coeffs = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 4.0]])
     rows = torch.randn(3, 4)
     s = torch.zeros(3, 5).scatter_(1, idx, coeffs)  # [B, d_sae]
-    torch.testing.assert_close(scatter_outer(idx, coeffs, rows, 5), s.t() @ rows)
+    got = scatter_outer(Entries.of(idx), coeffs.reshape(-1), rows, 5)
+    torch.testing.assert_close(got, s.t() @ rows)
+    live = torch.tensor([[True, False], [True, True], [False, True]])  # skips the others
+    got = scatter_outer(Entries.of(idx, live), coeffs[live], rows, 5)
+    s_live = torch.zeros(3, 5).scatter_(1, idx, coeffs * live)
+    torch.testing.assert_close(got, s_live.t() @ rows)
+
+
+def test_pad_rows_lays_ragged_entries_out_per_row():
+    rows, cols = torch.tensor([0, 0, 2, 2, 2]), torch.tensor([4, 1, 0, 3, 2])
+    indices, values, live = pad_rows(rows, cols, torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), 3,
+                                     -1.0)
+    assert torch.equal(indices, torch.tensor([[4, 1, 0], [0, 0, 0], [0, 3, 2]]))
+    assert torch.equal(live, torch.tensor([[True, True, False], [False] * 3, [True] * 3]))
+    assert torch.equal(values, torch.tensor([[1.0, 2.0, -1.0], [-1.0, -1.0, -1.0],
+                                             [3.0, 4.0, 5.0]]))
 
 
 def test_bf16_autocast_close_to_float32():

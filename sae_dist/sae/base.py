@@ -2,7 +2,7 @@
 
 An architecture is one file with a `SparseAutoencoder` subclass decorated with
 `@register("<name>")`. It implements `_encode` (latents and pre-activations) and, if it adds
-loss terms, `aux_losses`; it may override `_decode_latents` for a faster decoder. Parameters,
+loss terms, `aux_losses`; sparse latents decode through an `embedding_bag`. Parameters,
 decoder constraints, input-scale folding and the SAELens v6 layout are shared.
 
 The trainer calls `init_from_batch` once with the first (scaled) batch, `param_groups` to build
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from sae_dist.config import SAEConfig, sae_config
 from sae_dist.distributed import LOCAL, BatchGroup
+from sae_dist.sae.sparse_ops import Entries
 
 SAE_REGISTRY: dict[str, type["SparseAutoencoder"]] = {}
 """Architecture name (`SAEConfig.architecture`, SAELens `architecture`) -> class."""
@@ -55,6 +56,9 @@ class Latents:
     indices: Tensor | None
     """int64 [B, k] latent ids of `values`, or None for dense latents."""
     d_sae: int
+    live: Tensor | None = None
+    """bool [B, k]: the entries that take part (others are padding, with value 0 and no
+    gradient); None: all of them."""
 
     def dense(self) -> Tensor:
         """[B, d_sae] latent matrix (differentiable in `values`)."""
@@ -135,6 +139,9 @@ class SparseAutoencoder(nn.Module):
     """The SAELens v6 `architecture` this class exports as (default: `architecture`)."""
     saelens_fields: ClassVar[tuple[str, ...]] = ()
     """Config fields written to, and read back from, the SAELens cfg (e.g. "k")."""
+    sparse: bool = True
+    """Sparse kernels where the latents are sparse (the training default); False selects the
+    plain-autograd dense reference path, with the same results."""
 
     def __init__(self, cfg: SAEConfig, d_in: int):
         super().__init__()
@@ -177,8 +184,12 @@ class SparseAutoencoder(nn.Module):
         return self._encode(x)[0]
 
     def _decode_latents(self, latents: Latents) -> Tensor:
-        """sum_l latents[:, l] * W_dec[l], without b_dec: [B, d_in]."""
-        return latents.dense().to(self.W_dec.dtype) @ self.W_dec
+        """sum_l latents[:, l] * W_dec[l], without b_dec: [B, d_in]. Sparse latents
+        (values/indices [B, j]) go through an `embedding_bag` over their live entries' decoder
+        rows (unless `sparse` is False), dense ones through a matmul."""
+        if latents.indices is None or not self.sparse:
+            return latents.dense().to(self.W_dec.dtype) @ self.W_dec
+        return Entries.of(latents.indices, latents.live).bag_sum(latents.values, self.W_dec)
 
     def decode(self, latents: Latents) -> Tensor:
         """latents -> x_hat [B, d_in] (includes + b_dec)."""

@@ -7,9 +7,10 @@ the mean of the training batches' thresholds (the smallest activation each kept)
 initialisation, would bias it). In eval mode the SAE keeps relu(pre) > threshold, and it exports
 to SAELens as architecture "jumprelu" with that threshold for every latent.
 
-Latents stay sparse: each token's candidates are padded to the largest count in the batch
-(indices [B, m], unkept entries have value 0), so the TopK kernels (`TopKEncode`,
-`embedding_bag`) and the AuxK loss of `TopKSAE` apply unchanged.
+Latents stay sparse: each token's kept entries are padded to the largest count in the batch
+(indices [B, m], with a `live` mask; padding has value 0), so the TopK kernels
+(`GatheredPreActs`, `embedding_bag`, which skip the padding) and the AuxK loss of `TopKSAE`
+apply unchanged.
 """
 
 from __future__ import annotations
@@ -21,41 +22,52 @@ from sae_dist.config import BatchTopKConfig, JumpReLUConfig
 from sae_dist.distributed import LOCAL, BatchGroup
 from sae_dist.sae.base import SAEOutput, register
 from sae_dist.sae.jumprelu import JumpReLUSAE
+from sae_dist.sae.sparse_ops import pad_rows
 from sae_dist.sae.topk import TopKSAE
 
 
 def select_above(pre: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
-    """Entries of pre [B, d_sae] strictly above `threshold` (scalar), as the indices [B, m] of
-    each row's m largest entries (m = the largest count, at least 1) and a keep mask [B, m]."""
-    m = max(1, int((pre > threshold).sum(1).max()))
-    top = pre.topk(m, dim=1, sorted=False)
-    return top.indices, top.values > threshold
+    """Entries of pre [B, d_sae] strictly above `threshold` (scalar), as per-token lists padded
+    to the longest: (indices [B, m], live mask [B, m])."""
+    rows, cols = (pre > threshold).nonzero(as_tuple=True)
+    indices, _, live = pad_rows(rows, cols, pre.new_empty(rows.numel()), pre.shape[0], 0.0)
+    return indices, live
+
+
+def nth_largest(pre: Tensor, n: int, group: BatchGroup = LOCAL) -> Tensor:
+    """The n-th largest entry of pre [B, d_sae] over the whole (global) batch, at least 0.
+
+    Candidates are each row's top 4n/B entries (B: global rows); a row whose candidates all
+    reach the threshold found may hold more, so its whole row joins the candidates and the
+    threshold is taken again (it can only rise, so no other row can saturate). Under data
+    parallelism each process offers its n best candidates and the threshold is the n-th
+    largest of all offers, as in one process."""
+    n_rows, d_sae = pre.shape
+    global_rows = int(group.sum(torch.tensor(n_rows)))
+    top = pre.topk(min(d_sae, 4 * -(-n // global_rows)), dim=1, sorted=False).values
+
+    def threshold_of(candidates: Tensor) -> Tensor:
+        offers = group.cat(candidates.topk(min(n, candidates.numel()), sorted=False).values)
+        return offers.topk(n, sorted=False).values.min().clamp_min(0)
+
+    threshold = threshold_of(top.flatten())
+    saturated = (top.min(1).values >= threshold) & (top.shape[1] < d_sae)
+    if int(group.max(saturated.any().long())):
+        threshold = threshold_of(torch.cat([top[~saturated].flatten(),
+                                            pre[saturated].flatten()]))
+    return threshold
 
 
 def batch_topk(pre: Tensor, n: int, group: BatchGroup = LOCAL) -> tuple[Tensor, Tensor, Tensor]:
     """The n largest entries of relu(pre) [B, d_sae] over the whole (global) batch.
 
-    Returns (indices [B, m], keep [B, m], threshold): each row's m largest entries, the mask
-    of those among the n kept (>= threshold and > 0), and threshold = the n-th largest (>= 0).
-    Searches each row's top 4n/B candidates first (B: global rows) and widens only if a row
-    could hold more. Under data parallelism each process offers its n best candidates and the
-    threshold is the n-th largest of all offers, as in one process.
-    """
-    n_rows, d_sae = pre.shape
-    global_rows = int(group.sum(torch.tensor(n_rows)))
-    width = min(d_sae, 4 * -(-n // global_rows))
-    while True:
-        top = pre.topk(width, dim=1, sorted=True)
-        flat = top.values.flatten()
-        offers = group.cat(flat.topk(min(n, flat.numel()), sorted=False).values)
-        threshold = offers.topk(n, sorted=False).values.min().clamp_min(0)
-        counts = (top.values >= threshold).sum(1)
-        if width == d_sae or int(group.max(counts.max())) < width:
-            break
-        width = min(d_sae, 2 * width)
-    m = max(1, int(counts.max()))
-    values = top.values[:, :m]
-    return top.indices[:, :m], (values >= threshold) & (values > 0), threshold
+    Returns (indices [B, m], keep [B, m], threshold): each row's kept entries (>= threshold
+    and > 0, the threshold being the n-th largest, `nth_largest`) padded to the longest row,
+    the mask of the real (kept) entries, and the threshold."""
+    threshold = nth_largest(pre, n, group)
+    rows, cols = ((pre >= threshold) & (pre > 0)).nonzero(as_tuple=True)
+    indices, _, keep = pad_rows(rows, cols, pre.new_empty(rows.numel()), pre.shape[0], 0.0)
+    return indices, keep, threshold
 
 
 @register("batchtopk")

@@ -8,10 +8,12 @@ rectangle kernel K(u) = 1{|u| < 1/2} of width `bandwidth` (eps):
     d H(pre_i - theta_i) / d theta_i := -(1 / eps) K((pre_i - theta_i) / eps)
 
 while pre_i gets the plain gradient H(pre_i - theta_i) from z_i and none from the L0 penalty.
-The loss is FVU + coef * mean_tokens L0 (coef warmed up linearly), or with a target L0,
-FVU + coef * (L0 / target - 1)^2 over the batch mean L0.
+The loss is FVU + coef * mean_tokens L0. Without a target L0 the coefficient is warmed up
+linearly; with `target_l0` the thresholds start at the target (`init_from_batch`) and an L0
+controller on the log-thresholds holds it (`after_step`).
 
-Latents are dense ([B, d_sae]); the SAELens export holds `threshold = exp(log_threshold)`.
+Latents are sparse (only the entries near or above the threshold take part in the step, see
+`_encode`); the SAELens export holds `threshold = exp(log_threshold)`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 
 from sae_dist.config import JumpReLUConfig
 from sae_dist.sae.base import Latents, SAEOutput, SparseAutoencoder, register
+from sae_dist.sae.sparse_ops import Entries, GatheredPreActs, pad_rows
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -43,15 +46,17 @@ def upper_quantile(pre: Tensor, frac: float) -> Tensor:
 
 
 class JumpReLUFn(torch.autograd.Function):
-    """pre [B, d_sae], threshold [d_sae] (>= 0), bandwidth -> pre * H(pre - threshold) with the
-    straight-through threshold gradient -(threshold / eps) K((pre - threshold) / eps). Under
-    autocast `pre` may be bfloat16; the comparison is made in the threshold's dtype."""
+    """pre, threshold (>= 0, broadcast to pre's shape: [d_sae] for pre [B, d_sae], or one per
+    entry), bandwidth -> pre * H(pre - threshold) with the straight-through threshold gradient
+    -(threshold / eps) K((pre - threshold) / eps), summed back to threshold's shape. Under
+    autocast `pre` may be bfloat16; the comparison is made in the promoted dtype. An entry of
+    pre may be -inf (padding): its output and gradients are 0."""
 
     @staticmethod
     def forward(ctx: Any, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
         ctx.save_for_backward(pre, threshold)
         ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
+        return torch.where(pre > threshold, pre, 0)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
@@ -59,26 +64,41 @@ class JumpReLUFn(torch.autograd.Function):
         eps = ctx.bandwidth
         grad_pre = grad * (pre > threshold)
         kernel = rectangle((pre - threshold) / eps)
-        grad_threshold = -(threshold / eps) * (kernel * grad).sum(0)
+        grad_threshold = (-(threshold / eps) * (kernel * grad)).sum_to_size(threshold.shape)
         return grad_pre, grad_threshold.to(threshold.dtype), None
 
 
 class StepFn(torch.autograd.Function):
     """pre [B, d_sae], threshold [d_sae], bandwidth -> H(pre - threshold) with the
-    straight-through threshold gradient -(1 / eps) K((pre - threshold) / eps) and none for pre."""
+    straight-through threshold gradient -(1 / eps) K((pre - threshold) / eps) and none for pre.
+
+    `pre` may be dense, or a sparse COO tensor holding every entry with pre > threshold - eps/2
+    (the others have H = 0 and no gradient); the output then has the same sparsity."""
 
     @staticmethod
     def forward(ctx: Any, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
         ctx.save_for_backward(pre, threshold)
         ctx.bandwidth = bandwidth
-        return (pre > threshold).to(pre.dtype)
+        if not pre.is_sparse:
+            return (pre > threshold).to(pre.dtype)
+        values, cols = pre._values(), pre._indices()[1]
+        steps = (values > threshold[cols]).to(values.dtype)
+        return torch.sparse_coo_tensor(pre._indices(), steps, pre.shape, is_coalesced=True,
+                                       check_invariants=False)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
         pre, threshold = ctx.saved_tensors
         eps = ctx.bandwidth
-        kernel = rectangle((pre - threshold) / eps)
-        return None, (-(kernel * grad).sum(0) / eps).to(threshold.dtype), None
+        if not pre.is_sparse:
+            kernel = rectangle((pre - threshold) / eps)
+            return None, (-(kernel * grad).sum(0) / eps).to(threshold.dtype), None
+        rows, cols = pre._indices()
+        grad_at = grad.sparse_mask(pre)._values() if grad.is_sparse else grad[rows, cols]
+        kernel = rectangle((pre._values() - threshold[cols]) / eps)
+        grad_threshold = torch.zeros_like(threshold).index_add_(
+            0, cols, (-(kernel * grad_at) / eps).to(threshold.dtype))
+        return None, grad_threshold, None
 
 
 @register("jumprelu")
@@ -139,10 +159,31 @@ class JumpReLUSAE(SparseAutoencoder):
         return self.log_threshold.exp().to(self.W_enc.dtype)
 
     def _encode(self, x: Tensor) -> tuple[Latents, Tensor]:
-        """x [B, d_in] -> (dense latents [B, d_sae], pre [B, d_sae] with graph)."""
-        pre = self.pre_acts(x)
-        values = JumpReLUFn.apply(pre, self.threshold, self.cfg.bandwidth)
-        return Latents(values, None, self.d_sae), pre
+        """x [B, d_in] -> (latents, pre-activations).
+
+        Sparse (default): pre [B, d_sae] from one matmul outside autograd; the latents are each
+        token's entries above threshold - eps/2 (the threshold's gradient window; above the
+        threshold itself when no gradient is taken), padded per token (values/indices [B, m],
+        padding value 0), with sparse encoder gradients (`GatheredPreActs`); `pre` is returned
+        as a sparse COO tensor of those entries (for `StepFn`). Dense reference
+        (`sparse=False`): dense latents and pre [B, d_sae] with graph."""
+        threshold, grad = self.threshold, torch.is_grad_enabled()
+        if not self.sparse:
+            pre = self.pre_acts(x)
+            values = JumpReLUFn.apply(pre, threshold, self.cfg.bandwidth)
+            return Latents(values, None, self.d_sae), pre
+        with torch.no_grad():
+            pre = self.pre_acts(x)
+            lowest = threshold - self.cfg.bandwidth / 2 if grad else threshold
+            rows, cols = (pre > lowest.detach()).nonzero(as_tuple=True)
+            near = pre[rows, cols]
+            indices, pre_at, live = pad_rows(rows, cols, near, pre.shape[0], float("-inf"))
+        pre_at = GatheredPreActs.apply(x, self.W_enc, self.b_enc, self.b_dec, pre_at,
+                                       Entries.of(indices, live))
+        values = JumpReLUFn.apply(pre_at, threshold[indices], self.cfg.bandwidth)
+        near_pre = torch.sparse_coo_tensor(torch.stack([rows, cols]), near, pre.shape,
+                                           is_coalesced=True, check_invariants=False)
+        return Latents(values, indices, self.d_sae, live), near_pre
 
     def aux_losses(self, x: Tensor, x_hat: Tensor, latents: Latents, pre: Tensor,
                    dead_mask: Tensor | None) -> dict[str, Tensor]:

@@ -1,85 +1,142 @@
-"""Sparse autograd kernels for TopK-style SAEs.
+"""Sparse autograd kernels for SAEs whose latents are sparse (TopK, BatchTopK, JumpReLU).
 
-A TopK SAE keeps k << d_sae latents per token, so the gradients of the encoder only touch
-B*k columns of `W_enc`. These kernels compute them from the (token, latent) pairs instead of
-a dense [B, d_sae] gradient of the pre-activations, which would cost two more dense matmuls.
+Such an SAE keeps a few latents per token (k << d_sae, or those above a threshold), so the
+gradients of the encoder only touch those columns of `W_enc`. These kernels compute them from
+the (token, latent) pairs instead of a dense [B, d_sae] gradient of the pre-activations, which
+would cost two more dense matmuls.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
-def scatter_outer(indices: Tensor, coeffs: Tensor, rows: Tensor, d_sae: int) -> Tensor:
-    """Sum of outer products keyed by latent: out[l] = sum over (b, j) with indices[b, j] == l
-    of coeffs[b, j] * rows[b].
+@dataclass
+class Entries:
+    """The entries of per-token latent lists [B, j] that take part in a computation, flattened
+    in row order: `latent` int64 [n], `row` int64 [n] (their token), `offsets` int64 [B] (where
+    each token's entries start, as `embedding_bag` takes them), `live` bool [B, j] or None
+    (every entry)."""
 
-    indices int64 [B, k], coeffs [B, k], rows [B, d] -> [d_sae, d] in the dtype of `rows`.
-    Equal to S.T @ rows for the dense S [B, d_sae] holding coeffs at indices; computed as a
-    latent-major CSR matrix [d_sae, B] times `rows` (faster on CPU than COO or index_add_).
+    latent: Tensor
+    row: Tensor
+    offsets: Tensor
+    live: Tensor | None
+
+    @classmethod
+    def of(cls, indices: Tensor, live: Tensor | None = None) -> "Entries":
+        """The entries of indices int64 [B, j] where `live` [B, j] is True (None: all)."""
+        n_rows, j = indices.shape
+        if live is None:
+            counts = torch.full((n_rows,), j, dtype=torch.long, device=indices.device)
+            latent = indices.reshape(-1)
+        else:
+            counts = live.sum(1)
+            latent = indices[live]
+        row = torch.repeat_interleave(torch.arange(n_rows, device=indices.device), counts,
+                                      output_size=latent.numel())
+        return cls(latent, row, torch.cumsum(counts, 0) - counts, live)
+
+    def take(self, values: Tensor) -> Tensor:
+        """values [B, j] -> [n] of the entries (differentiable)."""
+        return values.reshape(-1) if self.live is None else values[self.live]
+
+    def bag_sum(self, values: Tensor, table: Tensor) -> Tensor:
+        """[B, d] = per token, the sum of its entries' values [B, j] times table[latent] [d]
+        (`embedding_bag`, differentiable in both)."""
+        return F.embedding_bag(self.latent, table, self.offsets, mode="sum",
+                               per_sample_weights=self.take(values).to(table.dtype))
+
+
+def scatter_outer(entries: Entries, coeffs: Tensor, rows: Tensor, d_sae: int) -> Tensor:
+    """Sum of outer products keyed by latent: out[l] = sum over the entries e with
+    latent[e] == l of coeffs[e] * rows[row[e]].
+
+    coeffs [n] (one per entry), rows [B, d] -> [d_sae, d] in the dtype of `rows`. Equal to
+    S.T @ rows for the dense S [B, d_sae] holding the coeffs; computed as a latent-major CSR
+    matrix [d_sae, B] times `rows` (faster on CPU than COO or index_add_).
     """
-    n_tokens, k = indices.shape
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)  # the default unstable CPU sort is ~50x slower here
-    crow = torch.zeros(d_sae + 1, dtype=torch.int32, device=flat.device)
-    torch.cumsum(torch.bincount(flat, minlength=d_sae), 0, out=crow[1:])
-    col = torch.div(order, k, rounding_mode="floor").to(torch.int32)
-    vals = coeffs.reshape(-1)[order].to(rows.dtype)
+    # stable: the default unstable CPU sort was ~50x slower here
+    order = torch.argsort(entries.latent, stable=True)
+    crow = torch.zeros(d_sae + 1, dtype=torch.int32, device=rows.device)
+    torch.cumsum(torch.bincount(entries.latent, minlength=d_sae), 0, out=crow[1:])
+    col = entries.row[order].to(torch.int32)
+    vals = coeffs[order].to(rows.dtype)
     with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process
         warnings.simplefilter("ignore", UserWarning)
-        s = torch.sparse_csr_tensor(crow, col, vals, (d_sae, n_tokens), check_invariants=False)
+        s = torch.sparse_csr_tensor(crow, col, vals, (d_sae, rows.shape[0]),
+                                    check_invariants=False)
     return s @ rows
 
 
-class TopKEncode(torch.autograd.Function):
-    """relu(pre[b, indices[b, j]]) with sparse gradients for x, W_enc, b_enc and b_dec.
+def pad_rows(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int,
+             fill: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Ragged (row, column, value) entries, sorted by row, as per-row lists padded to the
+    longest: (indices int64 [n_rows, m], values [n_rows, m], live bool [n_rows, m]), m = max
+    entries of a row (>= 1); padding has column 0, value `fill` and live False."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    m = max(1, int(counts.max())) if rows.numel() else 1
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+    indices = torch.zeros(n_rows, m, dtype=torch.long, device=rows.device)
+    indices[rows, pos] = cols
+    padded = values.new_full((n_rows, m), fill)
+    padded[rows, pos] = values
+    live = torch.zeros(n_rows, m, dtype=torch.bool, device=rows.device)
+    live[rows, pos] = True
+    return indices, padded, live
+
+
+class GatheredPreActs(torch.autograd.Function):
+    """The encoder pre-activations at a few latents per token, with sparse gradients for x,
+    W_enc, b_enc and b_dec.
 
     forward(x [B, d_in], W_enc [d_in, d_sae], b_enc [d_sae], b_dec [d_in],
-            pre_top [B, k] (pre-activations gathered at `indices`, no grad),
-            indices int64 [B, k]) -> values [B, k] = relu(pre_top),
-    where pre = (x - b_dec) @ W_enc + b_enc was computed once outside autograd.
+            pre_at [B, j] (pre gathered at the entries' latents, no grad), entries) -> pre_at,
+    where pre = (x - b_dec) @ W_enc + b_enc was computed once outside autograd. Entries that
+    are not live (padding) get no gradient.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
-                pre_top: Tensor, indices: Tensor) -> Tensor:
-        values = pre_top.clamp_min(0)
-        ctx.save_for_backward(x, W_enc, b_dec, indices, values)
-        return values
+                pre_at: Tensor, entries: Entries) -> Tensor:
+        ctx.save_for_backward(x, W_enc, b_dec)
+        ctx.entries = entries
+        return pre_at.clone()
 
     @staticmethod
-    def backward(ctx, grad_values: Tensor):
-        x, W_enc, b_dec, indices, values = ctx.saved_tensors
+    def backward(ctx, grad: Tensor):
+        x, W_enc, b_dec = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):  # grads in the parameters' dtype
-            grads = _topk_encode_grads(x, W_enc, b_dec, indices, values, grad_values,
-                                       ctx.needs_input_grad[:4])
+            grads = _encoder_grads(x, W_enc, b_dec, ctx.entries, ctx.entries.take(grad),
+                                   ctx.needs_input_grad[:4])
         return *grads, None, None
 
 
-def _topk_encode_grads(x: Tensor, W_enc: Tensor, b_dec: Tensor, indices: Tensor,
-                       values: Tensor, grad_values: Tensor, needed: tuple[bool, ...]
-                       ) -> tuple[Tensor | None, ...]:
-    """Gradients (x, W_enc, b_enc, b_dec) of `TopKEncode`, None where not `needed`.
+def _encoder_grads(x: Tensor, W_enc: Tensor, b_dec: Tensor, entries: Entries, grad: Tensor,
+                   needed: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    """Gradients (x, W_enc, b_enc, b_dec) of `GatheredPreActs`, None where not `needed`.
 
-    With g [B, k] the gradient of the pre-activations at `indices` (zero where relu cut):
-    b_enc: index_add of g; W_enc: scatter_outer(g, x - b_dec).T; b_dec: -W_enc @ grad_b_enc;
-    x: the k rows W_enc[:, indices[b]] weighted by g[b] (embedding_bag).
+    With g [n] the gradient of the pre-activations at the entries: b_enc: index_add of g;
+    W_enc: scatter_outer(g, x - b_dec).T; b_dec: -W_enc @ grad_b_enc; x: per token, its
+    entries' rows W_enc[:, latent] weighted by g (embedding_bag).
     """
     need_x, need_w, need_benc, need_bdec = needed
-    g = grad_values.to(W_enc.dtype) * (values > 0)
+    g = grad.to(W_enc.dtype)
     grad_x = grad_w = grad_b_enc = grad_b_dec = None
     if need_benc or need_bdec:
         grad_b_enc = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=g.device)
-        grad_b_enc.index_add_(0, indices.reshape(-1), g.reshape(-1))
+        grad_b_enc.index_add_(0, entries.latent, g)
     if need_w:
-        grad_w = scatter_outer(indices, g, (x - b_dec).to(W_enc.dtype), W_enc.shape[1]).t()
+        grad_w = scatter_outer(entries, g, (x - b_dec).to(W_enc.dtype), W_enc.shape[1]).t()
     if need_bdec:
         grad_b_dec = -(W_enc @ grad_b_enc)
     if need_x:
-        grad_x = F.embedding_bag(indices, W_enc.t(), per_sample_weights=g, mode="sum")
-        grad_x = grad_x.to(x.dtype)
+        grad_x = F.embedding_bag(entries.latent, W_enc.t(), entries.offsets,
+                                 per_sample_weights=g, mode="sum").to(x.dtype)
     return grad_x, grad_w, grad_b_enc if need_benc else None, grad_b_dec

@@ -1,7 +1,7 @@
 """TopK SAE (Gao et al. 2024): keep the k largest pre-activations per token, then ReLU.
 
 The training step never builds a dense [B, d_sae] latent matrix or a dense gradient of the
-pre-activations: the pre-activations come from one matmul outside autograd, `TopKEncode`
+pre-activations: the pre-activations come from one matmul outside autograd, `GatheredPreActs`
 gives sparse encoder gradients, and the decoder is an `embedding_bag` over the k active rows.
 `sparse=False` selects a plain-autograd dense reference path with the same results.
 """
@@ -9,12 +9,11 @@ gives sparse encoder gradients, and the decoder is an `embedding_bag` over the k
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sae_dist.config import TopKConfig
 from sae_dist.sae.base import Latents, SparseAutoencoder, register, total_variance
-from sae_dist.sae.sparse_ops import TopKEncode
+from sae_dist.sae.sparse_ops import Entries, GatheredPreActs
 
 
 @register("topk")
@@ -50,21 +49,16 @@ class TopKSAE(SparseAutoencoder):
         pre_top = pre.detach().gather(1, indices)
         if keep is not None:
             pre_top = pre_top.masked_fill(~keep, 0)
-        return TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, pre_top, indices)
+        return torch.relu(GatheredPreActs.apply(x, self.W_enc, self.b_enc, self.b_dec, pre_top,
+                                                Entries.of(indices, keep)))
 
     def _encode(self, x: Tensor) -> tuple[Latents, Tensor]:
         """x [B, d_in] -> (values/indices [B, j], pre [B, d_sae]; pre has no graph if sparse)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse):
             pre = self.pre_acts(x)
         indices, keep = self._select(pre.detach())
-        return Latents(self._activate(x, pre, indices, keep), indices, self.d_sae), pre
-
-    def _decode_latents(self, latents: Latents) -> Tensor:
-        """[B, d_in] = sum_j values[:, j] * W_dec[indices[:, j]] (embedding_bag if sparse)."""
-        if not self.sparse or latents.indices is None:
-            return super()._decode_latents(latents)
-        return F.embedding_bag(latents.indices, self.W_dec, mode="sum",
-                               per_sample_weights=latents.values.to(self.W_dec.dtype))
+        values = self._activate(x, pre, indices, keep)
+        return Latents(values, indices, self.d_sae, keep), pre
 
     def aux_losses(self, x: Tensor, x_hat: Tensor, latents: Latents, pre: Tensor,
                    dead_mask: Tensor | None) -> dict[str, Tensor]:
