@@ -43,6 +43,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="Adam learning rate (default 2e-4 / sqrt(d_sae / 16384), Gao et al.)")
 
 
+def topk_setup(description: str, tool: str
+               ) -> tuple[argparse.Namespace, torch.Tensor, torch.Tensor]:
+    """What every comparison script of another tool does first: parse the common interface
+    (TopK only), set threads and seed 0, load the file, fill in the default learning rate.
+    Returns (args, training rows, held-out rows)."""
+    p = argparse.ArgumentParser(description=description)
+    add_args(p)
+    args = p.parse_args()
+    if args.arch != "topk":
+        raise SystemExit(f"the {tool} comparison covers TopK only (--arch topk)")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x_train, x_held = load(args.data, args.key)
+    args.lr = args.lr or default_lr(args.d_sae)
+    return args, x_train, x_held
+
+
 def default_lr(d_sae: int) -> float:
     """2e-4 / sqrt(d_sae / 2^14): the learning rate every tool gets unless --lr is given."""
     return 2e-4 / (d_sae / 2**14) ** 0.5

@@ -28,10 +28,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from sae_dist.cli import CONF_DIR
+from sae_dist.cli import _compose
 from sae_dist.config import TrainRunConfig, register_configs
 from sae_dist.distributed import Topology
 from sae_dist.hookpoints import decoder_stack
@@ -49,10 +48,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def compose_config(overrides: list[str], out_dir: str) -> TrainRunConfig:
+    """conf/train.yaml plus the overrides, composed as `python -m sae_dist.train` does."""
     register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="train",
-                      overrides=[*overrides, "logger=none", f"out_dir={out_dir}"])
+    cfg, _ = _compose("train", [*overrides, "logger=none", f"out_dir={out_dir}"])
     return OmegaConf.to_object(cfg)
 
 

@@ -16,7 +16,6 @@ the end, as `fit` does. `--dtype bf16`: SAETrainer's bf16 autocast.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 from sae_lens.config import SAETrainerConfig
@@ -27,15 +26,7 @@ import actsfile
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    actsfile.add_args(p)
-    args = p.parse_args()
-    if args.arch != "topk":
-        raise SystemExit("this comparison covers TopK only (--arch topk)")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    x_train, x_held = actsfile.load(args.data, args.key)
-    args.lr = args.lr or actsfile.default_lr(args.d_sae)
+    args, x_train, x_held = actsfile.topk_setup(__doc__.split("\n\n")[0], "SAELens")
     d_in, n_steps = x_train.shape[1], args.tokens // args.batch
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(
         d_in=d_in, d_sae=args.d_sae, k=args.k, dtype="float32", device="cpu",

@@ -17,7 +17,6 @@ none; FVU does not depend on the scale).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 
 import torch
@@ -28,15 +27,7 @@ import actsfile
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    actsfile.add_args(p)
-    args = p.parse_args()
-    if args.arch != "topk":
-        raise SystemExit("sparsify trains TopK SAEs only (--arch topk)")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    x_train, x_held = actsfile.load(args.data, args.key)
-    args.lr = args.lr or actsfile.default_lr(args.d_sae)
+    args, x_train, x_held = actsfile.topk_setup(__doc__.split("\n\n")[0], "sparsify")
     sae = SparseCoder(x_train.shape[1], SparseCoderConfig(num_latents=args.d_sae, k=args.k),
                       device="cpu", dtype=torch.float32)
     n_steps = args.tokens // args.batch
