@@ -65,6 +65,21 @@ def tiny_model(tiny_cfg):
     return _random_model(tiny_cfg.model).eval().requires_grad_(False)
 
 
+def random_token_batches(n: int, rows: int, cols: int, drop: float, seed: int) -> list:
+    """n TokenBatches of random token ids [rows, cols] (ids < 3000) with a random train mask
+    (each position left out with probability `drop`; column 0, the BOS column, always)."""
+    from sae_dist.data import TokenBatch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 3000, (rows, cols), generator=gen)
+        mask = torch.rand(rows, cols, generator=gen) > drop
+        mask[:, 0] = False
+        out.append(TokenBatch(ids, mask))
+    return out
+
+
 SINK_POSITION = 5
 """The position at which `sink_tiny_model` has a massive activation, in every row."""
 

@@ -19,7 +19,8 @@ from sae_dist.hookpoints import Hookpoint, capture, splice
 from sae_dist.metrics import clean_pass, masked_edit, replay_from
 from sae_dist.report import EVAL_METRICS
 from sae_dist.sae import build_sae
-from tests.conftest import SINK_POSITION, scaled_tiny_model, sink_tiny_model
+from tests.conftest import (SINK_POSITION, random_token_batches, scaled_tiny_model,
+                            sink_tiny_model)
 
 CPU = torch.device("cpu")
 HPS = [Hookpoint(0, "attn"), Hookpoint(1, "resid"), Hookpoint(2, "mlp"), Hookpoint(3, "resid")]
@@ -34,14 +35,7 @@ def model(tiny_cfg):
 @pytest.fixture(scope="module")
 def batches():
     """Two batches of random tokens with a random train mask (BOS column always masked)."""
-    gen = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(2):
-        ids = torch.randint(0, 3000, (3, 20), generator=gen)
-        mask = torch.rand(3, 20, generator=gen) > 0.3
-        mask[:, 0] = False
-        out.append(TokenBatch(ids, mask))
-    return out
+    return random_token_batches(2, 3, 20, drop=0.3, seed=0)
 
 
 def topk_sae(seed: int, d_in: int = 64):

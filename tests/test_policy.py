@@ -3,12 +3,11 @@ keep the same positions of the same batches (DESIGN.md section 5)."""
 
 import torch
 
-from sae_dist.data import TokenBatch
 from sae_dist.evaluate import evaluate_saes
 from sae_dist.hookpoints import Hookpoint
 from sae_dist.policy import OutlierFilter, PositionFilter
 from sae_dist.producer import ActivationProducer
-from tests.conftest import SINK_POSITION, sink_tiny_model
+from tests.conftest import SINK_POSITION, random_token_batches, sink_tiny_model
 
 CPU = torch.device("cpu")
 
@@ -63,14 +62,9 @@ def test_producer_and_evaluation_keep_the_same_positions(tiny_cfg):
     positions it left out."""
     model = sink_tiny_model(tiny_cfg)
     hps = [Hookpoint(0, "attn"), Hookpoint(1, "mlp"), Hookpoint(3, "resid")]
-    gen = torch.Generator().manual_seed(3)
-    batches = []
-    for _ in range(3):
-        ids = torch.randint(0, 3000, (4, 24), generator=gen)
-        mask = torch.rand(4, 24, generator=gen) > 0.2
-        mask[:, 0] = False
-        mask[:2, SINK_POSITION] = True
-        batches.append(TokenBatch(ids, mask))
+    batches = random_token_batches(3, 4, 24, drop=0.2, seed=3)
+    for batch in batches:
+        batch.train_mask[:2, SINK_POSITION] = True
     producer = ActivationProducer(model, hps, 10.0, CPU, streams={}, seqs_per_shard=4)
     producer.filters = {0: PositionFilter([hp.name for hp in hps], 10.0)}
     produced = [producer.activations({0: b})[0] for b in batches]
