@@ -20,6 +20,8 @@ from sae_dist.hookpoints import SITES, grid_hookpoints
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """Config dtype names -> torch dtypes."""
+MODEL_DTYPES = (*DTYPES, "auto")
+"""Accepted `model.dtype` names (`auto`: sae_dist.models.resolve_dtype)."""
 
 
 class TrainerKind(str, enum.Enum):
@@ -438,7 +440,7 @@ def validate(cfg: TrainRunConfig) -> None:
     m = cfg.model
     _check(m.source in ("hub", "gguf", "package", "random"), "model.source", m.source,
            "hub, gguf, package, random")
-    _check(m.dtype in (*DTYPES, "auto"), "model.dtype", m.dtype, ", ".join([*DTYPES, "auto"]))
+    _check(m.dtype in MODEL_DTYPES, "model.dtype", m.dtype, ", ".join(MODEL_DTYPES))
     _check(m.n_layers > 0, "model.n_layers", m.n_layers, "> 0")
     _check(m.d_model > 0, "model.d_model", m.d_model, "> 0")
     grid_hookpoints(cfg.sites, m.n_layers)  # raises ConfigError for bad layers / sites

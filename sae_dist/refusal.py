@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 from sae_dist.assets import package_file
 from sae_dist.cli import CONF_DIR
-from sae_dist.config import RefusalConfig, SteerRunConfig
+from sae_dist.config import MODEL_DTYPES, RefusalConfig, SteerRunConfig
 from sae_dist.errors import ConfigError
 from sae_dist.contrast import (ContrastTokens, FeatureScores, diff_in_means, prompt_tokens,
                                response_tokens, score_features, top_contexts)
@@ -362,9 +362,8 @@ def validate_refusal(cfg: SteerRunConfig) -> None:
         ("refusal.capability_tokens", r.capability_tokens, r.capability_tokens >= 1, ">= 1"),
         ("refusal.coherence_prompts", r.coherence_prompts, r.coherence_prompts >= 2, ">= 2"),
         ("refusal.train_tokens", r.train_tokens, r.train_tokens >= 1, ">= 1"),
-        ("model_dtype", cfg.model_dtype, cfg.model_dtype in (None, "auto", "float32", "bfloat16",
-                                                             "float16"),
-         "null, auto, float32, bfloat16, float16")]
+        ("model_dtype", cfg.model_dtype, cfg.model_dtype in (None, *MODEL_DTYPES),
+         "null, " + ", ".join(MODEL_DTYPES))]
     for key, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(key, value, allowed)
