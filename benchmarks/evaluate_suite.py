@@ -38,6 +38,9 @@ from sae_dist.evaluate import (discover_saes, evaluate_saes, model_config_for, s
 from sae_dist.hookpoints import Hookpoint, splice
 from sae_dist.models import load_model
 
+OUTLIER_FACTOR = DataConfig().policy.outlier_factor
+"""The default token policy's outlier filter (the one `python -m sae_dist.evaluate` applies)."""
+
 CPU = torch.device("cpu")
 
 
@@ -112,9 +115,10 @@ def main() -> None:
         load_before = load_average()
         half = max(1, args.clean_repeats // 2)
         cleans = [timed(lambda: clean_forward(model, b), 1) for _ in range(half)]
-        row = {"recon": timed(lambda: evaluate_saes(model, saes, [b], CPU, model_level=False),
-                              args.repeats),
-               "full": timed(lambda: evaluate_saes(model, saes, [b], CPU), args.repeats)}
+        row = {"recon": timed(lambda: evaluate_saes(model, saes, [b], CPU, model_level=False,
+                                                    outlier_factor=OUTLIER_FACTOR), args.repeats),
+               "full": timed(lambda: evaluate_saes(model, saes, [b], CPU,
+                                                   outlier_factor=OUTLIER_FACTOR), args.repeats)}
         if i < args.naive_batches:
             row["naive"] = timed(lambda: naive(model, saes, b), args.repeats)
         cleans += [timed(lambda: clean_forward(model, b), 1)

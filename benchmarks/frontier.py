@@ -64,7 +64,7 @@ def capture(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(model_config())
     hps = grid_hookpoints(SitesConfig(hookpoints=HOOKPOINTS), 30)
     stream = TokenStream(DataConfig(), tokenizer, "train", seed=0)
-    producer = ActivationProducer(model, hps, DataConfig().max_norm_multiple,
+    producer = ActivationProducer(model, hps, DataConfig().policy.outlier_factor,
                                   torch.device("cpu"), {0: stream}, args.seqs)
     parts: dict[str, list[torch.Tensor]] = {hp.name: [] for hp in hps}
     n = 0
@@ -174,7 +174,8 @@ def evaluate(args: argparse.Namespace) -> None:
             if not todo:
                 continue
             saes = {hp: load_sae(d / "sae")[0].eval() for hp, d in todo.items()}
-            results = evaluate_saes(model, saes, batches, torch.device("cpu"))
+            results = evaluate_saes(model, saes, batches, torch.device("cpu"),
+                                    outlier_factor=DataConfig().policy.outlier_factor)
             for hp, d in todo.items():
                 (d / "eval.json").write_text(json.dumps(scalar_metrics(results[hp.name])))
                 log.info("%s %s L0 %d: %s", hp.name, arch, l0, scalar_metrics(results[hp.name]))

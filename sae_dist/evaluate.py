@@ -196,7 +196,7 @@ def take_batches(stream: TokenStream, n_tokens: int, n_seqs: int) -> list[TokenB
 
 @torch.no_grad()
 def mean_activations(model: nn.Module, hookpoints: list[Hookpoint], batches: Sequence[TokenBatch],
-                     device: torch.device, outlier_factor: Optional[float] = None
+                     device: torch.device, outlier_factor: Optional[float]
                      ) -> dict[Hookpoint, Tensor]:
     """Mean activation [d_model] (float64) of each hookpoint over the positions the token policy
     keeps in `batches` (a fresh `PositionFilter`, so the same positions as `evaluate_saes`; one
@@ -241,10 +241,10 @@ class _View:
 
 @torch.no_grad()
 def evaluate_saes(model: nn.Module, saes: dict[Hookpoint, SAELike], batches: Sequence[TokenBatch],
-                  device: torch.device, model_level: bool = True, ce_mean: bool = False,
+                  device: torch.device, *, outlier_factor: Optional[float],
+                  model_level: bool = True, ce_mean: bool = False,
                   max_variants: int = 8, logit_chunk: int = 256,
                   max_batch_tokens: int = MAX_BATCH_TOKENS,
-                  outlier_factor: Optional[float] = None,
                   all_tokens: bool = False) -> dict[str, dict[str, Any]]:
     """Reconstruction (and with `model_level` the model-level) metrics of every SAE over the
     held-out `batches`; keyed by hookpoint name, in the order of `saes`. An SAE may be a plain
@@ -254,7 +254,8 @@ def evaluate_saes(model: nn.Module, saes: dict[Hookpoint, SAELike], batches: Seq
     that many positions too (the module docstring gives the scheme).
 
     Token policy: of each batch's position set (train_mask) the positions a fresh
-    `PositionFilter(outlier_factor)` over the evaluated hookpoints keeps are reconstructed and
+    `PositionFilter(outlier_factor)` over the evaluated hookpoints keeps (`outlier_factor` is
+    required, normally `data.policy.outlier_factor`; None keeps every finite position) are reconstructed and
     spliced, the others keep their clean activation; `excluded` counts the positions left out.
     CE and KL are scored at the position set's CE positions. `all_tokens` adds every metric
     over the whole position set (no outlier left out) as `<metric>_all` (without ce_mean)."""
@@ -444,9 +445,10 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, dict[str, Any]]:
     batches = take_batches(TokenStream(cfg.data, tokenizer, "eval", seed=cfg.eval.seed),
                            cfg.eval.tokens, cfg.eval.batch_seqs)
     start = time.perf_counter()
-    results = evaluate_saes(model, saes, batches, device, cfg.eval.model_level, cfg.eval.ce_mean,
-                            cfg.eval.max_variants, cfg.eval.logit_chunk,
+    results = evaluate_saes(model, saes, batches, device,
                             outlier_factor=cfg.data.policy.outlier_factor,
+                            model_level=cfg.eval.model_level, ce_mean=cfg.eval.ce_mean,
+                            max_variants=cfg.eval.max_variants, logit_chunk=cfg.eval.logit_chunk,
                             all_tokens=cfg.eval.all_tokens)
     seconds = time.perf_counter() - start
     context = eval_context(str(cfg.suite), cfg.model, cfg.data, batches, eval=asdict(cfg.eval),

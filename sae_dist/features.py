@@ -314,7 +314,7 @@ def stream_batches(stream: TokenStream, n_tokens: int, n_seqs: int) -> Iterator[
 @torch.no_grad()
 def collect(model: nn.Module, saes: dict[Hookpoint, SparseAutoencoder],
             stats: dict[Hookpoint, FeatureStats], batches: Iterator[TokenBatch], n_tokens: int,
-            device: torch.device, outlier_factor: Optional[float] = None) -> int:
+            device: torch.device, outlier_factor: Optional[float]) -> int:
     """Stream `batches` through the model (stopping after the last layer needed) and every SAE,
     updating `stats` at the positions the token policy keeps (a fresh `PositionFilter` with
     `outlier_factor` over the suite's hookpoints, as in evaluation). Returns the number of LM

@@ -60,7 +60,7 @@ def identity_topk_sae(d_in: int = 64):
 def test_perfect_reconstruction_recovers_everything(model, batches):
     saes = {Hookpoint(1, "resid"): identity_topk_sae(), Hookpoint(1, "mlp"): lambda x: x,
             Hookpoint(2, "attn"): lambda x: x.clone()}
-    res = evaluate_saes(model, saes, batches, CPU)
+    res = evaluate_saes(model, saes, batches, CPU, outlier_factor=None)
     for name, r in res.items():
         assert r["fvu"] == pytest.approx(0, abs=1e-12) and r["cosine"] == pytest.approx(1)
         assert r["mse"] == pytest.approx(0, abs=1e-12)
@@ -73,7 +73,7 @@ def test_perfect_reconstruction_recovers_everything(model, batches):
 
 def test_zero_splice_recovers_nothing(model, batches):
     saes = {hp: (lambda x: torch.zeros_like(x)) for hp in HPS}
-    for r in evaluate_saes(model, saes, batches, CPU).values():
+    for r in evaluate_saes(model, saes, batches, CPU, outlier_factor=None).values():
         assert r["ce_spliced"] == pytest.approx(r["ce_zero"], abs=1e-6)
         assert r["loss_recovered"] == pytest.approx(0, abs=1e-4)
         assert r["cosine"] == 0 and r["fvu"] > 1
@@ -84,7 +84,7 @@ def test_constant_mean_predictor_has_fvu_one(model, batches):
     xs = torch.cat([capture(model, [hp], b.input_ids)[hp][b.train_mask] for b in batches])
     mean = xs.double().mean(0).float()
     res = evaluate_saes(model, {hp: lambda x: mean.expand_as(x)}, batches, CPU,
-                        model_level=False)[hp.name]
+                        outlier_factor=None, model_level=False)[hp.name]
     assert res["fvu"] == pytest.approx(1, abs=1e-6)
     assert res["explained_variance"] == pytest.approx(0, abs=1e-6)
     assert res["tokens"] == len(xs)
@@ -152,8 +152,8 @@ def test_every_metric_matches_an_independent_computation(model, batches, max_var
     if slice_rows:
         monkeypatch.setattr(metrics, "CPU_SLICE_ELEMS", slice_rows * model.config.vocab_size)
     saes = {hp: topk_sae(i) for i, hp in enumerate(HPS)}
-    res = evaluate_saes(model, saes, batches, CPU, ce_mean=True, max_variants=max_variants,
-                        logit_chunk=16)
+    res = evaluate_saes(model, saes, batches, CPU, outlier_factor=None, ce_mean=True,
+                        max_variants=max_variants, logit_chunk=16)
     for hp, sae in saes.items():
         ref = reference(model, hp, sae, batches)
         got = res[hp.name]
@@ -244,7 +244,7 @@ def test_excluded_tokens_enter_no_metric(model, tiny_cfg, smollm2_tokenizer):
         seen.append(x.clone())
         return x
 
-    res = evaluate_saes(model, {hp: recording_identity}, batches, CPU)[hp.name]
+    res = evaluate_saes(model, {hp: recording_identity}, batches, CPU, outlier_factor=None)[hp.name]
     want = torch.cat([capture(model, [hp], b.input_ids)[hp][b.train_mask] for b in batches])
     torch.testing.assert_close(torch.cat(seen), want, atol=0, rtol=0)
     assert res["tokens"] == int(mask.sum()) and res["ce_tokens"] == int(mask[:, :-1].sum())
@@ -253,7 +253,8 @@ def test_excluded_tokens_enter_no_metric(model, tiny_cfg, smollm2_tokenizer):
     few = [TokenBatch(b.input_ids, b.train_mask & (torch.rand(b.train_mask.shape,
                                                               generator=gen) < 0.3))
            for b in batches]
-    res_few = evaluate_saes(model, {hp: lambda x: x}, few, CPU)[hp.name]
+    res_few = evaluate_saes(model, {hp: lambda x: x}, few, CPU,
+                            outlier_factor=None)[hp.name]
     n_few = int(sum(b.train_mask.sum() for b in few))
     assert res_few["tokens"] == n_few and res_few["kl"] == pytest.approx(0, abs=1e-7)
 

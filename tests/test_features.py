@@ -240,7 +240,7 @@ def test_contexts_line_up_with_the_model_tokens(tiny_model):
         batches.append(TokenBatch(torch.randint(0, 3000, (2, 16), generator=g), mask))
     cfg = FeaturesConfig(top_n=3, quantile_bins=2, per_bin=2, window_before=4, window_after=2)
     stats = {hp: FeatureStats(96, 49152, 16, cfg, explain_tokens=20)}
-    collect(tiny_model, {hp: sae}, stats, iter(batches), 60, torch.device("cpu"))
+    collect(tiny_model, {hp: sae}, stats, iter(batches), 60, torch.device("cpu"), None)
     ids = torch.cat([b.input_ids for b in batches])
     mask = torch.cat([b.train_mask for b in batches])
     with torch.no_grad():
