@@ -312,6 +312,8 @@ class TrainConfig:
     with data_shards=n reproduces an n-process run."""
     lr: Optional[float] = None
     """Adam learning rate; null means 2e-4 / sqrt(d_sae / 16384) (Gao et al. scaling)."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam's (beta1, beta2). Gemma Scope trains JumpReLU with (0, 0.999)."""
     lr_warmup_frac: float = 0.05
     """Fraction of training tokens of linear warm-up."""
     lr_decay_frac: float = 0.2
@@ -453,6 +455,8 @@ def validate(cfg: TrainRunConfig) -> None:
            f">= train.batch_size ({t.batch_size}): at least one step")
     _check(t.lr is None or t.lr > 0, "train.lr", t.lr, "> 0 or null")
     _check(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "> 0")
+    _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
+           "train.adam_betas", t.adam_betas, "two values in [0, 1)")
     _check(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every,
            ">= 0 (0: only at the end)")
     _check(t.eval_tokens >= 0, "train.eval_tokens", t.eval_tokens, ">= 0")

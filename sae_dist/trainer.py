@@ -86,7 +86,7 @@ class SuiteTrainer:
         lr = t.lr if t.lr is not None else 2e-4 / math.sqrt(self.suite[hookpoints[0].name].d_sae
                                                               / 2**14)
         groups = [g for hp in hookpoints for g in self.suite[hp.name].param_groups(lr)]
-        self.optimizer = torch.optim.Adam(groups, lr=lr, fused=True)
+        self.optimizer = torch.optim.Adam(groups, lr=lr, betas=tuple(t.adam_betas), fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, self.n_steps, t.lr_warmup_frac, t.lr_decay_frac))
         self.engine: nn.Module | None = None

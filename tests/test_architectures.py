@@ -212,6 +212,17 @@ def test_jumprelu_thresholds_have_their_own_learning_rate():
     assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in sae.parameters()}
 
 
+def test_adam_betas_reach_the_optimizer():
+    """train.adam_betas (Gemma Scope trains JumpReLU with beta1 = 0) reaches every parameter
+    group of the trainer's Adam (weights and log-thresholds)."""
+    cfg = TrainRunConfig()
+    cfg.sae = sae_config(architecture="jumprelu", d_sae=D_SAE, target_l0=4.0)
+    cfg.train.tokens, cfg.train.batch_size, cfg.train.lr = 10 * BATCH, BATCH, 1e-3
+    cfg.train.adam_betas = [0.0, 0.999]
+    trainer = SuiteTrainer([Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True))
+    assert {tuple(g["betas"]) for g in trainer.optimizer.param_groups} == {(0.0, 0.999)}
+
+
 @pytest.mark.parametrize("target_l0", [None, 4.0])
 def test_jumprelu_sparse_path_matches_dense(target_l0):
     """Sparse kernels (latents near or above the threshold only, sparse L0 steps) against the

@@ -30,6 +30,7 @@ def no_model_load(monkeypatch):
     ("train.log_every=0", r"train.log_every=0 .*> 0"),
     ("train.tokens=100", r"train.tokens=100 .*>= train.batch_size"),
     ("trainer.mixed_precision=bf15", r"trainer.mixed_precision='bf15'.*no, bf16, fp16, auto"),
+    ("train.adam_betas=[0.9,1.0]", r"train.adam_betas=\[0.9, 1.0\] .*two values in \[0, 1\)"),
 ])
 def test_bad_config_fails_before_model_load(no_model_load, override, message):
     with pytest.raises(ConfigError, match=message):  # at composition or at start-up
