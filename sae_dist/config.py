@@ -93,7 +93,8 @@ class SitesConfig:
 @dataclass
 class SAEConfig:
     """What every SAE architecture has; each architecture's own keys live in its subclass
-    (`sae=<architecture>` selects it: conf/sae/<architecture>.yaml)."""
+    (`sae=<architecture>` selects it: conf/sae/<architecture>.yaml; conf/sae/topk_k64.yaml is
+    TopK with k = 64, the embedded demo's)."""
 
     architecture: str = MISSING
     """SAE architecture: topk, batchtopk, jumprelu or relu (the `sae` group's choice)."""
