@@ -255,8 +255,9 @@ def evaluate_saes(model: nn.Module, saes: dict[Hookpoint, SAELike], batches: Seq
 
     Token policy: of each batch's position set (train_mask) the positions a fresh
     `PositionFilter(outlier_factor)` over the evaluated hookpoints keeps (`outlier_factor` is
-    required, normally `data.policy.outlier_factor`; None keeps every finite position) are reconstructed and
-    spliced, the others keep their clean activation; `excluded` counts the positions left out.
+    required, normally `data.policy.outlier_factor`; None keeps every finite position) are
+    reconstructed and spliced, the others keep their clean activation; `excluded` counts the
+    positions left out.
     CE and KL are scored at the position set's CE positions. `all_tokens` adds every metric
     over the whole position set (no outlier left out) as `<metric>_all` (without ce_mean)."""
     hps = list(saes)
