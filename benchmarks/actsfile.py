@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -87,6 +88,16 @@ def batches(x: torch.Tensor, batch: int, tokens: int) -> Iterator[torch.Tensor]:
             order = torch.cat([order, torch.randperm(x.shape[0], generator=gen)])
         idx, order = order[:batch], order[batch:]
         yield x[idx]
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall-clock seconds of `repeats` calls of fn() (no warm-up call)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 @dataclass

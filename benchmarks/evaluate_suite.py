@@ -24,12 +24,12 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from actsfile import median_seconds
 from sae_dist.checkpoint import load_sae
 from sae_dist.config import DataConfig
 from sae_dist.data import TokenStream
@@ -42,16 +42,6 @@ OUTLIER_FACTOR = DataConfig().policy.outlier_factor
 """The default token policy's outlier filter (the one `python -m sae_dist.evaluate` applies)."""
 
 CPU = torch.device("cpu")
-
-
-def timed(fn, repeats: int) -> float:
-    """Median wall-clock seconds of `repeats` calls of fn()."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -114,14 +104,14 @@ def main() -> None:
     for i, b in enumerate(batches):
         load_before = load_average()
         half = max(1, args.clean_repeats // 2)
-        cleans = [timed(lambda: clean_forward(model, b), 1) for _ in range(half)]
-        row = {"recon": timed(lambda: evaluate_saes(model, saes, [b], CPU, model_level=False,
+        cleans = [median_seconds(lambda: clean_forward(model, b), 1) for _ in range(half)]
+        row = {"recon": median_seconds(lambda: evaluate_saes(model, saes, [b], CPU, model_level=False,
                                                     outlier_factor=OUTLIER_FACTOR), args.repeats),
-               "full": timed(lambda: evaluate_saes(model, saes, [b], CPU,
+               "full": median_seconds(lambda: evaluate_saes(model, saes, [b], CPU,
                                                    outlier_factor=OUTLIER_FACTOR), args.repeats)}
         if i < args.naive_batches:
-            row["naive"] = timed(lambda: naive(model, saes, b), args.repeats)
-        cleans += [timed(lambda: clean_forward(model, b), 1)
+            row["naive"] = median_seconds(lambda: naive(model, saes, b), args.repeats)
+        cleans += [median_seconds(lambda: clean_forward(model, b), 1)
                    for _ in range(max(1, args.clean_repeats - half))]
         row = {"clean": statistics.median(cleans), **row}
         row["load"] = [load_before, load_average()]

@@ -19,24 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
-from typing import Callable
 
 import torch
 
+from actsfile import median_seconds
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall-clock seconds of fn() over `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def floor(d_in: int, d_sae: int, k: int, batch: int, dtype: torch.dtype,
@@ -46,8 +34,9 @@ def floor(d_in: int, d_sae: int, k: int, batch: int, dtype: torch.dtype,
     x = torch.randn(batch, d_in, generator=gen).to(dtype)
     w_enc = torch.randn(d_in, d_sae, generator=gen).to(dtype)
     b_enc = torch.zeros(d_sae, dtype=dtype)
-    pre = torch.addmm(b_enc, x, w_enc)
+    pre = torch.addmm(b_enc, x, w_enc)  # also the matmul's warm-up
     matmul = median_seconds(lambda: torch.addmm(b_enc, x, w_enc), repeats)
+    pre.topk(k, dim=1, sorted=False)  # warm-up
     topk = median_seconds(lambda: pre.topk(k, dim=1, sorted=False), repeats)
     return {"matmul_ms": matmul * 1e3, "topk_ms": topk * 1e3,
             "gflops": 2 * batch * d_in * d_sae / matmul / 1e9,
