@@ -33,26 +33,21 @@ from omegaconf import OmegaConf
 
 from sae_dist.checkpoint import load_sae, save_sae
 from sae_dist.cli import _compose
-from sae_dist.config import DataConfig, ModelConfig, SitesConfig, TrainRunConfig, register_configs
+from sae_dist.config import DataConfig, SitesConfig, TrainRunConfig, register_configs
 from sae_dist.data import TokenStream
-from sae_dist.evaluate import evaluate_saes, scalar_metrics, take_batches
+from sae_dist.evaluate import evaluate_saes, model_config_for, scalar_metrics, take_batches
 from sae_dist.hookpoints import Hookpoint, grid_hookpoints
 from sae_dist.models import load_model
 from sae_dist.producer import ActivationProducer
 from sae_dist.sae import SparseAutoencoder
 from sae_dist.trainer import SuiteTrainer
 
+MODEL = "smollm2-135m-instruct"
+"""The embedded model (conf/model/smollm2-135m-instruct.yaml)."""
 HOOKPOINTS = ["layers.12.resid", "layers.12.mlp"]
 ARCHS = ["topk", "batchtopk", "jumprelu"]
 L0S = [16, 32, 64]
 log = logging.getLogger("frontier")
-
-
-def model_config() -> ModelConfig:
-    """The embedded model's config (conf/model/smollm2-135m-instruct.yaml)."""
-    from omegaconf import OmegaConf
-    path = Path(__file__).parents[1] / "conf/model/smollm2-135m-instruct.yaml"
-    return ModelConfig(**OmegaConf.to_container(OmegaConf.load(path)))
 
 
 def capture(args: argparse.Namespace) -> None:
@@ -61,7 +56,7 @@ def capture(args: argparse.Namespace) -> None:
     if args.out.exists():
         log.info("%s exists; nothing to capture", args.out)
         return
-    model, tokenizer = load_model(model_config())
+    model, tokenizer = load_model(model_config_for(MODEL))
     hps = grid_hookpoints(SitesConfig(hookpoints=HOOKPOINTS), 30)
     stream = TokenStream(DataConfig(), tokenizer, "train", seed=0)
     producer = ActivationProducer(model, hps, DataConfig().policy.outlier_factor,
@@ -162,8 +157,7 @@ def evaluate(args: argparse.Namespace) -> None:
     """Held-out metrics (sae_dist.evaluate: FVU, L0, delta loss, ...) of every trained run
     without `eval.json`, on the same held-out chats; the SAEs of one (architecture, L0) are
     spliced one at a time in one pass over the batches."""
-    model_cfg = model_config()
-    model, tokenizer = load_model(model_cfg)
+    model, tokenizer = load_model(model_config_for(MODEL))
     batches = take_batches(TokenStream(DataConfig(), tokenizer, "eval", seed=0),
                            args.eval_tokens, 8)
     for arch in args.archs:

@@ -19,15 +19,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from sae_dist.config import DataConfig, ModelConfig
+from sae_dist.config import DataConfig
 from sae_dist.data import TokenStream
+from sae_dist.evaluate import model_config_for
 from sae_dist.models import load_model
-
-MODEL_YAML = Path(__file__).parents[1] / "conf/model/smollm2-135m-instruct.yaml"
-
 
 def topk_reconstruction(weights: dict[str, torch.Tensor], k: int):
     """x [n, d_in] -> x_hat [n, d_in] of a folded TopK SAE: relu of the k largest of
@@ -55,7 +52,7 @@ def main() -> None:
     if cfg["architecture"] != "topk":
         raise SystemExit(f"{folder}: architecture {cfg['architecture']!r}; this check reads TopK")
     reconstruct = topk_reconstruction(load_file(str(folder / "sae_weights.safetensors")), cfg["k"])
-    model, tokenizer = load_model(ModelConfig(**OmegaConf.to_container(OmegaConf.load(MODEL_YAML))))
+    model, tokenizer = load_model(model_config_for("smollm2-135m-instruct"))
     state: dict = {"splice": None}
 
     def hook(module, inputs, output):
