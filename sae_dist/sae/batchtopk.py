@@ -26,11 +26,11 @@ from sae_dist.sae.sparse_ops import pad_rows
 from sae_dist.sae.topk import TopKSAE
 
 
-def select_above(pre: Tensor, threshold: Tensor) -> tuple[Tensor, Tensor]:
-    """Entries of pre [B, d_sae] strictly above `threshold` (scalar), as per-token lists padded
-    to the longest: (indices [B, m], live mask [B, m])."""
-    rows, cols = (pre > threshold).nonzero(as_tuple=True)
-    indices, _, live = pad_rows(rows, cols, pre.new_empty(rows.numel()), pre.shape[0], 0.0)
+def latent_lists(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The True entries of mask [B, d_sae] as per-token latent lists padded to the longest:
+    (indices [B, m], live mask [B, m])."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    indices, _, live = pad_rows(rows, cols, cols, mask.shape[0], 0)
     return indices, live
 
 
@@ -65,8 +65,7 @@ def batch_topk(pre: Tensor, n: int, group: BatchGroup = LOCAL) -> tuple[Tensor, 
     and > 0, the threshold being the n-th largest, `nth_largest`) padded to the longest row,
     the mask of the real (kept) entries, and the threshold."""
     threshold = nth_largest(pre, n, group)
-    rows, cols = ((pre >= threshold) & (pre > 0)).nonzero(as_tuple=True)
-    indices, _, keep = pad_rows(rows, cols, pre.new_empty(rows.numel()), pre.shape[0], 0.0)
+    indices, keep = latent_lists((pre >= threshold) & (pre > 0))
     return indices, keep, threshold
 
 
@@ -92,7 +91,7 @@ class BatchTopKSAE(TopKSAE):
             n = self.k * int(self.batch_group.sum(torch.tensor(pre.shape[0])))
             indices, keep, _ = batch_topk(pre, n, self.batch_group)
             return indices, keep
-        return select_above(pre, self.threshold.float())
+        return latent_lists(pre > self.threshold.float())
 
     @torch.no_grad()
     def after_step(self, out: SAEOutput) -> None:
