@@ -177,12 +177,11 @@
   }
   function steeringResults() {
     const st = S.suite.steering, out = [];
-    for (const [name, text] of Object.entries(st.tables || {}))
-      out.push(el("h3", {}, name), el("pre", {}, text.length > 8000 ? text.slice(0, 8000) + "\n…" : text));
-    for (const [name, value] of Object.entries(st.results || {})) {
-      const text = typeof value === "string" ? value : JSON.stringify(value, null, 1);
-      out.push(el("h3", {}, name), el("pre", {}, text.length > 8000 ? text.slice(0, 8000) + "\n…" : text));
-    }
+    const block = (name, text) => out.push(el("h3", {}, name),
+      el("pre", {}, text.length > 8000 ? text.slice(0, 8000) + "\n…" : text));
+    for (const [name, text] of Object.entries(st.tables || {})) block(name, text);
+    for (const [name, value] of Object.entries(st.results || {}))
+      block(name, typeof value === "string" ? value : JSON.stringify(value, null, 1));
     return out.length ? el("div", {}, out) : null;
   }
 
