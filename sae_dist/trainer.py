@@ -60,10 +60,10 @@ class SAESuite(nn.Module):
 
 
 class SuiteTrainer:
-    """Adam (fused where supported), warm-up/decay LR schedule, per-SAE input scale (from its
-    first global batch, so that E||x * scale||^2 = d_in; b_dec starts at that batch's geometric
-    median), dead-latent counters over global batches, per-SAE gradient clipping (DeepSpeed:
-    clipping of the global norm, by its `gradient_clipping`).
+    """Adam (fused where supported) at `train.lr` x `sae.lr_mult`, warm-up/decay LR schedule,
+    per-SAE input scale (from its first global batch, so that E||x * scale||^2 = d_in; b_dec
+    starts at that batch's geometric median), dead-latent counters over global batches, per-SAE
+    gradient clipping (DeepSpeed: clipping of the global norm, by its `gradient_clipping`).
 
     `trainer.kind`: single / sharded train locally; ddp and zero2 / zero3 average gradients
     across processes. The module is handed to accelerate at the first step, after the
@@ -85,7 +85,8 @@ class SuiteTrainer:
         self.n_steps = max(1, t.tokens // t.batch_size)
         lr = t.lr if t.lr is not None else 2e-4 / math.sqrt(self.suite[hookpoints[0].name].d_sae
                                                               / 2**14)
-        groups = [g for hp in hookpoints for g in self.suite[hp.name].param_groups(lr)]
+        groups = [g for hp in hookpoints
+                  for g in self.suite[hp.name].param_groups(lr * cfg.sae.lr_mult)]
         self.optimizer = torch.optim.Adam(groups, lr=lr, betas=tuple(t.adam_betas), fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
             s, self.n_steps, t.lr_warmup_frac, t.lr_decay_frac))

@@ -18,7 +18,7 @@ from sae_dist.sae import (SAE_REGISTRY, BatchTopKSAE, JumpReLUSAE, Latents, ReLU
                           build_sae)
 from sae_dist.sae.batchtopk import batch_topk
 from sae_dist.sae.jumprelu import JumpReLUFn, StepFn
-from sae_dist.trainer import SuiteTrainer
+from sae_dist.trainer import SuiteTrainer, lr_factor
 from tests.conftest import CONF_DIR, compose_train_config
 
 ARCHS = ["topk", "batchtopk", "jumprelu", "relu"]
@@ -221,6 +221,25 @@ def test_adam_betas_reach_the_optimizer():
     cfg.train.adam_betas = [0.0, 0.999]
     trainer = SuiteTrainer([Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True))
     assert {tuple(g["betas"]) for g in trainer.optimizer.param_groups} == {(0.0, 0.999)}
+
+
+@pytest.mark.parametrize("arch, fields, mult", [("topk", {}, 1.0), ("batchtopk", {}, 2.0),
+                                                 ("jumprelu", {"target_l0": 4.0}, 2.0),
+                                                 ("topk", {"lr_mult": 0.5}, 0.5)])
+def test_lr_mult_scales_every_group_of_the_architecture(arch, fields, mult):
+    """sae.lr_mult (default 2 for the threshold architectures) multiplies train.lr in every
+    parameter group, before and after the schedule (JumpReLU's thresholds keep their own
+    threshold_lr_mult on top)."""
+    cfg = TrainRunConfig()
+    cfg.sae = sae_config(architecture=arch, d_sae=D_SAE, **fields)
+    cfg.train.tokens, cfg.train.batch_size, cfg.train.lr = 10 * BATCH, BATCH, 1e-3
+    trainer = SuiteTrainer([Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True))
+    expected = [1e-3 * mult * m for m in ([1.0, cfg.sae.threshold_lr_mult]
+                                         if arch == "jumprelu" else [1.0])]
+    assert [g["initial_lr"] for g in trainer.optimizer.param_groups] == pytest.approx(expected)
+    assert trainer.scheduler.get_last_lr() == pytest.approx(
+        [lr * lr_factor(0, trainer.n_steps, cfg.train.lr_warmup_frac, cfg.train.lr_decay_frac)
+         for lr in expected])
 
 
 @pytest.mark.parametrize("target_l0", [None, 4.0])
