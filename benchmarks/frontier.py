@@ -6,9 +6,9 @@ the embedded model, all trained on the same activations; held-out FVU, L0 and de
     python -m benchmarks.frontier evaluate --runs runs/frontier
     python -m benchmarks.frontier table   --runs runs/frontier     # Markdown table + PNG plots
 
-`capture` runs the producer (masks and outlier filter of `python -m sae_dist.train`) over the
-training split once and saves float32 activations of every hookpoint, so that every run sees the
-same tokens in the same order. `train` trains each (hookpoint, architecture, L0) with
+`capture` runs the producer (sequence pool, masks and outlier filter of `python -m
+sae_dist.train`) over the training split once and saves float32 activations of every hookpoint,
+so that every run sees the same tokens in the same order. `train` trains each (hookpoint, architecture, L0) with
 `SuiteTrainer` (the trainer of the real entry point) on those activations and saves the folded
 SAE; `evaluate` scores each saved SAE on the same held-out chats with `sae_dist.evaluate`
 (FVU, L0, delta loss with the reconstruction spliced in). Every stage skips what is done, so
@@ -33,8 +33,9 @@ from omegaconf import OmegaConf
 
 from sae_dist.checkpoint import load_sae, save_sae
 from sae_dist.cli import _compose
-from sae_dist.config import DataConfig, SitesConfig, TrainRunConfig, register_configs
-from sae_dist.data import TokenStream
+from sae_dist.config import (DataConfig, SitesConfig, TrainConfig, TrainRunConfig,
+                             register_configs)
+from sae_dist.data import SequencePool, TokenStream
 from sae_dist.evaluate import evaluate_saes, model_config_for, scalar_metrics, take_batches
 from sae_dist.hookpoints import Hookpoint, grid_hookpoints
 from sae_dist.models import load_model
@@ -58,7 +59,8 @@ def capture(args: argparse.Namespace) -> None:
         return
     model, tokenizer = load_model(model_config_for(MODEL))
     hps = grid_hookpoints(SitesConfig(hookpoints=HOOKPOINTS), 30)
-    stream = TokenStream(DataConfig(), tokenizer, "train", seed=0)
+    stream = SequencePool(TokenStream(DataConfig(), tokenizer, "train", seed=0),
+                          TrainConfig().sequence_pool, seed=0)
     producer = ActivationProducer(model, hps, DataConfig().policy.outlier_factor,
                                   torch.device("cpu"), {0: stream}, args.seqs)
     parts: dict[str, list[torch.Tensor]] = {hp.name: [] for hp in hps}

@@ -335,6 +335,11 @@ class TrainConfig:
     """Sequences per LM forward pass."""
     buffer_batches: int = 8
     """Shuffle buffer capacity per hookpoint, in training batches."""
+    sequence_pool: int = 2048
+    """Packed sequences (token ids) pooled ahead of the LM, summed over data shards: each
+    forward batch draws its sequences at random from the pool, so it mixes many documents
+    instead of the few consecutive ones it would hold in stream order. At least
+    `forward_batch_seqs` (which is stream order, rows shuffled within the batch)."""
     seed: int = 0
     """Seed of SAE initialisation, data order and the shuffle buffer."""
     log_every: int = 10
@@ -472,6 +477,8 @@ def validate(cfg: TrainRunConfig) -> None:
            ">= 0 (0: only at the end)")
     _check(t.eval_tokens >= 0, "train.eval_tokens", t.eval_tokens, ">= 0")
     _check(t.buffer_batches >= 2, "train.buffer_batches", t.buffer_batches, ">= 2")
+    _check(t.sequence_pool >= t.forward_batch_seqs, "train.sequence_pool", t.sequence_pool,
+           f">= train.forward_batch_seqs ({t.forward_batch_seqs})")
     shards = t.data_shards or 1
     _check(shards >= 1, "train.data_shards", t.data_shards, ">= 1 or null")
     _check(t.batch_size % shards == 0 and t.forward_batch_seqs % shards == 0,

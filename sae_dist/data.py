@@ -421,3 +421,74 @@ class TokenStream:
         self._next_doc = int(state["next_doc"])
         self._ids, self._mask = list(state["ids"]), list(state["mask"])
         self.stats = dict(state["stats"])
+
+
+class SequencePool:
+    """A training stream's rows drawn at random from a pool of `size` packed rows, refilled
+    from the stream as rows are drawn. A chat of the embedded data packs into ~6 rows of 256
+    tokens, so one forward batch of 16 stream rows holds 2-3 consecutive chats, and an
+    activation shuffle buffer of a few forward batches still trains on a handful of chats at a
+    time; drawn from a pool of 2048 rows, a batch mixes chats from ~340 (benchmarks/README.md,
+    "Sequence pool").
+
+    Deterministic and resumable: the pool holds the rows the stream has yielded and not yet been
+    drawn; draw b picks its rows with a generator seeded by (seed, stream rank, b). When the
+    stream runs out the pool is drained in random batches (a last partial batch is dropped)."""
+
+    def __init__(self, stream: TokenStream, size: int, seed: int):
+        if size < 1:
+            raise ValueError(f"sequence pool size {size} < 1")
+        self.stream, self.size, self.seed = stream, size, seed
+        self._ids = torch.empty(0, 0, dtype=torch.int64)
+        self._mask = torch.empty(0, 0, dtype=torch.bool)
+        self._drawn = 0
+
+    def batches(self, n_seqs: int) -> Iterator[TokenBatch]:
+        """TokenBatch of `n_seqs` rows drawn from the pool until stream and pool run out;
+        continues from the pool's position (e.g. after load_state_dict)."""
+        if n_seqs > self.size:
+            raise ValueError(f"batches of {n_seqs} rows from a pool of {self.size}")
+        source = self.stream.batches(n_seqs)
+        exhausted = False
+        while True:
+            while not exhausted and len(self._ids) < self.size:
+                batch = next(source, None)
+                exhausted = batch is None
+                if batch is not None:
+                    self._add(batch)
+            if len(self._ids) < n_seqs:
+                return
+            yield self._draw(n_seqs)
+
+    def _add(self, batch: TokenBatch) -> None:
+        if not len(self._ids):
+            self._ids, self._mask = batch.input_ids, batch.train_mask
+        else:
+            self._ids = torch.cat([self._ids, batch.input_ids])
+            self._mask = torch.cat([self._mask, batch.train_mask])
+
+    def _draw(self, n_seqs: int) -> TokenBatch:
+        seed = hash((self.seed, self.stream.rank, self._drawn)) & (2**63 - 1)
+        order = torch.randperm(len(self._ids), generator=torch.Generator().manual_seed(seed))
+        take, keep = order[:n_seqs], order[n_seqs:].sort().values
+        batch = TokenBatch(self._ids[take], self._mask[take])
+        self._ids, self._mask = self._ids[keep], self._mask[keep]
+        self._drawn += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        """The stream's position (after the last row it yielded), the pooled rows, and the
+        number of batches drawn."""
+        return {"stream": self.stream.state_dict(), "ids": self._ids.clone(),
+                "mask": self._mask.clone(), "drawn": self._drawn, "size": self.size,
+                "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at `state` (from state_dict() of a pool of the same size and seed over the
+        same stream): the next batch is the one the saved pool would have drawn next."""
+        if (state.get("size"), state.get("seed")) != (self.size, self.seed):
+            raise ValueError(f"sequence pool state (size, seed) = ({state.get('size')}, "
+                             f"{state.get('seed')}) does not match this pool "
+                             f"({self.size}, {self.seed})")
+        self.stream.load_state_dict(state["stream"])
+        self._ids, self._mask, self._drawn = state["ids"], state["mask"], int(state["drawn"])

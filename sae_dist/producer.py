@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from sae_dist.data import TokenBatch, TokenStream
+from sae_dist.data import SequencePool, TokenBatch, TokenStream
 from sae_dist.hookpoints import Hookpoint, capture
 from sae_dist.policy import PositionFilter
 
@@ -83,7 +83,7 @@ class ActivationProducer:
 
     def __init__(self, model: nn.Module, hookpoints: list[Hookpoint],
                  outlier_factor: Optional[float], device: torch.device,
-                 streams: dict[int, TokenStream], seqs_per_shard: int):
+                 streams: dict[int, SequencePool | TokenStream], seqs_per_shard: int):
         self.model, self.hookpoints, self.device = model, hookpoints, device
         self.streams, self.seqs_per_shard = streams, seqs_per_shard
         self.filters = {v: PositionFilter([hp.name for hp in hookpoints], outlier_factor)

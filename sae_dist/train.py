@@ -29,7 +29,7 @@ from sae_dist.checkpoint import (CheckpointError, begin_checkpoint, check_run_co
                                  save_part, save_run_config, save_sae, saved_data_shards)
 from sae_dist.cli import run_hydra
 from sae_dist.config import TrainerKind, TrainRunConfig, register_configs, validate
-from sae_dist.data import TokenStream, check_source
+from sae_dist.data import SequencePool, TokenStream, check_source
 from sae_dist.distributed import (Topology, all_min, assign_hookpoints, barrier,
                                   broadcast_object, gather_dicts, gather_rows,
                                   init_process_group, sum_counts)
@@ -61,7 +61,8 @@ class TrainingRun:
         self.device = self.accelerator.device
         self.hookpoints = grid_hookpoints(cfg.sites, cfg.model.n_layers)
         self.model, self.tokenizer = load_model(cfg.model, self.device)
-        streams = {v: TokenStream(cfg.data, self.tokenizer, "train", v, shards, t.seed)
+        streams = {v: SequencePool(TokenStream(cfg.data, self.tokenizer, "train", v, shards,
+                                               t.seed), t.sequence_pool // shards, t.seed)
                    for v in self.topology.shards}
         self.producer = ActivationProducer(self.model, self.hookpoints,
                                            cfg.data.policy.outlier_factor, self.device, streams,

@@ -31,6 +31,8 @@ def no_model_load(monkeypatch):
     ("train.tokens=100", r"train.tokens=100 .*>= train.batch_size"),
     ("trainer.mixed_precision=bf15", r"trainer.mixed_precision='bf15'.*no, bf16, fp16, auto"),
     ("train.adam_betas=[0.9,1.0]", r"train.adam_betas=\[0.9, 1.0\] .*two values in \[0, 1\)"),
+    ("train.sequence_pool=8", r"train.sequence_pool=8 .*>= train.forward_batch_seqs \(16\)"),
+    ("sae.lr_mult=0", r"sae.lr_mult=0(\.0)? .*> 0"),
 ])
 def test_bad_config_fails_before_model_load(no_model_load, override, message):
     with pytest.raises(ConfigError, match=message):  # at composition or at start-up

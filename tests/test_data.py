@@ -329,3 +329,57 @@ def test_deterministic_and_resumes_exactly(smollm2_tokenizer):
     other = data.TokenStream(cfg, tok, rank=0, world_size=2)
     with pytest.raises(ValueError, match="rank"):
         other.load_state_dict(state)
+
+
+# -------------------------------------------------------------------------- sequence pool
+
+def test_sequence_pool_draws_every_row_once_from_far_apart_documents(tmp_path, smollm2_tokenizer):
+    """A pool of 12 rows over a stream of distinct rows: every row the stream yields is drawn
+    exactly once (the pool drained at the end, the last partial batch dropped), a batch mixes
+    rows from across the pool's span, and a pool of one batch keeps stream order up to the
+    order inside the batch."""
+    tok = smollm2_tokenizer
+    source = write_jsonl(tmp_path / "n.jsonl",
+                         [{"text": f"doc{i} is number {i}"} for i in range(100)])
+    cfg = DataConfig(source=source, context_size=8, prepend_bos=False, holdout_every=1000)
+
+    def rows(stream) -> torch.Tensor:
+        return torch.cat([b.input_ids for b in stream.batches(4)])
+
+    plain = rows(data.TokenStream(cfg, tok, "train"))
+    assert len(plain) > 40 and len(torch.unique(plain, dim=0)) == len(plain)
+
+    def stream_index(drawn: torch.Tensor) -> list[int]:
+        """Each drawn row's index in the plain stream."""
+        return [int((plain == row).all(1).nonzero()) for row in drawn]
+
+    pooled = stream_index(rows(data.SequencePool(data.TokenStream(cfg, tok, "train"), 12, 0)))
+    assert sorted(pooled) == list(range(len(plain) // 4 * 4))
+    assert pooled != sorted(pooled)
+    assert max(max(pooled[i:i + 4]) - min(pooled[i:i + 4]) for i in range(0, len(pooled), 4)) > 4
+    single = stream_index(rows(data.SequencePool(data.TokenStream(cfg, tok, "train"), 4, 0)))
+    assert [sorted(single[i:i + 4]) for i in range(0, len(single), 4)] == [
+        list(range(i, i + 4)) for i in range(0, len(single), 4)]
+    with pytest.raises(ValueError, match="pool of 3"):
+        next(data.SequencePool(data.TokenStream(cfg, tok, "train"), 3, 0).batches(4))
+
+
+def test_sequence_pool_is_deterministic_and_resumes_exactly(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    cfg = DataConfig(context_size=64)
+
+    def pool(seed: int = 0) -> data.SequencePool:
+        return data.SequencePool(data.TokenStream(cfg, tok, rank=1, world_size=2), 32, seed)
+
+    whole = list(islice(pool().batches(4), 12))
+    assert_same(list(islice(pool().batches(4), 12)), whole)
+    first = pool()
+    head = list(islice(first.batches(4), 5))
+    state = copy.deepcopy(first.state_dict())
+    second = pool()
+    second.load_state_dict(state)
+    assert_same(head + list(islice(second.batches(4), 7)), whole)
+    other_seed = list(islice(pool(seed=1).batches(4), 12))
+    assert not all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(other_seed, whole))
+    with pytest.raises(ValueError, match="size, seed"):
+        pool(seed=1).load_state_dict(state)
