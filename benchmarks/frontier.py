@@ -8,11 +8,11 @@ the embedded model, all trained on the same activations; held-out FVU, L0 and de
 
 `capture` runs the producer (sequence pool, masks and outlier filter of `python -m
 sae_dist.train`) over the training split once and saves float32 activations of every hookpoint,
-so that every run sees the same tokens in the same order. `train` trains each (hookpoint, architecture, L0) with
-`SuiteTrainer` (the trainer of the real entry point) on those activations and saves the folded
-SAE; `evaluate` scores each saved SAE on the same held-out chats with `sae_dist.evaluate`
-(FVU, L0, delta loss with the reconstruction spliced in). Every stage skips what is done, so
-an interrupted sweep resumes where it stopped.
+so that every run sees the same tokens in the same order. `train` trains each (hookpoint,
+architecture, L0) with `SuiteTrainer` (the trainer of the real entry point) on those
+activations and saves the folded SAE; `evaluate` scores each saved SAE on the same held-out
+chats with `sae_dist.evaluate` (FVU, L0, delta loss with the reconstruction spliced in). Every
+stage skips what is done, so an interrupted sweep resumes where it stopped.
 """
 
 from __future__ import annotations

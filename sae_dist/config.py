@@ -341,7 +341,8 @@ class TrainConfig:
     instead of the few consecutive ones it would hold in stream order. At least
     `forward_batch_seqs` (which is stream order, rows shuffled within the batch)."""
     seed: int = 0
-    """Seed of SAE initialisation, data order and the shuffle buffer."""
+    """Seed of SAE initialisation, data order (the sequence pool's draws) and the shuffle
+    buffer."""
     log_every: int = 10
     """Log training metrics every n optimizer steps (at the end of the forward batch in which
     the n-th step falls, so several steps of one forward batch give one row) and after the last

@@ -8,7 +8,8 @@ contents (`assistant`); special tokens (BOS, chat control tokens, `<think>` tags
 Documents are numbered in source order;
 every `holdout_every`-th one is held out for evaluation, and the documents of a split are dealt
 round-robin to the ranks. The packed stream is deterministic and resumes exactly from
-`TokenStream.state_dict()` (DESIGN.md section 5).
+`TokenStream.state_dict()` (DESIGN.md section 5); in training a `SequencePool` draws each forward
+batch's rows at random from a pool of the stream's rows, and resumes likewise.
 """
 
 from __future__ import annotations
