@@ -35,10 +35,11 @@ def lr_factor(step: int, n_steps: int, warmup_frac: float, decay_frac: float) ->
 
 
 def seeded_sae(cfg: TrainRunConfig, name: str, d_in: int) -> SparseAutoencoder:
-    """A freshly initialised SAE whose random weights depend on the seed and the hookpoint's
-    name only (not on which other SAEs the process builds)."""
+    """A freshly initialised SAE whose random weights depend on `train.seed` and the
+    hookpoint's name only (not on which other SAEs the process builds). The CPU generator keeps
+    32 bits of its seed, so both are mixed into 32 bits (seed 0: the name's CRC-32)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed * 2**32 + zlib.crc32(name.encode()))
+        torch.manual_seed((zlib.crc32(name.encode()) + cfg.train.seed * 0x9E3779B1) % 2**32)
         return build_sae(cfg.sae, d_in)
 
 

@@ -18,7 +18,7 @@ from sae_dist.sae import (SAE_REGISTRY, BatchTopKSAE, JumpReLUSAE, Latents, ReLU
                           build_sae)
 from sae_dist.sae.batchtopk import batch_topk
 from sae_dist.sae.jumprelu import JumpReLUFn, StepFn
-from sae_dist.trainer import SuiteTrainer, lr_factor
+from sae_dist.trainer import SuiteTrainer, lr_factor, seeded_sae
 from tests.conftest import CONF_DIR, compose_train_config
 
 ARCHS = ["topk", "batchtopk", "jumprelu", "relu"]
@@ -240,6 +240,23 @@ def test_lr_mult_scales_every_group_of_the_architecture(arch, fields, mult):
     assert trainer.scheduler.get_last_lr() == pytest.approx(
         [lr * lr_factor(0, trainer.n_steps, cfg.train.lr_warmup_frac, cfg.train.lr_decay_frac)
          for lr in expected])
+
+
+def test_train_seed_and_hookpoint_name_set_the_initial_weights():
+    """seeded_sae: the same (seed, name) gives the same weights; another name or another
+    train.seed other weights (the CPU generator keeps 32 bits of a seed: seed x 2^32 + name
+    once made train.seed a no-op)."""
+    cfg = TrainRunConfig()
+    cfg.sae = sae_config(architecture="topk", d_sae=D_SAE)
+
+    def w_dec(name: str = "layers.0.resid") -> torch.Tensor:
+        return seeded_sae(cfg, name, D_IN).W_dec.detach()
+
+    first = w_dec()
+    assert torch.equal(w_dec(), first)
+    assert not torch.equal(w_dec("layers.1.resid"), first)
+    cfg.train.seed = 1
+    assert not torch.equal(w_dec(), first)
 
 
 @pytest.mark.parametrize("target_l0", [None, 4.0])
