@@ -105,10 +105,10 @@ def main() -> None:
         load_before = load_average()
         half = max(1, args.clean_repeats // 2)
         cleans = [median_seconds(lambda: clean_forward(model, b), 1) for _ in range(half)]
-        row = {"recon": median_seconds(lambda: evaluate_saes(model, saes, [b], CPU, model_level=False,
-                                                    outlier_factor=OUTLIER_FACTOR), args.repeats),
-               "full": median_seconds(lambda: evaluate_saes(model, saes, [b], CPU,
-                                                   outlier_factor=OUTLIER_FACTOR), args.repeats)}
+        row = {kind: median_seconds(lambda: evaluate_saes(
+                   model, saes, [b], CPU, model_level=kind == "full",
+                   outlier_factor=OUTLIER_FACTOR), args.repeats)
+               for kind in ("recon", "full")}
         if i < args.naive_batches:
             row["naive"] = median_seconds(lambda: naive(model, saes, b), args.repeats)
         cleans += [median_seconds(lambda: clean_forward(model, b), 1)
