@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -153,10 +154,9 @@ class SuiteTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._normalize_decoders()
+        self._after_step(outs)
         metrics = {}
         for name, out in outs.items():
-            self.sae(name).after_step(out)
             metrics[name] = self._update_counters(name, out, dead[name], batches[name].shape[0])
         self.step_count += 1
         return metrics
@@ -174,24 +174,39 @@ class SuiteTrainer:
                 "lr": torch.tensor(self.scheduler.get_last_lr()[0])}
 
     @torch.no_grad()
-    def _normalize_decoders(self) -> None:
-        """Unit-norm decoder rows. ZeRO keeps fp32 master copies apart from the module's
-        parameters: both are renormalised."""
+    def _after_step(self, outs: dict[str, SAEOutput]) -> None:
+        """Each SAE's own changes after the optimizer step: unit-norm decoder rows and
+        `after_step` (running statistics; e.g. JumpReLU's thresholds), made on the fp32
+        master copies of its `edited_parameters` under ZeRO (`_on_masters`)."""
         for name in self.names:
             sae = self.sae(name)
-            if not self.zero_stage:
+            with self._on_masters(sae):
                 sae.normalize_decoder()
-                continue
-            from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-            master = safe_get_full_fp32_param(sae.W_dec)
-            master = master / torch.linalg.vector_norm(master, dim=1, keepdim=True).clamp_min(1e-12)
-            safe_set_full_fp32_param(sae.W_dec, master)
-            if self.zero_stage == 3:
-                import deepspeed
-                with deepspeed.zero.GatheredParameters([sae.W_dec], modifier_rank=0):
-                    sae.W_dec.copy_(master.to(sae.W_dec.dtype))
-            else:
-                sae.W_dec.copy_(master.to(sae.W_dec.dtype))
+                sae.after_step(outs[name])
+
+    @contextmanager
+    def _on_masters(self, sae: SparseAutoencoder) -> Iterator[None]:
+        """Under ZeRO, in the block every parameter named in `sae.edited_parameters` holds its
+        full fp32 master copy; edits made there go to the master and then to the module's
+        parameter. ZeRO keeps the masters apart from the module's parameters (partitioned under
+        ZeRO-3), and its next step would copy them over an edit of the module's alone. Without
+        ZeRO the block edits the parameters themselves."""
+        if not self.zero_stage:
+            yield
+            return
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+        params = [getattr(sae, name) for name in sae.edited_parameters]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0,
+                                               enabled=self.zero_stage == 3):
+            module = [p.data for p in params]
+            for p in params:
+                p.data = safe_get_full_fp32_param(p).to(p.device)
+            yield
+            for p, own in zip(params, module):
+                safe_set_full_fp32_param(p, p.data)
+                own.copy_(p.data.to(own.dtype))
+                p.data = own
 
     def folded_saes(self) -> dict[str, SparseAutoencoder]:
         """The SAEs for raw activations (input scales folded into the weights), on CPU. A

@@ -176,7 +176,7 @@ def test_jumprelu_l0_controller_follows_the_batch():
     for target in [2.0, 9.0, 500.0]:
         sae = make_jumprelu(l0_coef=0.3, target_l0=target, l0_adapt_rate=0.1)
         before = sae.log_threshold.detach().clone()
-        sae.set_progress(0.0)
+        sae.set_progress(sae.cfg.topk_warmup_frac)  # the first step after the TopK warm-up
         out = sae(x)
         l0 = float(out.latents.l0().mean())
         assert float(out.losses["l0"].detach()) == pytest.approx(0.3 * l0)
@@ -186,6 +186,36 @@ def test_jumprelu_l0_controller_follows_the_batch():
         sae.eval()
         sae.after_step(sae(x))
         torch.testing.assert_close(sae.log_threshold.detach(), before + shift)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_jumprelu_starts_as_topk_with_the_batch_level_threshold(sparse):
+    """Within topk_warmup_frac (with target_l0) a training step keeps each token's
+    round(target_l0) largest relu(pre-activations), has no L0 term, and after it every
+    threshold is the batch's (k x B)-th largest pre-activation, so that the SAE would keep
+    k per token on average; after the warm-up the L0 term and the controller are back."""
+    sae = make_jumprelu(target_l0=4.6, topk_warmup_frac=0.3)
+    sae.sparse = sparse
+    x = torch.randn(64, 16, dtype=torch.float64) * 2
+    pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).detach()
+    top = pre.topk(5, dim=1)
+    expected = torch.zeros_like(pre).scatter_(1, top.indices, top.values.clamp_min(0))
+    sae.set_progress(0.29)
+    out = sae(x)
+    assert float(out.losses["l0"]) == 0  # in the graph (for DDP), with no gradient
+    torch.testing.assert_close(out.latents.dense().detach(), expected)
+    sum(out.losses.values()).backward()
+    assert sae.W_enc.grad.abs().max() > 0 and not sae.log_threshold.grad.any()
+    sae.after_step(out)
+    level = pre.flatten().topk(5 * 64).values.min()
+    torch.testing.assert_close(sae.threshold.detach(), level.expand(64))
+    assert (pre > sae.threshold.detach()).sum() == 5 * 64 - 1  # strictly above the 320th
+    sae.set_progress(0.3)
+    out = sae(x)
+    assert float(out.losses["l0"]) > 0
+    sae.after_step(out)  # the controller moves every log-threshold by one shift
+    shift = sae.log_threshold.detach() - level.log()
+    assert float(shift.std()) < 1e-12 and float(shift.abs().max()) > 0
 
 
 @pytest.mark.parametrize("target", [1.0, 6.4, 20.0])
@@ -223,11 +253,11 @@ def test_adam_betas_reach_the_optimizer():
     assert {tuple(g["betas"]) for g in trainer.optimizer.param_groups} == {(0.0, 0.999)}
 
 
-@pytest.mark.parametrize("arch, fields, mult", [("topk", {}, 1.0), ("batchtopk", {}, 2.0),
-                                                 ("jumprelu", {"target_l0": 4.0}, 2.0),
+@pytest.mark.parametrize("arch, fields, mult", [("topk", {}, 1.0), ("batchtopk", {}, 1.5),
+                                                 ("jumprelu", {"target_l0": 4.0}, 1.5),
                                                  ("topk", {"lr_mult": 0.5}, 0.5)])
 def test_lr_mult_scales_every_group_of_the_architecture(arch, fields, mult):
-    """sae.lr_mult (default 2 for the threshold architectures) multiplies train.lr in every
+    """sae.lr_mult (default 1.5 for the threshold architectures) multiplies train.lr in every
     parameter group, before and after the schedule (JumpReLU's thresholds keep their own
     threshold_lr_mult on top)."""
     cfg = TrainRunConfig()
@@ -390,6 +420,21 @@ def test_batchtopk_training_and_inference_selection():
     torch.testing.assert_close(sae.encode(x).dense(), pre * (pre > 0.7))
 
 
+def test_batchtopk_starts_as_topk():
+    """Within topk_warmup_frac the training selection is each token's top k; from then on it is
+    the batch's top k x B."""
+    sae = make_batchtopk()
+    x = torch.randn(64, 16, dtype=torch.float64) * 2
+    pre = ((x - sae.b_dec) @ sae.W_enc + sae.b_enc).detach()
+    top = pre.topk(5, dim=1)
+    sae.set_progress(sae.cfg.topk_warmup_frac - 0.01)
+    expected = torch.zeros_like(pre).scatter_(1, top.indices, top.values.clamp_min(0))
+    torch.testing.assert_close(sae(x).latents.dense().detach(), expected)
+    sae.set_progress(sae.cfg.topk_warmup_frac)
+    l0 = sae(x).latents.l0()
+    assert l0.sum() == 5 * 64 and l0.max() > 5
+
+
 def test_batchtopk_threshold_is_the_mean_over_the_final_window():
     """Before the final threshold_window of training the threshold follows the latest batch;
     within it, it is the mean of the window's batch thresholds (smallest kept activations)."""
@@ -503,7 +548,8 @@ def test_multirun_sweeps_architectures_and_k(tmp_path):
 
 @pytest.mark.parametrize("arch, key, value", [
     ("jumprelu", "bandwidth", 0), ("jumprelu", "l0_warmup_frac", 1.5), ("jumprelu", "target_l0", -3),
-    ("batchtopk", "threshold_window", 0), ("relu", "l1_coef", -1.0), ("topk", "k", 0)])
+    ("batchtopk", "threshold_window", 0), ("relu", "l1_coef", -1.0), ("topk", "k", 0),
+    ("jumprelu", "topk_warmup_frac", 1), ("batchtopk", "topk_warmup_frac", 0.9)])
 def test_bad_sae_values_fail_at_start_up(arch, key, value):
     with pytest.raises(ConfigError, match=rf"sae\.{key}="):
         sae_config(arch, **{key: value})

@@ -112,14 +112,18 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, reference)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("arch", ["batchtopk", "jumprelu", "relu"])
-def test_global_batch_statistics_of_every_architecture_match_one_process(tmp_path, arch):
-    """BatchTopK's batch-level selection and threshold, JumpReLU's L0 and thresholds, the L1
-    penalty's normaliser: over the global batch. 16 steps, before any TopK flip can diverge."""
-    short = [f"sae={arch}", *(TOPK if arch == "batchtopk" else []), "train.tokens=4096"]
+@pytest.mark.parametrize("arch, kind", [("batchtopk", "ddp"), ("jumprelu", "ddp"),
+                                        ("relu", "ddp"), ("jumprelu", "zero2")])
+def test_global_batch_statistics_of_every_architecture_match_one_process(tmp_path, arch, kind):
+    """BatchTopK's batch-level selection and threshold, JumpReLU's L0, thresholds, TopK warm-up
+    and L0 controller, the L1 penalty's normaliser: over the global batch. 16 steps, before any
+    TopK flip can diverge. Under ZeRO the thresholds that JumpReLU sets after each step must
+    reach the optimizer's fp32 master copies, or the next step overwrites them."""
+    extra = {"batchtopk": TOPK, "jumprelu": ["sae.target_l0=8"], "relu": []}[arch]
+    short = [f"sae={arch}", *extra, "train.tokens=4096"]
     single = tmp_path / "single"
     train(compose_train_config(RUN + short + [f"out_dir={single}"]))
-    ok(launch(tmp_path / "ddp", *short, "trainer=ddp"))
+    ok(launch(tmp_path / "ddp", *short, f"trainer={kind}"))
     for name in HOOKPOINTS:
         a, _ = load_suite_sae(single / "suite", name)
         b, _ = load_suite_sae(tmp_path / "ddp" / "suite", name)

@@ -7,7 +7,8 @@ decoder constraints, input-scale folding and the SAELens v6 layout are shared.
 
 The trainer calls `init_from_batch` once with the first (scaled) batch, `param_groups` to build
 its optimizer, `set_progress` before each step (scheduled loss coefficients read
-`self.progress`) and `after_step` after the optimizer step (running statistics).
+`self.progress`) and `after_step` after the optimizer step (running statistics, and edits of
+the `edited_parameters`).
 
 Shapes: B tokens, d_in activation width, d_sae latents, k active latents per token.
 """
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from sae_dist.config import SAEConfig, sae_config
 from sae_dist.distributed import LOCAL, BatchGroup
-from sae_dist.sae.sparse_ops import Entries
+from sae_dist.sae.sparse_ops import Entries, GatheredPreActs
 
 SAE_REGISTRY: dict[str, type["SparseAutoencoder"]] = {}
 """Architecture name (`SAEConfig.architecture`, SAELens `architecture`) -> class."""
@@ -139,6 +140,9 @@ class SparseAutoencoder(nn.Module):
     """The SAELens v6 `architecture` this class exports as (default: `architecture`)."""
     saelens_fields: ClassVar[tuple[str, ...]] = ()
     """Config fields written to, and read back from, the SAELens cfg (e.g. "k")."""
+    edited_parameters: ClassVar[tuple[str, ...]] = ("W_dec",)
+    """Parameters that `normalize_decoder` and `after_step` change outside the optimizer (the
+    trainer makes such changes reach ZeRO's fp32 master copies)."""
     sparse: bool = True
     """Sparse kernels where the latents are sparse (the training default); False selects the
     plain-autograd dense reference path, with the same results."""
@@ -178,6 +182,19 @@ class SparseAutoencoder(nn.Module):
         """x [B, d_in] -> (latents, pre-activations [B, d_sae]); `pre` is part of the autograd
         graph only where the architecture differentiates through it densely."""
         raise NotImplementedError
+
+    def _activate(self, x: Tensor, pre: Tensor, indices: Tensor,
+                  keep: Tensor | None = None) -> Tensor:
+        """relu(pre) gathered at indices int64 [B, j], zero where `keep` [B, j] is False ->
+        [B, j], differentiable in the weights."""
+        if not self.sparse:
+            values = torch.relu(pre.gather(1, indices))
+            return values if keep is None else values * keep
+        pre_top = pre.detach().gather(1, indices)
+        if keep is not None:
+            pre_top = pre_top.masked_fill(~keep, 0)
+        return torch.relu(GatheredPreActs.apply(x, self.W_enc, self.b_enc, self.b_dec, pre_top,
+                                                Entries.of(indices, keep)))
 
     def encode(self, x: Tensor) -> Latents:
         """x [B, d_in] -> latents."""

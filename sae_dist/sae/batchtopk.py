@@ -1,6 +1,8 @@
 """BatchTopK SAE (Bussmann et al. 2024): keep the k x B largest relu(pre-activations) of a
 training batch of B tokens, so that tokens share the budget (k on average, not each).
 
+Training starts as a TopK (each token's k largest, the first `topk_warmup_frac` of training):
+in a batch-level competition a random dictionary hands the high-norm tokens most latents.
 Inference cannot depend on the batch, so the SAE becomes a JumpReLU with one global threshold:
 the mean of the training batches' thresholds (the smallest activation each kept) over the final
 `threshold_window` of training, when the weights have settled (early batches, e.g. at random
@@ -22,7 +24,7 @@ from sae_dist.config import BatchTopKConfig, JumpReLUConfig
 from sae_dist.distributed import LOCAL, BatchGroup
 from sae_dist.sae.base import SAEOutput, register
 from sae_dist.sae.jumprelu import JumpReLUSAE
-from sae_dist.sae.sparse_ops import pad_rows
+from sae_dist.sae.sparse_ops import nth_largest, pad_rows
 from sae_dist.sae.topk import TopKSAE
 
 
@@ -32,30 +34,6 @@ def latent_lists(mask: Tensor) -> tuple[Tensor, Tensor]:
     rows, cols = mask.nonzero(as_tuple=True)
     indices, _, live = pad_rows(rows, cols, cols, mask.shape[0], 0)
     return indices, live
-
-
-def nth_largest(pre: Tensor, n: int, group: BatchGroup = LOCAL) -> Tensor:
-    """The n-th largest entry of pre [B, d_sae] over the whole (global) batch, at least 0.
-
-    Candidates are each row's top 4n/B entries (B: global rows); a row whose candidates all
-    reach the threshold found may hold more, so its whole row joins the candidates and the
-    threshold is taken again (it can only rise, so no other row can saturate). Under data
-    parallelism each process offers its n best candidates and the threshold is the n-th
-    largest of all offers, as in one process."""
-    n_rows, d_sae = pre.shape
-    global_rows = int(group.sum(torch.tensor(n_rows)))
-    top = pre.topk(min(d_sae, 4 * -(-n // global_rows)), dim=1, sorted=False).values
-
-    def threshold_of(candidates: Tensor) -> Tensor:
-        offers = group.cat(candidates.topk(min(n, candidates.numel()), sorted=False).values)
-        return offers.topk(n, sorted=False).values.min().clamp_min(0)
-
-    threshold = threshold_of(top.flatten())
-    saturated = (top.min(1).values >= threshold) & (top.shape[1] < d_sae)
-    if int(group.max(saturated.any().long())):
-        threshold = threshold_of(torch.cat([top[~saturated].flatten(),
-                                            pre[saturated].flatten()]))
-    return threshold
 
 
 def batch_topk(pre: Tensor, n: int, group: BatchGroup = LOCAL) -> tuple[Tensor, Tensor, Tensor]:
@@ -85,8 +63,11 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
         self.register_buffer("threshold_batches", torch.zeros((), dtype=torch.int64))
 
-    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        """Training: the batch's top k x B; eval: relu(pre) > `threshold` (as float32)."""
+    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Training: each token's top k during the first `topk_warmup_frac`, then the batch's
+        top k x B; eval: relu(pre) > `threshold` (as float32)."""
+        if self.training and self.progress < self.cfg.topk_warmup_frac:
+            return super()._select(pre)
         if self.training:
             n = self.k * int(self.batch_group.sum(torch.tensor(pre.shape[0])))
             indices, keep, _ = batch_topk(pre, n, self.batch_group)

@@ -10,7 +10,10 @@ rectangle kernel K(u) = 1{|u| < 1/2} of width `bandwidth` (eps):
 while pre_i gets the plain gradient H(pre_i - theta_i) from z_i and none from the L0 penalty.
 The loss is FVU + coef * mean_tokens L0. Without a target L0 the coefficient is warmed up
 linearly; with `target_l0` the thresholds start at the target (`init_from_batch`) and an L0
-controller on the log-thresholds holds it (`after_step`).
+controller on the log-thresholds holds it (`after_step`). With `target_l0` training also starts
+as a TopK (k = round(target_l0), the first `topk_warmup_frac` of training), the thresholds
+following the batch's BatchTopK threshold, so that the dictionary first learns under a per-token
+budget; the thresholds learn from that start.
 
 Latents are sparse (only the entries near or above the threshold take part in the step, see
 `_encode`); the SAELens export holds `threshold = exp(log_threshold)`.
@@ -26,7 +29,7 @@ from torch import Tensor, nn
 
 from sae_dist.config import JumpReLUConfig
 from sae_dist.sae.base import Latents, SAEOutput, SparseAutoencoder, register
-from sae_dist.sae.sparse_ops import Entries, GatheredPreActs, pad_rows
+from sae_dist.sae.sparse_ops import Entries, GatheredPreActs, nth_largest, pad_rows
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -109,10 +112,21 @@ class JumpReLUSAE(SparseAutoencoder):
     `threshold`) and the value read back from SAELens are bit-identical.
     """
 
+    edited_parameters = ("W_dec", "log_threshold")  # the L0 controller and TopK warm-up
+
     def __init__(self, cfg: JumpReLUConfig, d_in: int):
         super().__init__(cfg, d_in)
         init = torch.full((self.d_sae,), cfg.threshold_init, dtype=torch.float64)
         self.log_threshold = nn.Parameter(init.log())
+        self.warmup_threshold: Tensor | None = None
+        """During the TopK warm-up, the last training batch's BatchTopK threshold (scalar,
+        scaled units), set by `_encode` and applied to every latent by `after_step`."""
+
+    @property
+    def in_topk_warmup(self) -> bool:
+        """Training with `target_l0`, within the first `topk_warmup_frac`: the SAE is a TopK."""
+        return (self.training and self.cfg.target_l0 is not None
+                and self.progress < self.cfg.topk_warmup_frac)
 
     @torch.no_grad()
     def init_from_batch(self, x: Tensor) -> None:
@@ -139,9 +153,14 @@ class JumpReLUSAE(SparseAutoencoder):
         """With `target_l0`, the L0 controller: every log-threshold moves by
         l0_adapt_rate x log(L0 / target_l0), the batch's L0 over the global batch (the log
         ratio clipped to [-1, 1]; L0 floored at 1/2), so L0 returns to the target within a few
-        steps whatever the encoder did."""
+        steps whatever the encoder did. During the TopK warm-up every threshold is instead set
+        to the batch's BatchTopK threshold (`warmup_threshold`, floored at threshold_init)."""
         target = self.cfg.target_l0
         if target is None or not self.training:
+            return
+        if self.in_topk_warmup:
+            level = max(float(self.warmup_threshold), self.cfg.threshold_init)
+            self.log_threshold.fill_(math.log(level))
             return
         group = self.batch_group
         l0 = group.sum(out.latents.l0().sum()) / group.sum(
@@ -167,6 +186,8 @@ class JumpReLUSAE(SparseAutoencoder):
         padding value 0), with sparse encoder gradients (`GatheredPreActs`); `pre` is returned
         as a sparse COO tensor of those entries (for `StepFn`). Dense reference
         (`sparse=False`): dense latents and pre [B, d_sae] with graph."""
+        if self.in_topk_warmup:
+            return self._encode_topk(x)
         threshold, grad = self.threshold, torch.is_grad_enabled()
         if not self.sparse:
             pre = self.pre_acts(x)
@@ -185,11 +206,28 @@ class JumpReLUSAE(SparseAutoencoder):
                                            is_coalesced=True, check_invariants=False)
         return Latents(values, indices, self.d_sae, live), near_pre
 
+    def _encode_topk(self, x: Tensor) -> tuple[Latents, Tensor]:
+        """The TopK warm-up: x [B, d_in] -> (each token's round(target_l0) largest
+        relu(pre-activations), values/indices [B, k]; pre [B, d_sae], with graph only on the
+        dense path). Records the global batch's k x B-th largest pre-activation in
+        `warmup_threshold`."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse):
+            pre = self.pre_acts(x)
+        k = min(self.d_sae, max(1, round(self.cfg.target_l0)))
+        indices = pre.detach().topk(k, dim=1, sorted=False).indices
+        n = k * int(self.batch_group.sum(torch.tensor(pre.shape[0])))
+        self.warmup_threshold = nth_largest(pre.detach(), n, self.batch_group)
+        return Latents(self._activate(x, pre, indices), indices, self.d_sae), pre
+
     def aux_losses(self, x: Tensor, x_hat: Tensor, latents: Latents, pre: Tensor,
                    dead_mask: Tensor | None) -> dict[str, Tensor]:
         """{"l0": warm-up * l0_coef * mean_tokens L0}, the L0 counted through `StepFn` so
         that the thresholds (only they) get its gradient. With `target_l0` there is no warm-up:
-        the thresholds start at the target and the controller (`after_step`) holds it."""
+        the thresholds start at the target and the controller (`after_step`) holds it. During
+        the TopK warm-up the term is 0 x sum(log_threshold): the thresholds take no part in a
+        TopK step, and data parallelism (DDP) expects every parameter in the graph."""
+        if self.in_topk_warmup:
+            return {"l0": 0.0 * self.log_threshold.sum().to(x.dtype)}
         steps = StepFn.apply(pre, self.threshold, self.cfg.bandwidth)
         group = self.batch_group
         l0 = group.sum(steps.sum()) / group.sum(pre.new_tensor(float(pre.shape[0])))

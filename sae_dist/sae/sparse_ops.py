@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sae_dist.distributed import LOCAL, BatchGroup
+
 
 @dataclass
 class Entries:
@@ -140,3 +142,27 @@ def _encoder_grads(x: Tensor, W_enc: Tensor, b_dec: Tensor, entries: Entries, gr
         grad_x = F.embedding_bag(entries.latent, W_enc.t(), entries.offsets,
                                  per_sample_weights=g, mode="sum").to(x.dtype)
     return grad_x, grad_w, grad_b_enc if need_benc else None, grad_b_dec
+
+
+def nth_largest(pre: Tensor, n: int, group: BatchGroup = LOCAL) -> Tensor:
+    """The n-th largest entry of pre [B, d_sae] over the whole (global) batch, at least 0.
+
+    Candidates are each row's top 4n/B entries (B: global rows); a row whose candidates all
+    reach the threshold found may hold more, so its whole row joins the candidates and the
+    threshold is taken again (it can only rise, so no other row can saturate). Under data
+    parallelism each process offers its n best candidates and the threshold is the n-th
+    largest of all offers, as in one process."""
+    n_rows, d_sae = pre.shape
+    global_rows = int(group.sum(torch.tensor(n_rows)))
+    top = pre.topk(min(d_sae, 4 * -(-n // global_rows)), dim=1, sorted=False).values
+
+    def threshold_of(candidates: Tensor) -> Tensor:
+        offers = group.cat(candidates.topk(min(n, candidates.numel()), sorted=False).values)
+        return offers.topk(n, sorted=False).values.min().clamp_min(0)
+
+    threshold = threshold_of(top.flatten())
+    saturated = (top.min(1).values >= threshold) & (top.shape[1] < d_sae)
+    if int(group.max(saturated.any().long())):
+        threshold = threshold_of(torch.cat([top[~saturated].flatten(),
+                                            pre[saturated].flatten()]))
+    return threshold

@@ -13,7 +13,6 @@ from torch import Tensor
 
 from sae_dist.config import TopKConfig
 from sae_dist.sae.base import Latents, SparseAutoencoder, register, total_variance
-from sae_dist.sae.sparse_ops import Entries, GatheredPreActs
 
 
 @register("topk")
@@ -38,19 +37,6 @@ class TopKSAE(SparseAutoencoder):
         """Latents to keep, from pre-activations [B, d_sae] (no graph): int64 indices [B, j]
         and a bool mask [B, j] of the entries to keep, or None to keep all (here: top k)."""
         return pre.topk(self.k, dim=1, sorted=False).indices, None
-
-    def _activate(self, x: Tensor, pre: Tensor, indices: Tensor,
-                  keep: Tensor | None = None) -> Tensor:
-        """relu(pre) gathered at indices int64 [B, j], zero where `keep` [B, j] is False ->
-        [B, j], differentiable in the weights."""
-        if not self.sparse:
-            values = torch.relu(pre.gather(1, indices))
-            return values if keep is None else values * keep
-        pre_top = pre.detach().gather(1, indices)
-        if keep is not None:
-            pre_top = pre_top.masked_fill(~keep, 0)
-        return torch.relu(GatheredPreActs.apply(x, self.W_enc, self.b_enc, self.b_dec, pre_top,
-                                                Entries.of(indices, keep)))
 
     def _encode(self, x: Tensor) -> tuple[Latents, Tensor]:
         """x [B, d_in] -> (values/indices [B, j], pre [B, d_sae]; pre has no graph if sparse)."""
