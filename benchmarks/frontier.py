@@ -2,17 +2,22 @@
 the embedded model, all trained on the same activations; held-out FVU, L0 and delta loss.
 
     python -m benchmarks.frontier capture --out /work/acts/frontier.safetensors
-    python -m benchmarks.frontier train   --acts /work/acts/frontier.safetensors --runs runs/frontier
-    python -m benchmarks.frontier evaluate --runs runs/frontier
-    python -m benchmarks.frontier table   --runs runs/frontier     # Markdown table + PNG plots
+    python -m benchmarks.frontier train --acts /work/acts/frontier.safetensors --runs runs/seed0
+    python -m benchmarks.frontier train --acts /work/acts/frontier.safetensors --runs runs/seed1 \
+        --extra train.seed=1
+    python -m benchmarks.frontier evaluate --runs runs/seed0 runs/seed1
+    python -m benchmarks.frontier table --runs runs/seed0 runs/seed1  # Markdown tables + PNGs
 
 `capture` runs the producer (sequence pool, masks and outlier filter of `python -m
 sae_dist.train`) over the training split once and saves float32 activations of every hookpoint,
 so that every run sees the same tokens in the same order. `train` trains each (hookpoint,
 architecture, L0) with `SuiteTrainer` (the trainer of the real entry point) on those
 activations and saves the folded SAE; `evaluate` scores each saved SAE on the same held-out
-chats with `sae_dist.evaluate` (FVU, L0, delta loss with the reconstruction spliced in). Every
-stage skips what is done, so an interrupted sweep resumes where it stopped.
+chats with `sae_dist.evaluate` (FVU, L0, delta loss with the reconstruction spliced in, its
+standard error over sequences); `table` also compares each architecture with the TopK of the
+same runs folder pairwise on the same held-out sequences (`sae_dist.metrics.paired_delta`), per
+folder and averaged over folders (seeds). Every stage skips what is done, so an interrupted
+sweep resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from sae_dist.config import (DataConfig, SitesConfig, TrainConfig, TrainRunConfi
 from sae_dist.data import SequencePool, TokenStream
 from sae_dist.evaluate import evaluate_saes, model_config_for, scalar_metrics, take_batches
 from sae_dist.hookpoints import Hookpoint, grid_hookpoints
+from sae_dist.metrics import paired_delta
 from sae_dist.models import load_model
 from sae_dist.producer import ActivationProducer
 from sae_dist.sae import SparseAutoencoder
@@ -134,9 +140,11 @@ def grid(args: argparse.Namespace) -> list[tuple[str, str, int]]:
 def train(args: argparse.Namespace) -> None:
     """Train every run of the grid that has no saved SAE yet (same activations, same order):
     SAE folder `<runs>/<hookpoint>_<arch>_l0<L0>/sae`, `train.json` with the training curve."""
+    if len(args.runs) != 1:
+        raise SystemExit("train takes one --runs folder (one seed: --extra train.seed=N)")
     acts = load_file(str(args.acts))
     for hp, arch, l0 in tqdm(grid(args), desc="frontier runs"):
-        out = run_dir(args.runs, hp, arch, l0)
+        out = run_dir(args.runs[0], hp, arch, l0)
         if (out / "train.json").exists():
             continue
         overrides = run_overrides(hp, arch, l0, args.tokens) + args.extra
@@ -156,58 +164,115 @@ def train(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    """Held-out metrics (sae_dist.evaluate: FVU, L0, delta loss, ...) of every trained run
-    without `eval.json`, on the same held-out chats; the SAEs of one (architecture, L0) are
-    spliced one at a time in one pass over the batches."""
+    """Held-out metrics (sae_dist.evaluate: FVU, L0, delta loss and its standard error, ...) of
+    every trained run without `eval.json`, on the same held-out chats, with the per-sequence CE
+    changes for paired comparisons; the SAEs of one (architecture, L0) are spliced one at a
+    time in one pass over the batches."""
     model, tokenizer = load_model(model_config_for(MODEL))
     batches = take_batches(TokenStream(DataConfig(), tokenizer, "eval", seed=0),
                            args.eval_tokens, 8)
-    for arch in args.archs:
-        for l0 in args.l0s:
-            todo = {Hookpoint.parse(hp): run_dir(args.runs, hp, arch, l0) for hp in args.hookpoints}
-            todo = {hp: d for hp, d in todo.items()
-                    if (d / "train.json").exists() and not (d / "eval.json").exists()}
-            if not todo:
-                continue
-            saes = {hp: load_sae(d / "sae")[0].eval() for hp, d in todo.items()}
-            results = evaluate_saes(model, saes, batches, torch.device("cpu"),
-                                    outlier_factor=DataConfig().policy.outlier_factor)
-            for hp, d in todo.items():
-                (d / "eval.json").write_text(json.dumps(scalar_metrics(results[hp.name])))
-                log.info("%s %s L0 %d: %s", hp.name, arch, l0, scalar_metrics(results[hp.name]))
+    for runs in args.runs:
+        for arch in args.archs:
+            for l0 in args.l0s:
+                todo = {Hookpoint.parse(hp): run_dir(runs, hp, arch, l0) for hp in args.hookpoints}
+                todo = {hp: d for hp, d in todo.items()
+                        if (d / "train.json").exists() and not (d / "eval.json").exists()}
+                if not todo:
+                    continue
+                saes = {hp: load_sae(d / "sae")[0].eval() for hp, d in todo.items()}
+                results = evaluate_saes(model, saes, batches, torch.device("cpu"),
+                                        outlier_factor=DataConfig().policy.outlier_factor)
+                for hp, d in todo.items():
+                    res = results[hp.name]
+                    (d / "eval.json").write_text(json.dumps({
+                        **scalar_metrics(res),
+                        "delta_loss_by_sequence": res["delta_loss_by_sequence"]}))
+                    log.info("%s %s L0 %d: %s", hp.name, arch, l0, scalar_metrics(res))
 
 
 def rows(args: argparse.Namespace) -> list[dict]:
-    """One dict per evaluated run: hookpoint, arch, target L0, held-out metrics, minutes."""
+    """One dict per evaluated run: runs folder, hookpoint, arch, target L0, held-out metrics
+    (with the per-sequence record), minutes."""
     out = []
-    for hp, arch, l0 in grid(args):
-        d = run_dir(args.runs, hp, arch, l0)
-        if (d / "eval.json").exists():
-            minutes = json.loads((d / "train.json").read_text())["minutes"]
-            out.append({"hookpoint": hp, "arch": arch, "target": l0, "minutes": minutes,
-                        **json.loads((d / "eval.json").read_text())})
+    for runs in args.runs:
+        for hp, arch, l0 in grid(args):
+            d = run_dir(runs, hp, arch, l0)
+            if (d / "eval.json").exists():
+                minutes = json.loads((d / "train.json").read_text())["minutes"]
+                out.append({"runs": runs.name, "hookpoint": hp, "arch": arch, "target": l0,
+                            "minutes": minutes, **json.loads((d / "eval.json").read_text())})
     return out
 
 
+def versus_topk(found: list[dict]) -> list[dict]:
+    """Per (hookpoint, arch != topk, target L0): the paired delta-loss difference to TopK, run
+    by run (same runs folder: same seed and held-out sequences) and averaged over the runs
+    folders per sequence, each with its sequence-clustered standard error (`paired_delta`)."""
+    topk = {(r["runs"], r["hookpoint"], r["target"]): r for r in found if r["arch"] == "topk"}
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    for r in found:
+        base = topk.get((r["runs"], r["hookpoint"], r["target"]))
+        if r["arch"] != "topk" and base is not None:
+            groups.setdefault((r["hookpoint"], r["arch"], r["target"]), []).append((r, base))
+    out = []
+    for (hp, arch, l0), pairs in groups.items():
+        seqs = [(r["delta_loss_by_sequence"], b["delta_loss_by_sequence"]) for r, b in pairs]
+        diff, se = paired_delta(_mean_record([a for a, _ in seqs]),
+                                _mean_record([b for _, b in seqs]))
+        base = sum(b["delta_loss"] for _, b in pairs) / len(pairs)
+        out.append({"hookpoint": hp, "arch": arch, "target": l0, "runs": len(pairs),
+                    "topk_delta": base, "diff": diff, "se": se,
+                    "per_run": [paired_delta(*s)[0] / b["delta_loss"] for s, (_, b)
+                                in zip(seqs, pairs)],
+                    "fvu_diff": sum(r["fvu"] / b["fvu"] - 1 for r, b in pairs) / len(pairs)})
+    return out
+
+
+def _mean_record(records: list[dict]) -> dict:
+    """The per-sequence mean of `delta_loss_by_sequence` records of the same sequences."""
+    return {"positions": records[0]["positions"],
+            "delta_sum": [sum(v) / len(records) for v in zip(*(r["delta_sum"] for r in records))]}
+
+
 def table(args: argparse.Namespace) -> None:
-    """Markdown table of every evaluated run, and per hookpoint a PNG of delta loss and FVU
-    against held-out L0 (benchmarks/frontier_<hookpoint>.png)."""
+    """Markdown tables of every evaluated run and of the paired comparison with TopK, and per
+    hookpoint a PNG of delta loss (mean over the runs folders) and FVU against held-out L0
+    (benchmarks/frontier_<hookpoint>.png)."""
+    found = rows(args)
+    print("| runs | hookpoint | arch | target L0 | L0 | FVU | delta loss (nats) | "
+          "loss recovered | dead frac | train (min) |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in found:
+        print(f"| {r['runs']} | {r['hookpoint']} | {r['arch']} | {r['target']} | {r['l0']:.1f} | "
+              f"{r['fvu']:.4f} | {r['delta_loss']:.4f} ± {r['delta_loss_se']:.4f} | "
+              f"{r['loss_recovered']:.3f} | {r['dead_frac']:.3f} | {r['minutes']:.1f} |")
+    print("\n| hookpoint | arch | target L0 | runs | TopK delta loss | difference (nats) | "
+          "difference / TopK | per run | FVU vs TopK |\n|---|---|---|---|---|---|---|---|---|")
+    for c in versus_topk(found):
+        per_run = " / ".join(f"{100 * v:+.1f}" for v in c["per_run"])
+        print(f"| {c['hookpoint']} | {c['arch']} | {c['target']} | {c['runs']} | "
+              f"{c['topk_delta']:.4f} | {c['diff']:+.4f} ± {c['se']:.4f} | "
+              f"{100 * c['diff'] / c['topk_delta']:+.1f} ± "
+              f"{100 * c['se'] / c['topk_delta']:.1f} % | "
+              f"{per_run} % | {100 * c['fvu_diff']:+.1f} % |")
+    plot(args, found)
+
+
+def plot(args: argparse.Namespace, found: list[dict]) -> None:
+    """Per hookpoint: delta loss and FVU (means over the runs folders) against held-out L0."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    found = rows(args)
-    print("| hookpoint | arch | target L0 | L0 | FVU | delta loss (nats) | loss recovered | "
-          "dead frac | train (min) |\n|---|---|---|---|---|---|---|---|---|")
-    for r in found:
-        print(f"| {r['hookpoint']} | {r['arch']} | {r['target']} | {r['l0']:.1f} | "
-              f"{r['fvu']:.4f} | {r['delta_loss']:.4f} | {r['loss_recovered']:.3f} | "
-              f"{r['dead_frac']:.3f} | {r['minutes']:.1f} |")
     for hp in args.hookpoints:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for arch in args.archs:
-            pts = sorted((r["l0"], r["delta_loss"], r["fvu"]) for r in found
-                         if r["hookpoint"] == hp and r["arch"] == arch)
+            pts = []
+            for l0 in args.l0s:
+                rs = [r for r in found
+                      if (r["hookpoint"], r["arch"], r["target"]) == (hp, arch, l0)]
+                if rs:
+                    pts.append(tuple(sum(r[k] for r in rs) / len(rs)
+                                     for k in ("l0", "delta_loss", "fvu")))
             if not pts:
                 continue
             l0, delta, fvu_ = zip(*pts)
@@ -218,7 +283,8 @@ def table(args: argparse.Namespace) -> None:
             ax.set_xlabel("held-out L0")
             ax.set_ylabel(name)
             ax.legend()
-        fig.suptitle(f"{hp}: {args.tokens:,} training tokens per SAE")
+        fig.suptitle(f"{hp}: {args.tokens:,} training tokens per SAE, mean of "
+                     f"{len(args.runs)} run folder(s)")
         fig.tight_layout()
         fig.savefig(args.plots / f"frontier_{hp.replace('.', '_')}.png", dpi=100)
         plt.close(fig)
@@ -234,7 +300,8 @@ def parse_args() -> argparse.Namespace:
     for name, help_ in [("train", "train the missing runs"), ("evaluate", "evaluate them"),
                         ("table", "print the table and write the plots")]:
         q = sub.add_parser(name, help=help_)
-        q.add_argument("--runs", type=Path, required=True)
+        q.add_argument("--runs", type=Path, nargs="+", required=True,
+                       help="runs folders (one per seed: --extra train.seed=N)")
         q.add_argument("--acts", type=Path, default=Path("/work/acts/frontier.safetensors"))
         q.add_argument("--tokens", type=int, default=200_000)
         q.add_argument("--eval-tokens", type=int, default=10_000)

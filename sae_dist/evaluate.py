@@ -18,7 +18,8 @@ Metrics, accumulated in float64 over those tokens:
   mse = mean_tokens ||x - x_hat||^2 / d_in, cosine = mean_tokens cos(x, x_hat),
   l0 = mean_tokens #active latents, dead_frac = latents never active, dense_frac = latents active
   on more than 10% of tokens, and a histogram of log10 latent frequencies;
-- ce_clean, ce_spliced, ce_zero (ce_mean with eval.ce_mean), delta_loss = ce_spliced - ce_clean,
+- ce_clean, ce_spliced, ce_zero (ce_mean with eval.ce_mean), delta_loss = ce_spliced - ce_clean
+  with delta_loss_se, its standard error over sequences (`ModelLevelAccumulator`),
   loss_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean),
   kl = mean_tokens KL(p_clean || p_spliced).
 
@@ -259,7 +260,9 @@ def evaluate_saes(model: nn.Module, saes: dict[Hookpoint, SAELike], batches: Seq
     reconstructed and spliced, the others keep their clean activation; `excluded` counts the
     positions left out.
     CE and KL are scored at the position set's CE positions. `all_tokens` adds every metric
-    over the whole position set (no outlier left out) as `<metric>_all` (without ce_mean)."""
+    over the whole position set (no outlier left out) as `<metric>_all` (without ce_mean).
+    Besides the scalars: `latent_freq_hist`, and with `model_level` `delta_loss_by_sequence`
+    (`ModelLevelAccumulator.by_sequence`, for paired comparisons of SAEs on the same batches)."""
     hps = list(saes)
     batches = split_batches(batches, max_batch_tokens)
 
@@ -304,6 +307,8 @@ def evaluate_saes(model: nn.Module, saes: dict[Hookpoint, SAELike], batches: Seq
             res.update({f"{k}{v.suffix}": val for k, val in part.items()})
         res["excluded"] = excluded
         res["latent_freq_hist"] = views[0].recon[hp].frequency_histogram()
+        if model_level:
+            res["delta_loss_by_sequence"] = views[0].ce[hp].by_sequence()
         results[hp.name] = res
     return results
 
@@ -324,8 +329,9 @@ def _model_level_batch(model: nn.Module, clean, scorer: NextTokenScorer, splice:
     d_model = model.config.hidden_size
     per_replay = max_variants if splice.device.type != "cpu" else max(1, min(
         max_variants, max_batch_tokens // splice.numel()))
+    rows = scorer.sel.nonzero(as_tuple=True)[0]
     for hp, x_hat in x_hats.items():
-        acc[hp].add_clean(scorer.ce_clean)
+        acc[hp].add_clean(scorer.ce_clean, rows)
         kinds = [("spliced", x_hat), ("zero", x_hat.new_zeros(d_model))]
         kinds += [("mean", means[hp])] if hp in means else []
         variants.setdefault(hp.layer, []).extend((hp, k, masked_edit(splice, v))

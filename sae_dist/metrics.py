@@ -35,7 +35,7 @@ untouched.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -243,23 +243,49 @@ def _exp_shifted(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 @dataclass
 class ModelLevelAccumulator:
-    """Float64 sums of per-position CE (clean and per kind of splice) and KL for one SAE."""
+    """Float64 sums of per-position CE (clean and per kind of splice) and KL for one SAE, and
+    per-sequence sums of the CE change (spliced - clean) for the standard error of delta_loss.
+
+    delta_loss_se is `cluster_se` over sequences (batch rows): the CE changes of positions in
+    one sequence are correlated, so treating positions as independent would understate it.
+    """
 
     n: int = 0
     sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl"), 0.0))
     has_mean: bool = False
+    seq_delta: list[Tensor] = field(default_factory=list)
+    """float64 [rows] per batch: sum of spliced - clean CE over each row's CE positions."""
+    seq_positions: list[Tensor] = field(default_factory=list)
+    """float64 [rows] per batch: CE positions of each row."""
+    batch: Optional[tuple[Tensor, Tensor]] = None
+    """(clean CE [n] float64, row index [n] int64) of the batch being scored."""
 
-    def add_clean(self, ce_clean: Tensor) -> None:
+    def add_clean(self, ce_clean: Tensor, rows: Tensor) -> None:
+        """Clean CE per CE position [n] of one batch and each position's row in the batch [n]
+        (row-major order, as `h[sel]` selects)."""
         self.n += ce_clean.numel()
         self.sums["ce_clean"] += float(ce_clean.sum())
+        self.batch = (ce_clean.double(), rows)
 
     def add(self, kind: str, ce: Tensor, kl: Optional[Tensor] = None) -> None:
-        """CE (and for kind 'spliced' the KL) per position [n] of one batch."""
+        """CE (and for kind 'spliced' the KL) per position [n] of the batch of `add_clean`."""
         self.sums[f"ce_{kind}"] += float(ce.sum())
         self.has_mean |= kind == "mean"
-        if kind == "spliced" and kl is not None:
+        if kind != "spliced":
+            return
+        if kl is not None:
             self.sums["kl"] += float(kl.sum())
+        clean, rows = self.batch
+        self.seq_delta.append(torch.bincount(rows, weights=ce.double() - clean).cpu())
+        self.seq_positions.append(torch.bincount(rows).double().cpu())
+
+    def by_sequence(self) -> dict[str, list]:
+        """Per sequence with a CE position, in batch order: the summed CE change (nats) and the
+        CE positions; two SAEs scored on the same batches compare pairwise with `cluster_se`
+        of the differences of their sums (`paired_delta`)."""
+        s, n_g = torch.cat(self.seq_delta), torch.cat(self.seq_positions)
+        return {"delta_sum": s[n_g > 0].tolist(), "positions": n_g[n_g > 0].long().tolist()}
 
     def result(self) -> dict[str, float]:
         if self.n == 0:
@@ -267,12 +293,35 @@ class ModelLevelAccumulator:
         m = {k: v / self.n for k, v in self.sums.items()}
         out = {"ce_clean": m["ce_clean"], "ce_spliced": m["ce_spliced"], "ce_zero": m["ce_zero"],
                "delta_loss": m["ce_spliced"] - m["ce_clean"],
+               "delta_loss_se": cluster_se(**self.by_sequence()),
                "loss_recovered": _ratio(m["ce_zero"] - m["ce_spliced"],
                                         m["ce_zero"] - m["ce_clean"]),
                "kl": m["kl"], "ce_tokens": self.n}
         if self.has_mean:
             out["ce_mean"] = m["ce_mean"]
         return out
+
+
+def cluster_se(delta_sum: Sequence[float], positions: Sequence[int]) -> float:
+    """Cluster-robust standard error of a per-position mean from per-cluster sums S_g over n_g
+    positions (G clusters, n positions, mean D = sum S_g / n):
+    sqrt(G / (G - 1) * sum_g (S_g - D n_g)^2) / n; NaN under two clusters."""
+    s = torch.tensor(delta_sum, dtype=torch.float64)
+    n_g = torch.tensor(positions, dtype=torch.float64)
+    g = s.numel()
+    if g < 2:
+        return float("nan")
+    mean = s.sum() / n_g.sum()
+    return float((g / (g - 1) * (s - mean * n_g).pow(2).sum()).sqrt() / n_g.sum())
+
+
+def paired_delta(a: dict[str, list], b: dict[str, list]) -> tuple[float, float]:
+    """(delta_loss of a - delta_loss of b, its cluster-robust standard error) from the
+    `ModelLevelAccumulator.by_sequence` records of two SAEs scored on the same batches."""
+    if a["positions"] != b["positions"]:
+        raise ValueError("paired_delta needs both SAEs scored on the same sequences")
+    diff = [x - y for x, y in zip(a["delta_sum"], b["delta_sum"])]
+    return sum(diff) / sum(a["positions"]), cluster_se(diff, a["positions"])
 
 
 def _ratio(a: float, b: float) -> float:

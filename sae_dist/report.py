@@ -13,11 +13,12 @@ from sae_dist.hookpoints import SITES, Hookpoint
 
 REPORT_COLUMNS = ("fvu", "l0", "dead_frac", "cosine", "tokens")
 RECON_METRICS = ("fvu", "explained_variance", "mse", "cosine", "l0", "dead_frac", "dense_frac")
-MODEL_METRICS = ("ce_clean", "ce_spliced", "ce_zero", "delta_loss", "loss_recovered", "kl")
+MODEL_METRICS = ("ce_clean", "ce_spliced", "ce_zero", "delta_loss", "delta_loss_se",
+                 "loss_recovered", "kl")
 EVAL_METRICS = RECON_METRICS + MODEL_METRICS
-"""The metric names of DESIGN.md section 8, the keys of every per-SAE JSON."""
-EVAL_COLUMNS = ("fvu", "l0", "dead_frac", "cosine", "delta_loss", "loss_recovered", "kl",
-                "tokens")
+"""The metric names of DESIGN.md section 8 (and delta_loss_se), the keys of every per-SAE JSON."""
+EVAL_COLUMNS = ("fvu", "l0", "dead_frac", "cosine", "delta_loss", "delta_loss_se", "loss_recovered",
+                "kl", "tokens")
 """Columns of the end-of-training report table."""
 ALL_TOKEN_COLUMNS = ("fvu_all", "delta_loss_all", "kl_all", "tokens_all")
 """All-token figures (eval.all_tokens) shown in the suite table when present."""

@@ -19,7 +19,7 @@ from sae_dist.report import EVAL_COLUMNS, markdown_table, plot_training_curves, 
 from sae_dist.sae import SparseAutoencoder
 from sae_dist.tracking import RunLogger
 
-SAVED_METRICS = ("fvu", "l0", "dead_frac", "delta_loss", "loss_recovered", "kl")
+SAVED_METRICS = ("fvu", "l0", "dead_frac", "delta_loss", "delta_loss_se", "loss_recovered", "kl")
 """Held-out metrics copied into each SAE's cfg.json metadata."""
 
 

@@ -5,6 +5,7 @@ with a splice, dense float64 SAE maths), excluded tokens, and the CLI outputs.""
 import csv
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from sae_dist.config import ConfigError, sae_config
 from sae_dist.data import TokenBatch, TokenStream, special_token_ids
 from sae_dist.evaluate import evaluate_saes, run_evaluation, take_batches
 from sae_dist.hookpoints import Hookpoint, capture, splice
-from sae_dist.metrics import clean_pass, masked_edit, replay_from
+from sae_dist.metrics import cluster_se, clean_pass, masked_edit, paired_delta, replay_from
 from sae_dist.report import EVAL_METRICS
 from sae_dist.sae import build_sae
 from tests.conftest import (SINK_POSITION, random_token_batches, scaled_tiny_model,
@@ -116,7 +117,7 @@ def reference(model, hp, sae, batches, keep=None):
     out["explained_variance"] = 1 - out["fvu"]
     mean = xs.mean(0).float()
     ce = {k: [] for k in ("clean", "spliced", "zero", "mean")}
-    kls, start = [], 0
+    kls, seq_delta, seq_positions, start = [], [], [], 0
     for b, k in zip(batches, keep):
         n = int(k.sum())
         rows = x_hat[start:start + n].float()
@@ -136,9 +137,16 @@ def reference(model, hp, sae, batches, keep=None):
         lp_clean = logits["clean"][:, :-1][sel].double().log_softmax(-1)
         lp_spliced = logits["spliced"][:, :-1][sel].double().log_softmax(-1)
         kls.append((lp_clean.exp() * (lp_clean - lp_spliced)).sum(-1))
+        d, seq = ce["spliced"][-1] - ce["clean"][-1], sel.nonzero()[:, 0]
+        for row in seq.unique():  # per sequence: sum of CE changes, CE positions
+            seq_delta.append(float(d[seq == row].sum()))
+            seq_positions.append(int((seq == row).sum()))
     m = {k: float(torch.cat(v).mean()) for k, v in ce.items()}
+    s, n_g = torch.tensor(seq_delta, dtype=torch.float64), torch.tensor(seq_positions)
+    g, delta = len(s), m["spliced"] - m["clean"]
+    se = math.sqrt(g / (g - 1) * float((s - delta * n_g).pow(2).sum())) / float(n_g.sum())
     out.update(ce_clean=m["clean"], ce_spliced=m["spliced"], ce_zero=m["zero"],
-               ce_mean=m["mean"], delta_loss=m["spliced"] - m["clean"],
+               ce_mean=m["mean"], delta_loss=delta, delta_loss_se=se,
                loss_recovered=(m["zero"] - m["spliced"]) / (m["zero"] - m["clean"]),
                kl=float(torch.cat(kls).mean()), ce_tokens=len(torch.cat(ce["clean"])))
     return out
@@ -164,12 +172,35 @@ def test_every_metric_matches_an_independent_computation(model, batches, max_var
             assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-9), (hp, key)
         for key in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "delta_loss"):
             assert got[key] == pytest.approx(ref[key], abs=2e-5), (hp, key)
+        assert got["delta_loss_se"] == pytest.approx(ref["delta_loss_se"], rel=1e-4), hp
         assert got["kl"] == pytest.approx(ref["kl"], rel=5e-5, abs=1e-6), hp
         assert got["loss_recovered"] == pytest.approx(ref["loss_recovered"], abs=1e-4), hp
         assert abs(got["ce_zero"] - got["ce_clean"]) > 0.01 and got["kl"] > 1e-3
         hist = got["latent_freq_hist"]
         assert sum(hist["counts"]) + hist["dead"] == sae.d_sae
         assert hist["dead"] == round(ref["dead_frac"] * sae.d_sae)
+
+
+def test_cluster_se_of_known_sums():
+    """Sums 1, 2, 3, 6 over 1, 1, 1, 3 positions: mean 2, residuals -1, 0, 1, 0, so
+    se = sqrt(4/3 * 2) / 6; one cluster has no standard error."""
+    assert cluster_se([1, 2, 3, 6], [1, 1, 1, 3]) == pytest.approx(math.sqrt(8 / 3) / 6)
+    assert math.isnan(cluster_se([1.0], [4]))
+
+
+def test_paired_delta_of_two_saes_on_the_same_batches(model, batches):
+    """The paired difference is the difference of the delta losses; an SAE against itself
+    differs by 0 +- 0; records of other sequences are refused."""
+    hp = HPS[2]
+    a, b = (evaluate_saes(model, {hp: topk_sae(seed)}, batches, CPU, outlier_factor=None)[hp.name]
+            for seed in (0, 1))
+    diff, se = paired_delta(a["delta_loss_by_sequence"], b["delta_loss_by_sequence"])
+    assert diff == pytest.approx(a["delta_loss"] - b["delta_loss"], abs=1e-9)
+    assert 0 < se < a["delta_loss_se"] + b["delta_loss_se"]
+    assert paired_delta(a["delta_loss_by_sequence"], a["delta_loss_by_sequence"]) == (0, 0)
+    shorter = {k: v[1:] for k, v in b["delta_loss_by_sequence"].items()}
+    with pytest.raises(ValueError, match="same sequences"):
+        paired_delta(a["delta_loss_by_sequence"], shorter)
 
 
 def test_outlier_positions_are_left_out_of_the_sums_and_unspliced(tiny_cfg, batches):
