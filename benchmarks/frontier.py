@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -258,7 +259,9 @@ def table(args: argparse.Namespace) -> None:
 
 
 def plot(args: argparse.Namespace, found: list[dict]) -> None:
-    """Per hookpoint: delta loss and FVU (means over the runs folders) against held-out L0."""
+    """Per hookpoint: delta loss and FVU (means over the runs folders) against held-out L0; the
+    error bars are one standard error of the mean delta loss (the folders' `delta_loss_se`
+    combined as independent)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -271,12 +274,13 @@ def plot(args: argparse.Namespace, found: list[dict]) -> None:
                 rs = [r for r in found
                       if (r["hookpoint"], r["arch"], r["target"]) == (hp, arch, l0)]
                 if rs:
-                    pts.append(tuple(sum(r[k] for r in rs) / len(rs)
-                                     for k in ("l0", "delta_loss", "fvu")))
+                    se = math.sqrt(sum(r["delta_loss_se"] ** 2 for r in rs)) / len(rs)
+                    pts.append((*(sum(r[k] for r in rs) / len(rs)
+                                  for k in ("l0", "delta_loss", "fvu")), se))
             if not pts:
                 continue
-            l0, delta, fvu_ = zip(*pts)
-            axes[0].plot(l0, delta, "o-", label=arch)
+            l0, delta, fvu_, se = zip(*pts)
+            axes[0].errorbar(l0, delta, yerr=se, fmt="o-", capsize=3, label=arch)
             axes[1].plot(l0, fvu_, "o-", label=arch)
         for ax, name in zip(axes, ["delta loss (nats)", "FVU"]):
             ax.set_xscale("log", base=2)
