@@ -184,11 +184,11 @@ def evaluate(args: argparse.Namespace) -> None:
                 results = evaluate_saes(model, saes, batches, torch.device("cpu"),
                                         outlier_factor=DataConfig().policy.outlier_factor)
                 for hp, d in todo.items():
-                    res = results[hp.name]
+                    scalars = scalar_metrics(results[hp.name])
                     (d / "eval.json").write_text(json.dumps({
-                        **scalar_metrics(res),
-                        "delta_loss_by_sequence": res["delta_loss_by_sequence"]}))
-                    log.info("%s %s L0 %d: %s", hp.name, arch, l0, scalar_metrics(res))
+                        **scalars,
+                        "delta_loss_by_sequence": results[hp.name]["delta_loss_by_sequence"]}))
+                    log.info("%s %s L0 %d: %s", hp.name, arch, l0, scalars)
 
 
 def rows(args: argparse.Namespace) -> list[dict]:
