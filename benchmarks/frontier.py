@@ -6,6 +6,7 @@ the embedded model, all trained on the same activations; held-out FVU, L0 and de
     python -m benchmarks.frontier train --acts /work/acts/frontier.safetensors --runs runs/seed1 \
         --extra train.seed=1
     python -m benchmarks.frontier evaluate --runs runs/seed0 runs/seed1
+    python -m benchmarks.frontier quick --acts /work/acts/frontier.safetensors --runs runs/seed0
     python -m benchmarks.frontier table --runs runs/seed0 runs/seed1  # Markdown tables + PNGs
 
 `capture` runs the producer (sequence pool, masks and outlier filter of `python -m
@@ -14,10 +15,11 @@ so that every run sees the same tokens in the same order. `train` trains each (h
 architecture, L0) with `SuiteTrainer` (the trainer of the real entry point) on those
 activations and saves the folded SAE; `evaluate` scores each saved SAE on the same held-out
 chats with `sae_dist.evaluate` (FVU, L0, delta loss with the reconstruction spliced in, its
-standard error over sequences); `table` also compares each architecture with the TopK of the
-same runs folder pairwise on the same held-out sequences (`sae_dist.metrics.paired_delta`), per
-folder and averaged over folders (seeds). Every stage skips what is done, so an interrupted
-sweep resumes where it stopped.
+standard error over sequences); `quick` prints FVU, L0 and the part of L0 that dense latents
+carry on the activation rows no run trained on (no LM, seconds); `table` also compares each
+architecture with the TopK of the same runs folder pairwise on the same held-out sequences
+(`sae_dist.metrics.paired_delta`), per folder and averaged over folders (seeds). Every stage
+skips what is done, so an interrupted sweep resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from sae_dist.cli import _compose
 from sae_dist.config import (DataConfig, SitesConfig, TrainConfig, TrainRunConfig,
                              register_configs)
 from sae_dist.data import SequencePool, TokenStream
-from sae_dist.evaluate import evaluate_saes, model_config_for, scalar_metrics, take_batches
+from sae_dist.evaluate import (DENSE_THRESHOLD, evaluate_saes, model_config_for, scalar_metrics,
+                               take_batches)
 from sae_dist.hookpoints import Hookpoint, grid_hookpoints
 from sae_dist.metrics import paired_delta
 from sae_dist.models import load_model
@@ -122,11 +125,17 @@ def train_sae(acts: torch.Tensor, cfg: TrainRunConfig) -> tuple[SparseAutoencode
 
 @torch.no_grad()
 def quick_metrics(sae: SparseAutoencoder, x: torch.Tensor) -> dict[str, float]:
-    """FVU and mean L0 of an eval-mode SAE on raw activations x [N, d] (no LM needed)."""
+    """Metrics of an eval-mode SAE on raw activations x [N, d] (no LM needed): FVU, mean L0,
+    `never` (fraction of latents active on no row), `dense_frac` (fraction active on more than
+    10 % of the rows) and `dense_l0` (mean number of those dense latents active per row: the part
+    of L0 they carry), as in sae_dist.evaluate."""
     latents = sae.encode(x)
     x_hat = sae.decode(latents)
+    freq = latents.fire_counts().double() / x.shape[0]
+    dense = freq > DENSE_THRESHOLD
     return {"fvu": float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
-            "l0": float(latents.l0().mean())}
+            "l0": float(latents.l0().mean()), "never": float((freq == 0).double().mean()),
+            "dense_frac": float(dense.double().mean()), "dense_l0": float(freq[dense].sum())}
 
 
 def run_dir(runs: Path, hookpoint: str, arch: str, l0: int) -> Path:
@@ -189,6 +198,24 @@ def evaluate(args: argparse.Namespace) -> None:
                         **scalars,
                         "delta_loss_by_sequence": results[hp.name]["delta_loss_by_sequence"]}))
                     log.info("%s %s L0 %d: %s", hp.name, arch, l0, scalars)
+
+
+def quick(args: argparse.Namespace) -> None:
+    """Print a Markdown table of `quick_metrics` of every trained run on the rows of the
+    activation file that no run trained on (those after `--tokens` in the shuffled order): seconds
+    per SAE, no LM."""
+    acts = load_file(str(args.acts))
+    held = {hp: shuffled(acts[hp])[args.tokens:] for hp in args.hookpoints}
+    print("| runs | hookpoint | arch | target L0 | L0 | FVU | never | dense frac | dense L0 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for runs in args.runs:
+        for hp, arch, l0 in grid(args):
+            d = run_dir(runs, hp, arch, l0)
+            if not (d / "train.json").exists():
+                continue
+            m = quick_metrics(load_sae(d / "sae")[0].eval(), held[hp])
+            print(f"| {runs.name} | {hp} | {arch} | {l0} | {m['l0']:.1f} | {m['fvu']:.4f} | "
+                  f"{m['never']:.3f} | {m['dense_frac']:.4f} | {m['dense_l0']:.2f} |")
 
 
 def rows(args: argparse.Namespace) -> list[dict]:
@@ -302,6 +329,7 @@ def parse_args() -> argparse.Namespace:
     c.add_argument("--tokens", type=int, default=210_000)
     c.add_argument("--seqs", type=int, default=16)
     for name, help_ in [("train", "train the missing runs"), ("evaluate", "evaluate them"),
+                        ("quick", "FVU, L0, dense latents on the untrained rows of --acts"),
                         ("table", "print the table and write the plots")]:
         q = sub.add_parser(name, help=help_)
         q.add_argument("--runs", type=Path, nargs="+", required=True,
@@ -320,7 +348,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = parse_args()
-    {"capture": capture, "train": train, "evaluate": evaluate, "table": table}[args.mode](args)
+    {"capture": capture, "train": train, "evaluate": evaluate, "quick": quick,
+     "table": table}[args.mode](args)
 
 
 if __name__ == "__main__":

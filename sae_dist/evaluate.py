@@ -17,7 +17,8 @@ Metrics, accumulated in float64 over those tokens:
 - fvu = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, explained_variance = 1 - fvu,
   mse = mean_tokens ||x - x_hat||^2 / d_in, cosine = mean_tokens cos(x, x_hat),
   l0 = mean_tokens #active latents, dead_frac = latents never active, dense_frac = latents active
-  on more than 10% of tokens, and a histogram of log10 latent frequencies;
+  on more than 10% of tokens, dense_l0 = the part of l0 those dense latents carry, and a
+  histogram of log10 latent frequencies;
 - ce_clean, ce_spliced, ce_zero (ce_mean with eval.ce_mean), delta_loss = ce_spliced - ce_clean
   with delta_loss_se, its standard error over sequences (`ModelLevelAccumulator`),
   loss_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean),
@@ -173,12 +174,13 @@ class ReconstructionAccumulator:
         out: dict[str, Any] = {"fvu": fvu, "explained_variance": 1 - fvu,
                                "mse": self.sum_sq_err / self.n / self.d_in,
                                "cosine": self.sum_cos / self.n,
-                               "l0": None, "dead_frac": None, "dense_frac": None,
+                               "l0": None, "dead_frac": None, "dense_frac": None, "dense_l0": None,
                                "tokens": self.n}
         if self.fire_counts is not None:
             freq = self.fire_counts.double() / self.n
             out.update(l0=self.sum_l0 / self.n, dead_frac=float((freq == 0).double().mean()),
-                       dense_frac=float((freq > DENSE_THRESHOLD).double().mean()))
+                       dense_frac=float((freq > DENSE_THRESHOLD).double().mean()),
+                       dense_l0=float(freq[freq > DENSE_THRESHOLD].sum()))
         return out
 
 

@@ -12,7 +12,8 @@ from typing import Any, Optional
 from sae_dist.hookpoints import SITES, Hookpoint
 
 REPORT_COLUMNS = ("fvu", "l0", "dead_frac", "cosine", "tokens")
-RECON_METRICS = ("fvu", "explained_variance", "mse", "cosine", "l0", "dead_frac", "dense_frac")
+RECON_METRICS = ("fvu", "explained_variance", "mse", "cosine", "l0", "dead_frac", "dense_frac",
+                 "dense_l0")
 MODEL_METRICS = ("ce_clean", "ce_spliced", "ce_zero", "delta_loss", "delta_loss_se",
                  "loss_recovered", "kl")
 EVAL_METRICS = RECON_METRICS + MODEL_METRICS

@@ -113,7 +113,8 @@ def reference(model, hp, sae, batches, keep=None):
            "cosine": float(F.cosine_similarity(xs, x_hat, dim=1).mean()),
            "l0": float((z > 0).sum(1).double().mean()),
            "dead_frac": float((freq == 0).double().mean()),
-           "dense_frac": float((freq > 0.1).double().mean()), "tokens": len(xs)}
+           "dense_frac": float((freq > 0.1).double().mean()),
+           "dense_l0": float(((z > 0) & (freq > 0.1)).sum(1).double().mean()), "tokens": len(xs)}
     out["explained_variance"] = 1 - out["fvu"]
     mean = xs.mean(0).float()
     ce = {k: [] for k in ("clean", "spliced", "zero", "mean")}
@@ -166,7 +167,8 @@ def test_every_metric_matches_an_independent_computation(model, batches, max_var
         ref = reference(model, hp, sae, batches)
         got = res[hp.name]
         assert got["tokens"] == ref["tokens"] and got["ce_tokens"] == ref["ce_tokens"]
-        for key in ("l0", "dead_frac", "dense_frac"):
+        assert 0 < ref["dense_l0"] < ref["l0"], (hp, ref["dense_l0"])  # not 0 == 0 below
+        for key in ("l0", "dead_frac", "dense_frac", "dense_l0"):
             assert got[key] == pytest.approx(ref[key], abs=1e-12), (hp, key)
         for key in ("fvu", "explained_variance", "mse", "cosine"):
             assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-9), (hp, key)
