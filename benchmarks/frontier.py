@@ -336,7 +336,9 @@ def parse_args() -> argparse.Namespace:
                        help="runs folders (one per seed: --extra train.seed=N)")
         q.add_argument("--acts", type=Path, default=Path("/work/acts/frontier.safetensors"))
         q.add_argument("--tokens", type=int, default=200_000)
-        q.add_argument("--eval-tokens", type=int, default=10_000)
+        q.add_argument("--eval-tokens", type=int, default=40_000,
+                       help="held-out positions to evaluate on (40k: 160 chats; on 10k the MLP "
+                            "output's delta loss carries a 13-17 %% standard error)")
         q.add_argument("--hookpoints", nargs="+", default=HOOKPOINTS)
         q.add_argument("--archs", nargs="+", default=ARCHS, choices=ARCHS)
         q.add_argument("--l0s", nargs="+", type=int, default=L0S)

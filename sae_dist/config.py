@@ -185,8 +185,12 @@ class JumpReLUConfig(SAEConfig):
     architecture: str = "jumprelu"
     lr_mult: float = 1.5
     l0_coef: float = 1e-3
-    """Weight of the L0 penalty (loss term l0_coef x mean L0 per token, against the FVU);
-    with `target_l0`, the starting weight, which the L0 controller then adapts."""
+    """Weight of the L0 penalty (loss term l0_coef x mean L0 per token, against the FVU). With
+    `target_l0` the weight stays fixed (the L0 controller moves the thresholds, not it) and sets
+    how strongly each latent's threshold weighs its firing against its reconstruction: at
+    layers.12.mlp, L0 16, 200k tokens, the latents active on > 10 % of tokens carry 4.1 of the
+    16 at 1e-3, 2.7 at 3e-3, 0.8 at 1e-2 (held-out FVU 0.4445, 0.4446, 0.4475; TopK 0.4332,
+    its dense latents 0.3 of 16)."""
     l0_warmup_frac: float = 0.1
     """Fraction of training over which the L0 weight rises linearly from 0 (without
     `target_l0`; with it the thresholds start at the target and there is no warm-up)."""
