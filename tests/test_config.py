@@ -56,6 +56,14 @@ def test_demo_composes_with_user_overrides():
     assert cfg.out_dir == "/tmp/x"
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (["sae.target_l0=16"], 0.1), ([], 1.0), (["sae.target_l0=16", "sae.threshold_lr_mult=2"], 2.0)])
+def test_jumprelu_threshold_rate_follows_target_l0(overrides, expected):
+    """threshold_lr_mult null: 0.1 with target_l0 (the controller sets the level), 1 without."""
+    cfg = compose_train_config(["sae=jumprelu", *overrides])
+    assert cfg.sae.threshold_lr_mult == expected and cfg.sae.l0_coef == 0.01
+
+
 @pytest.mark.parametrize("model, n_layers, d_model", [
     ("qwen3-1.7b", 28, 2048), ("qwen3-4b", 36, 2560), ("qwen3-8b", 36, 4096),
     ("smollm2-135m-instruct", 30, 576), ("tiny-qwen3", 4, 64)])
