@@ -44,8 +44,8 @@ from sae_dist.cli import _compose
 from sae_dist.config import (DataConfig, SitesConfig, TrainConfig, TrainRunConfig,
                              register_configs)
 from sae_dist.data import SequencePool, TokenStream
-from sae_dist.evaluate import (DENSE_THRESHOLD, evaluate_saes, model_config_for, scalar_metrics,
-                               take_batches)
+from sae_dist.evaluate import (evaluate_saes, frequency_metrics, model_config_for,
+                               scalar_metrics, take_batches)
 from sae_dist.hookpoints import Hookpoint, grid_hookpoints
 from sae_dist.metrics import paired_delta
 from sae_dist.models import load_model
@@ -125,17 +125,14 @@ def train_sae(acts: torch.Tensor, cfg: TrainRunConfig) -> tuple[SparseAutoencode
 
 @torch.no_grad()
 def quick_metrics(sae: SparseAutoencoder, x: torch.Tensor) -> dict[str, float]:
-    """Metrics of an eval-mode SAE on raw activations x [N, d] (no LM needed): FVU, mean L0,
-    `never` (fraction of latents active on no row), `dense_frac` (fraction active on more than
-    10 % of the rows) and `dense_l0` (mean number of those dense latents active per row: the part
-    of L0 they carry), as in sae_dist.evaluate."""
+    """Metrics of an eval-mode SAE on raw activations x [N, d] (no LM needed): FVU, mean L0 and
+    the latent-frequency metrics of sae_dist.evaluate (dead_frac, dense_frac, dense_l0) over
+    the N rows."""
     latents = sae.encode(x)
     x_hat = sae.decode(latents)
-    freq = latents.fire_counts().double() / x.shape[0]
-    dense = freq > DENSE_THRESHOLD
     return {"fvu": float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
-            "l0": float(latents.l0().mean()), "never": float((freq == 0).double().mean()),
-            "dense_frac": float(dense.double().mean()), "dense_l0": float(freq[dense].sum())}
+            "l0": float(latents.l0().mean()),
+            **frequency_metrics(latents.fire_counts().double() / x.shape[0])}
 
 
 def run_dir(runs: Path, hookpoint: str, arch: str, l0: int) -> Path:
@@ -215,7 +212,7 @@ def quick(args: argparse.Namespace) -> None:
                 continue
             m = quick_metrics(load_sae(d / "sae")[0].eval(), held[hp])
             print(f"| {runs.name} | {hp} | {arch} | {l0} | {m['l0']:.1f} | {m['fvu']:.4f} | "
-                  f"{m['never']:.3f} | {m['dense_frac']:.4f} | {m['dense_l0']:.2f} |")
+                  f"{m['dead_frac']:.3f} | {m['dense_frac']:.4f} | {m['dense_l0']:.2f} |")
 
 
 def rows(args: argparse.Namespace) -> list[dict]:

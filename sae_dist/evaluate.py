@@ -98,6 +98,16 @@ DENSE_THRESHOLD = 0.1
 HIST_EDGES = [e / 2 for e in range(-14, 1)]
 """Edges of the latent-frequency histogram in log10(fraction of tokens): 1e-7 .. 1 in half
 decades; frequencies below 1e-7 (but > 0) fall in the first bin; dead latents are counted apart."""
+
+
+def frequency_metrics(freq: Tensor) -> dict[str, float]:
+    """From each latent's firing frequency freq [d_sae] (fraction of tokens it is active on):
+    dead_frac (fraction of latents never active), dense_frac (fraction active on more than
+    DENSE_THRESHOLD of tokens) and dense_l0 (mean number of those dense latents active per
+    token, latents per token)."""
+    dense = freq > DENSE_THRESHOLD
+    return {"dead_frac": float((freq == 0).double().mean()),
+            "dense_frac": float(dense.double().mean()), "dense_l0": float(freq[dense].sum())}
 MAX_BATCH_TOKENS = 4096
 """Default cap on the positions of one evaluation forward batch, and on CPU of one replay batch
 (memory of the clean logits and probs: 4096 x vocab x 6 bytes for a bf16 model, 1.2 GB for
@@ -177,10 +187,8 @@ class ReconstructionAccumulator:
                                "l0": None, "dead_frac": None, "dense_frac": None, "dense_l0": None,
                                "tokens": self.n}
         if self.fire_counts is not None:
-            freq = self.fire_counts.double() / self.n
-            out.update(l0=self.sum_l0 / self.n, dead_frac=float((freq == 0).double().mean()),
-                       dense_frac=float((freq > DENSE_THRESHOLD).double().mean()),
-                       dense_l0=float(freq[freq > DENSE_THRESHOLD].sum()))
+            out.update(l0=self.sum_l0 / self.n,
+                       **frequency_metrics(self.fire_counts.double() / self.n))
         return out
 
 
