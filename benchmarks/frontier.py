@@ -290,6 +290,7 @@ def plot(args: argparse.Namespace, found: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    args.plots.mkdir(parents=True, exist_ok=True)
     for hp in args.hookpoints:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for arch in args.archs:
