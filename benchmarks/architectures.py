@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from sae_dist.config import sae_config
+from sae_dist.config import l0_overrides, sae_config
 from sae_dist.sae import SAE_REGISTRY
 from sae_step import time_steps
 
@@ -61,10 +61,8 @@ def parse_args() -> argparse.Namespace:
 def train_command(args: argparse.Namespace, arch: str) -> list[str]:
     """The `python -m sae_dist.train` command line of one architecture's run."""
     overrides = ["experiment=demo", f"sites.hookpoints=[{args.hookpoint}]", f"sae={arch}",
-                 f"sae.expansion={args.expansion}", f"sae.k={args.k}",
+                 f"sae.expansion={args.expansion}", *l0_overrides(arch, args.k),
                  f"train.tokens={args.tokens}", "logger=none", f"out_dir={args.out / arch}"]
-    if arch == "jumprelu":
-        overrides.append(f"sae.target_l0={args.k}")
     return [sys.executable, "-m", "sae_dist.train", *overrides, *args.extra]
 
 

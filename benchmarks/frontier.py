@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 from sae_dist.checkpoint import load_sae, save_sae
 from sae_dist.cli import _compose
 from sae_dist.config import (DataConfig, SitesConfig, TrainConfig, TrainRunConfig,
-                             register_configs)
+                             l0_overrides, register_configs)
 from sae_dist.data import SequencePool, TokenStream
 from sae_dist.evaluate import (evaluate_saes, frequency_metrics, model_config_for,
                                scalar_metrics, take_batches)
@@ -93,9 +93,8 @@ def capture(args: argparse.Namespace) -> None:
 def run_overrides(hookpoint: str, arch: str, l0: int, tokens: int) -> list[str]:
     """The Hydra overrides of one frontier run (`python -m sae_dist.train` spelling): the
     demo's settings with the architecture aimed at L0 = l0."""
-    sparsity = f"sae.target_l0={l0}" if arch == "jumprelu" else f"sae.k={l0}"
-    return ["experiment=demo", f"sites.hookpoints=[{hookpoint}]", f"sae={arch}", sparsity,
-            f"train.tokens={tokens}", "logger=none"]
+    return ["experiment=demo", f"sites.hookpoints=[{hookpoint}]", f"sae={arch}",
+            *l0_overrides(arch, l0), f"train.tokens={tokens}", "logger=none"]
 
 
 def train_config(overrides: list[str]) -> TrainRunConfig:

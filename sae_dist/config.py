@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -98,6 +98,9 @@ class SAEConfig:
 
     architecture: str = MISSING
     """SAE architecture: topk, batchtopk, jumprelu or relu (the `sae` group's choice)."""
+    l0_key: ClassVar[Optional[str]] = None
+    """The key that aims this architecture at an L0 (active latents per token); None where the
+    L0 only follows from a penalty weight (ReLU: `l1_coef`)."""
     expansion: int = 16
     """d_sae = expansion x d_in, unless `d_sae` is set."""
     d_sae: Optional[int] = None
@@ -134,6 +137,7 @@ class TopKConfig(SAEConfig):
     latents."""
 
     architecture: str = "topk"
+    l0_key: ClassVar[Optional[str]] = "k"
     k: int = 32
     """Active latents per token (TopK); on average over a training batch (BatchTopK)."""
     auxk_coef: float = 1 / 32
@@ -183,6 +187,7 @@ class JumpReLUConfig(SAEConfig):
     straight-through estimator, and an L0 penalty."""
 
     architecture: str = "jumprelu"
+    l0_key: ClassVar[Optional[str]] = "target_l0"
     lr_mult: float = 1.5
     l0_coef: float = 1e-2
     """Weight of the L0 penalty (loss term l0_coef x mean L0 per token, against the FVU). With
@@ -281,6 +286,15 @@ def sae_config(architecture: str = "topk", **values: Any) -> SAEConfig:
         _check(key in allowed, f"sae.{key}", values[key],
                f"a key of sae={architecture}: {', '.join(sorted(allowed))}")
     return cls(**values)
+
+
+def l0_overrides(architecture: str, l0: int) -> list[str]:
+    """The Hydra overrides that aim `architecture` at `l0` active latents per token
+    (`sae.k=16` for the TopK family, `sae.target_l0=16` for JumpReLU; none for ReLU)."""
+    _check(architecture in SAE_CONFIGS, "sae.architecture", architecture,
+           ", ".join(SAE_CONFIGS))
+    key = SAE_CONFIGS[architecture].l0_key
+    return [] if key is None else [f"sae.{key}={l0}"]
 
 
 POSITIONS = ("all", "content", "assistant")

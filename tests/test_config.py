@@ -6,7 +6,7 @@ import torch
 from omegaconf.errors import ValidationError
 
 from sae_dist import train as train_module
-from sae_dist.config import ConfigError, validate
+from sae_dist.config import ConfigError, l0_overrides, validate
 from sae_dist.models import load_model, resolve_dtype, resolve_mixed_precision
 from tests.conftest import compose_train_config
 
@@ -62,6 +62,21 @@ def test_jumprelu_threshold_rate_follows_target_l0(overrides, expected):
     """threshold_lr_mult null: 0.1 with target_l0 (the controller sets the level), 1 without."""
     cfg = compose_train_config(["sae=jumprelu", *overrides])
     assert cfg.sae.threshold_lr_mult == expected and cfg.sae.l0_coef == 0.01
+
+
+@pytest.mark.parametrize("arch, target", [
+    ("topk", ("k", 24)), ("batchtopk", ("k", 24)), ("jumprelu", ("target_l0", 24.0)),
+    ("relu", None)])
+def test_l0_overrides_aim_each_architecture_at_the_l0(arch, target):
+    """`l0_overrides` gives the key that sets each architecture's L0 (none for ReLU), and the
+    result composes (a key of another architecture would be refused)."""
+    cfg = compose_train_config([f"sae={arch}", *l0_overrides(arch, 24)])
+    if target is None:
+        assert l0_overrides(arch, 24) == []
+    else:
+        assert getattr(cfg.sae, target[0]) == target[1]
+    with pytest.raises(ConfigError, match="sae.architecture"):
+        l0_overrides("gated", 24)
 
 
 @pytest.mark.parametrize("model, n_layers, d_model", [
