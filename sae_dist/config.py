@@ -275,12 +275,17 @@ SAE_CONFIGS: dict[str, type[SAEConfig]] = {
 """Architecture name -> its config class (the schema of conf/sae/<name>.yaml)."""
 
 
+def sae_config_class(architecture: str) -> type[SAEConfig]:
+    """The config class of `architecture`; an unknown one raises ConfigError naming the known."""
+    _check(architecture in SAE_CONFIGS, "sae.architecture", architecture,
+           ", ".join(SAE_CONFIGS))
+    return SAE_CONFIGS[architecture]
+
+
 def sae_config(architecture: str = "topk", **values: Any) -> SAEConfig:
     """The config of `architecture` with `values`; unknown architectures or keys raise
     ConfigError naming what is allowed."""
-    _check(architecture in SAE_CONFIGS, "sae.architecture", architecture,
-           ", ".join(SAE_CONFIGS))
-    cls = SAE_CONFIGS[architecture]
+    cls = sae_config_class(architecture)
     allowed = {f.name for f in fields(cls)} - {"architecture"}
     for key in values:
         _check(key in allowed, f"sae.{key}", values[key],
@@ -291,9 +296,7 @@ def sae_config(architecture: str = "topk", **values: Any) -> SAEConfig:
 def l0_overrides(architecture: str, l0: int) -> list[str]:
     """The Hydra overrides that aim `architecture` at `l0` active latents per token
     (`sae.k=16` for the TopK family, `sae.target_l0=16` for JumpReLU; none for ReLU)."""
-    _check(architecture in SAE_CONFIGS, "sae.architecture", architecture,
-           ", ".join(SAE_CONFIGS))
-    key = SAE_CONFIGS[architecture].l0_key
+    key = sae_config_class(architecture).l0_key
     return [] if key is None else [f"sae.{key}={l0}"]
 
 

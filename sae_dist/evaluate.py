@@ -99,6 +99,15 @@ HIST_EDGES = [e / 2 for e in range(-14, 1)]
 """Edges of the latent-frequency histogram in log10(fraction of tokens): 1e-7 .. 1 in half
 decades; frequencies below 1e-7 (but > 0) fall in the first bin; dead latents are counted apart."""
 
+MAX_BATCH_TOKENS = 4096
+"""Default cap on the positions of one evaluation forward batch, and on CPU of one replay batch
+(memory of the clean logits and probs: 4096 x vocab x 6 bytes for a bf16 model, 1.2 GB for
+SmolLM2, 3.7 GB for Qwen3)."""
+
+Reconstructor = Callable[[Tensor], Tensor]
+"""Any x [n, d_in] -> x_hat [n, d_in]; sparsity metrics are None for such a plain function."""
+SAELike = Union[SparseAutoencoder, Reconstructor]
+
 
 def frequency_metrics(freq: Tensor) -> dict[str, float]:
     """From each latent's firing frequency freq [d_sae] (fraction of tokens it is active on):
@@ -108,14 +117,6 @@ def frequency_metrics(freq: Tensor) -> dict[str, float]:
     dense = freq > DENSE_THRESHOLD
     return {"dead_frac": float((freq == 0).double().mean()),
             "dense_frac": float(dense.double().mean()), "dense_l0": float(freq[dense].sum())}
-MAX_BATCH_TOKENS = 4096
-"""Default cap on the positions of one evaluation forward batch, and on CPU of one replay batch
-(memory of the clean logits and probs: 4096 x vocab x 6 bytes for a bf16 model, 1.2 GB for
-SmolLM2, 3.7 GB for Qwen3)."""
-
-Reconstructor = Callable[[Tensor], Tensor]
-"""Any x [n, d_in] -> x_hat [n, d_in]; sparsity metrics are None for such a plain function."""
-SAELike = Union[SparseAutoencoder, Reconstructor]
 
 
 def reconstruct(sae: SAELike, x: Tensor) -> tuple[Tensor, Optional[Latents]]:
