@@ -18,7 +18,7 @@ chats with `sae_dist.evaluate` (FVU, L0, delta loss with the reconstruction spli
 standard error over sequences); `quick` prints FVU, L0 and the part of L0 that dense latents
 carry on the activation rows no run trained on (no LM, seconds); `table` also compares each
 architecture with the TopK of the same runs folder pairwise on the same held-out sequences
-(`sae_dist.metrics.paired_delta`), per folder and averaged over folders (seeds). Every stage
+(`sae_dist.evaluate.model_level.paired_delta`), per folder and averaged over folders (seeds). Every stage
 skips what is done, so an interrupted sweep resumes where it stopped.
 """
 

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# Set up, then run the test suite (CPU; `-m "not slow"` for the quick subset).
+# Set up, check, then run the test suite (CPU): ruff lint, ruff format, pyright, then pytest
+# (`-m "not slow"` for the quick subset; extra arguments go to pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
+echo "== ruff check"; .venv/bin/ruff check .
+echo "== ruff format --check"; .venv/bin/ruff format --check .
+echo "== pyright"; .venv/bin/pyright
+echo "== pytest"
 exec .venv/bin/python -m pytest -q "$@"

