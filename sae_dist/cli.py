@@ -87,7 +87,7 @@ def _job(run: Callable[[Any], Any]) -> Callable[[DictConfig], None]:
 def typed_config(dcfg: DictConfig) -> Any:
     """The schema dataclass of a composed config; in multirun each job writes to its own Hydra
     job directory (`out_dir` = the job's output dir)."""
-    cfg = OmegaConf.to_object(dcfg)
+    cfg: Any = OmegaConf.to_object(dcfg)  # an instance of the schema dataclass
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.out_dir = HydraConfig.get().runtime.output_dir
     return cfg
@@ -137,7 +137,7 @@ def _missing_key(schema: type, parts: list[str]) -> Optional[str]:
 def _dataclass_in(hint: Any) -> Optional[type]:
     """The dataclass a field's type hint holds (`X` or `Optional[X]`), else None."""
     for t in (hint, *typing.get_args(hint)):
-        if dataclasses.is_dataclass(t):
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
             return t
     return None
 
@@ -157,7 +157,9 @@ def help_text(config_name: str, schema: type, run: Callable[[Any], Any],
         options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
         lines.append(f"  {group}: " + ", ".join(o + "*" * (o == chosen) for o in options))
     lines += ["", "keys (key: type = value):"]
-    lines += _key_lines(schema, OmegaConf.to_container(cfg, resolve=False), "")
+    values = OmegaConf.to_container(cfg, resolve=False)
+    assert isinstance(values, dict)  # the container of a DictConfig
+    lines += _key_lines(schema, values, "")
     return "\n".join(lines)
 
 
@@ -193,7 +195,9 @@ def _key_lines(schema: type, values: dict, prefix: str) -> Iterator[str]:
 
 def field_docs(cls: type) -> dict[str, str]:
     """The attribute docstrings of a dataclass: {field: the string literal right below it}."""
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    node = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+    assert isinstance(node, ast.ClassDef)  # the source of a class
+    body = node.body
     return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)
             and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)

@@ -69,7 +69,9 @@ def iter_json_values(path: Path, chunk_chars: int = 1 << 20) -> Iterator[Any]:
     with open(path, encoding="utf-8") as f:
         buf, pos, eof = "", 0, False
         while True:
-            pos = _BETWEEN_JSON_VALUES.match(buf, pos).end()
+            between = _BETWEEN_JSON_VALUES.match(buf, pos)
+            assert between is not None  # the pattern matches the empty string
+            pos = between.end()
             try:
                 value, end = decoder.raw_decode(buf, pos)
                 complete = end < len(buf) or eof  # a number may continue in the next chunk

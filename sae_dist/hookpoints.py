@@ -100,9 +100,12 @@ class Hookpoint:
 class SiteGrid(Protocol):
     """A layer x site grid or an explicit hookpoint list (sae_dist.config.SitesConfig)."""
 
-    layers: Optional[Sequence[int]]
-    sites: Sequence[str]
-    hookpoints: Optional[Sequence[str]]
+    @property
+    def layers(self) -> Optional[Sequence[int]]: ...
+    @property
+    def sites(self) -> Sequence[str]: ...
+    @property
+    def hookpoints(self) -> Optional[Sequence[str]]: ...
 
 
 def grid_hookpoints(cfg: SiteGrid, n_layers: int) -> list[Hookpoint]:
@@ -149,13 +152,17 @@ def final_norm(model: nn.Module) -> nn.Module:
     return model.get_submodule(family(model).final_norm)
 
 
-def unembedding(model: nn.Module) -> nn.Module:
+def unembedding(model: nn.Module) -> nn.Linear:
     """The LM head."""
-    return model.get_submodule(family(model).unembed)
+    head = model.get_submodule(family(model).unembed)
+    assert isinstance(head, nn.Linear)  # every family's LM head is a Linear
+    return head
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return model.get_submodule(family(model).layers)
+    layers = model.get_submodule(family(model).layers)
+    assert isinstance(layers, nn.ModuleList)  # every family's decoder layers are a ModuleList
+    return layers
 
 
 def resolve(model: nn.Module, hp: Hookpoint) -> nn.Module:

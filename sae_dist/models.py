@@ -39,7 +39,8 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"
         log.info("loading %s from %s (revision %s)", cfg.name, cfg.path, cfg.revision)
         model = AutoModelForCausalLM.from_pretrained(cfg.path, revision=cfg.revision, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, revision=cfg.revision)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # transformers wraps PreTrainedModel.to in functools.wraps, whose typeshed type loses `self`
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # pyright: ignore[reportCallIssue]
     check_shape(model, cfg)
     return model, tokenizer
 
@@ -103,9 +104,10 @@ def _load_gguf_cached(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedToke
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                  dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.hf_quantizer = None
+    # torch types Module.__setattr__'s value as Tensor | Module, but it stores any value
+    model.hf_quantizer = None  # pyright: ignore[reportArgumentType]
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+        delattr(model.config, "quantization_config")
     _save_to_cache(cache, model, tokenizer)
     return model, tokenizer
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from sae_dist.checkpoint import CFG_FILE, CheckpointError, load_sae, read_suite_index
 from sae_dist.cli import CONF_DIR
@@ -129,9 +129,12 @@ def model_config_for(name: str) -> ModelConfig:
     known = []
     for path in sorted((CONF_DIR / "model").glob("*.yaml")):
         raw = OmegaConf.load(path)
+        assert isinstance(raw, DictConfig)  # a model config is a mapping
         known.append(path.stem)
         if name in (path.stem, raw.get("name"), raw.get("path")):
-            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
+            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
+            assert isinstance(cfg, ModelConfig)  # the object of a structured ModelConfig
+            return cfg
     raise ConfigError("model", name, f"model=<name> with one of {', '.join(known)} (the suite "
                       "names a model that has no conf/model/ entry)")
 

@@ -9,11 +9,15 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Literal, Optional, Sequence, cast
 
 from sae_dist.config import LoggerConfig
 
 log = logging.getLogger(__name__)
+
+
+WandbMode = Literal["online", "offline", "disabled", "shared"]
+"""The `mode` values `wandb.init` is typed with."""
 
 
 def resolve_wandb_mode(mode: str) -> str:
@@ -58,7 +62,8 @@ class RunLogger:
 
         mode = resolve_wandb_mode(self.cfg.mode)
         run_id = _run_id(self.out_dir, new=not resumed)
-        run = wandb.init(project=self.cfg.project, entity=self.cfg.entity, name=name, mode=mode,
+        run = wandb.init(project=self.cfg.project, entity=self.cfg.entity, name=name,
+                         mode=cast(WandbMode, mode),  # wandb.init validates it
                          dir=str(self.out_dir), config=run_config, resume="allow", id=run_id,
                          settings=wandb.Settings(quiet=True))
         current = Path(run.dir).parent.name
@@ -73,7 +78,9 @@ class RunLogger:
         """Where the W&B run lives (URL online, directory offline), or 'disabled'."""
         if self.run is None:
             return "disabled"
-        return str(Path(self.run.dir).parent) if self.run.offline else self.run.url
+        if self.run.offline:
+            return str(Path(self.run.dir).parent)
+        return self.run.url or "disabled"  # W&B's disabled mode has no URL
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -89,7 +96,8 @@ class RunLogger:
             return
         import wandb
 
-        rows = [[hp, *(res.get(c) for c in columns)] for hp, res in results.items()]
+        rows: list[Iterable[Any]] = [[hp, *(res.get(c) for c in columns)]
+                                     for hp, res in results.items()]
         self.run.log({name: wandb.Table(columns=["hookpoint", *columns], data=rows)},
                      step=self.step)
 

@@ -56,6 +56,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers import PretrainedConfig
 
 from sae_dist.config import ModelConfig
 from sae_dist.data import TokenBatch
@@ -209,7 +210,14 @@ def evaluate_saes(model: nn.Module, saes: dict[Hookpoint, SAELike], batches: Seq
 
 
 def _d_in(sae: SAELike, model: nn.Module) -> int:
-    return sae.d_in if isinstance(sae, SparseAutoencoder) else model.config.hidden_size
+    return sae.d_in if isinstance(sae, SparseAutoencoder) else _hidden_size(model)
+
+
+def _hidden_size(model: nn.Module) -> int:
+    """The residual stream width of an HF model (its config's `hidden_size`)."""
+    config = model.config
+    assert isinstance(config, PretrainedConfig)  # an HF model
+    return config.hidden_size
 
 
 def _model_level_batch(model: nn.Module, clean, scorer: NextTokenScorer, splice: Tensor,
@@ -221,7 +229,7 @@ def _model_level_batch(model: nn.Module, clean, scorer: NextTokenScorer, splice:
     time (on CPU also at most `max_batch_tokens` positions per replay: larger batches are
     slower per token there)."""
     variants: dict[int, list[tuple[Hookpoint, str, Any]]] = {}
-    d_model = model.config.hidden_size
+    d_model = _hidden_size(model)
     per_replay = max_variants if splice.device.type != "cpu" else max(1, min(
         max_variants, max_batch_tokens // splice.numel()))
     rows = scorer.sel.nonzero(as_tuple=True)[0]

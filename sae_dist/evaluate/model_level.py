@@ -283,6 +283,7 @@ class ModelLevelAccumulator:
             return
         if kl is not None:
             self.sums["kl"] += float(kl.sum())
+        assert self.batch is not None  # add_clean comes first
         clean, rows = self.batch
         self.seq_delta.append(torch.bincount(rows, weights=ce.double() - clean).cpu())
         self.seq_positions.append(torch.bincount(rows).double().cpu())

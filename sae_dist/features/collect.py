@@ -289,7 +289,9 @@ def logit_lens(W_dec: Tensor, gain: Tensor, W_U: Tensor, k: int, chunk: int = 25
 
 def final_norm_gain(model: nn.Module) -> Tensor:
     """The final norm's weight [d_model] (the RMSNorm gain before the LM head)."""
-    return final_norm(model).weight.detach()
+    gain = final_norm(model).weight
+    assert isinstance(gain, Tensor)  # a Parameter
+    return gain.detach()
 
 
 # ------------------------------------------------------------------------ the streaming pass

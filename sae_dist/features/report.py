@@ -26,7 +26,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
@@ -180,7 +180,8 @@ def feature_record(r: HookpointFeatures, f: int, enc: EncodedFeatures) -> dict[s
     rec: dict[str, Any] = {
         "i": f, "n": int(st.fires[f]),
         "top": [e for e in enc.top[f] if e is not None],
-        "q": [[g] + enc.sample[f][s] for s, g in zip(enc.order[f], enc.group[f]) if s >= 0],
+        "q": [[g] + cast(list, enc.sample[f][s])  # order names filled slots only (s >= 0)
+              for s, g in zip(enc.order[f], enc.group[f]) if s >= 0],
         "h": [int(nz[0]), *hist[nz[0]:nz[-1] + 1].tolist()] if len(nz) else [],
         "lp": [lens.top_ids[f].tolist(), [_num(v) for v in lens.top_values[f].tolist()]],
         "ln": [lens.bottom_ids[f].tolist(), [_num(v) for v in lens.bottom_values[f].tolist()]],

@@ -173,6 +173,7 @@ class TokenSetScorer:
         self.heldout_tokens += len(token_ids)
         self.counts_heldout += torch.bincount(token_ids, minlength=self.vocab)
         self.fires_heldout += torch.bincount(ev_feature, minlength=self.d_sae)
+        assert self.sets is not None  # _fit runs before the held-out part
         hit = (self.sets[ev_feature] == token_ids[ev_token][:, None]).any(1)
         self.tp_heldout += torch.bincount(ev_feature[hit], minlength=self.d_sae)
 
@@ -186,10 +187,12 @@ class TokenSetScorer:
         """Explanations and held-out scores (explanations fitted now if the stream was shorter
         than the explanation part: the held-out scores are then NaN)."""
         self._fit()
-        valid = self.sets >= 0
-        predicted = (self.counts_heldout[self.sets.clamp_min(0)] * valid).sum(1)
+        sets, f1_explain = self.sets, self.f1_explain
+        assert sets is not None and f1_explain is not None  # set by _fit
+        valid = sets >= 0
+        predicted = (self.counts_heldout[sets.clamp_min(0)] * valid).sum(1)
         tp, fires = self.tp_heldout, self.fires_heldout
-        return TokenSetScores(self.sets, self.f1_explain, _ratio(2 * tp, fires + predicted),
+        return TokenSetScores(sets, f1_explain, _ratio(2 * tp, fires + predicted),
                               _ratio(tp, predicted), _ratio(tp, fires), self.seen_explain,
                               self.heldout_tokens)
 
@@ -243,10 +246,12 @@ class OpenAIExplainer:
         body = {"model": self.cfg.model, "temperature": 0, "max_tokens": 60,
                 "messages": [{"role": "user", "content": explainer_prompt(contexts)}]}
         headers = {"Content-Type": "application/json"}
+        endpoint = self.cfg.endpoint
+        assert endpoint is not None  # an explainer is made only for a configured endpoint
         key = os.environ.get(self.cfg.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(f"{self.cfg.endpoint.rstrip('/')}/chat/completions",
+        request = urllib.request.Request(f"{endpoint.rstrip('/')}/chat/completions",
                                          data=json.dumps(body).encode(), headers=headers)
         with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as response:
             reply = json.loads(response.read())

@@ -57,6 +57,11 @@ class BatchTopKSAE(TopKSAE):
 
     saelens_architecture = "jumprelu"
     saelens_fields = ()
+    cfg: BatchTopKConfig
+    threshold: Tensor
+    """float64 scalar buffer: the inference threshold."""
+    threshold_batches: Tensor
+    """int64 scalar buffer: batches of the final window averaged into `threshold` so far."""
 
     def __init__(self, cfg: BatchTopKConfig, d_in: int, sparse: bool = True):
         super().__init__(cfg, d_in, sparse)

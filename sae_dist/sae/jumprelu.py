@@ -113,6 +113,7 @@ class JumpReLUSAE(SparseAutoencoder):
     """
 
     edited_parameters = ("W_dec", "log_threshold")  # the L0 controller and TopK warm-up
+    cfg: JumpReLUConfig
 
     def __init__(self, cfg: JumpReLUConfig, d_in: int):
         super().__init__(cfg, d_in)
@@ -145,8 +146,10 @@ class JumpReLUSAE(SparseAutoencoder):
     def param_groups(self, lr: float) -> list[dict]:
         """The weights at `lr`, the log-thresholds at `threshold_lr_mult` x lr."""
         weights = [p for name, p in self.named_parameters() if name != "log_threshold"]
+        lr_mult = self.cfg.threshold_lr_mult
+        assert lr_mult is not None  # resolved by JumpReLUConfig.__post_init__
         return [{"params": weights, "lr": lr},
-                {"params": [self.log_threshold], "lr": lr * self.cfg.threshold_lr_mult}]
+                {"params": [self.log_threshold], "lr": lr * lr_mult}]
 
     @torch.no_grad()
     def after_step(self, out: SAEOutput) -> None:
@@ -159,6 +162,7 @@ class JumpReLUSAE(SparseAutoencoder):
         if target is None or not self.training:
             return
         if self.in_topk_warmup:
+            assert self.warmup_threshold is not None  # set by this step's _encode_topk
             level = max(float(self.warmup_threshold), self.cfg.threshold_init)
             self.log_threshold.fill_(math.log(level))
             return
@@ -213,7 +217,9 @@ class JumpReLUSAE(SparseAutoencoder):
         `warmup_threshold`."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.sparse):
             pre = self.pre_acts(x)
-        k = min(self.d_sae, max(1, round(self.cfg.target_l0)))
+        target = self.cfg.target_l0
+        assert target is not None  # the TopK warm-up runs only with target_l0
+        k = min(self.d_sae, max(1, round(target)))
         indices = pre.detach().topk(k, dim=1, sorted=False).indices
         n = k * int(self.batch_group.sum(torch.tensor(pre.shape[0])))
         self.warmup_threshold = nth_largest(pre.detach(), n, self.batch_group)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from sae_dist.config import ReLUConfig
 from sae_dist.sae.base import Latents, SparseAutoencoder, register, total_variance
 
 
@@ -19,6 +20,7 @@ class ReLUSAE(SparseAutoencoder):
     """ReLU SAE; latents are dense [B, d_sae]."""
 
     saelens_architecture = "standard"
+    cfg: ReLUConfig
 
     def _encode(self, x: Tensor) -> tuple[Latents, Tensor]:
         """x [B, d_in] -> (relu(pre) [B, d_sae], pre [B, d_sae] with graph)."""

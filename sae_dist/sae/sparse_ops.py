@@ -137,6 +137,7 @@ def _encoder_grads(x: Tensor, W_enc: Tensor, b_dec: Tensor, entries: Entries, gr
     if need_w:
         grad_w = scatter_outer(entries, g, (x - b_dec).to(W_enc.dtype), W_enc.shape[1]).t()
     if need_bdec:
+        assert grad_b_enc is not None  # computed above whenever need_bdec
         grad_b_dec = -(W_enc @ grad_b_enc)
     if need_x:
         grad_x = F.embedding_bag(entries.latent, W_enc.t(), entries.offsets,

@@ -25,6 +25,7 @@ class TopKSAE(SparseAutoencoder):
     """
 
     saelens_fields = ("k",)
+    cfg: TopKConfig
 
     def __init__(self, cfg: TopKConfig, d_in: int, sparse: bool = True):
         cfg.check(d_in)
@@ -56,7 +57,7 @@ class TopKSAE(SparseAutoencoder):
         min(n_dead / k_aux, 1) when fewer latents are dead than k_aux (EleutherAI sparsify).
         """
         n_dead = 0 if dead_mask is None else int(dead_mask.sum())  # same on every process
-        if n_dead == 0:
+        if dead_mask is None or n_dead == 0:
             return {}
         k_aux = min(self.k_aux, n_dead)
         masked = pre.detach().masked_fill(~dead_mask, float("-inf"))
