@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 import torch
+from sae_step import time_steps
 
 from sae_dist.config import l0_overrides, sae_config
 from sae_dist.sae import SAE_REGISTRY
-from sae_step import time_steps
 
 ARCHS = ["topk", "batchtopk", "jumprelu", "relu"]
 

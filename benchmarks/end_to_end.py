@@ -34,8 +34,8 @@ from sae_dist.cli import _compose
 from sae_dist.config import TrainRunConfig, register_configs
 from sae_dist.distributed import Topology
 from sae_dist.hookpoints import decoder_stack
-from sae_dist.train import TrainingRun
-from sae_dist.trainer import SuiteTrainer
+from sae_dist.train.loop import TrainingRun
+from sae_dist.train.suite_trainer import SuiteTrainer
 
 
 def parse_args() -> argparse.Namespace:

@@ -28,15 +28,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from actsfile import median_seconds
+
 from sae_dist.checkpoint import load_sae
 from sae_dist.config import DataConfig
 from sae_dist.data import TokenStream
-from sae_dist.evaluate import (discover_saes, evaluate_saes, model_config_for, split_batches,
-                               take_batches)
+from sae_dist.evaluate.evaluator import evaluate_saes, split_batches
 from sae_dist.hookpoints import Hookpoint, splice
 from sae_dist.models import load_model
+from sae_dist.suite import discover_saes, model_config_for
 
 OUTLIER_FACTOR = DataConfig().policy.outlier_factor
 """The default token policy's outlier filter (the one `python -m sae_dist.evaluate` applies)."""
@@ -92,8 +92,8 @@ def main() -> None:
     mcfg = model_config_for(model_name)
     model, tokenizer = load_model(mcfg)
     saes = {Hookpoint.parse(n, mcfg.n_layers): load_sae(f)[0].eval() for n, f in folders.items()}
-    batches = split_batches(take_batches(TokenStream(DataConfig(), tokenizer, "eval"),
-                                         args.tokens, args.batch_seqs), 4096)
+    batches = split_batches(list(TokenStream(DataConfig(), tokenizer, "eval").batches_until(
+        args.tokens, args.batch_seqs)), 4096)
     n_tok = sum(int(b.train_mask.sum()) for b in batches)
     lm_tok = sum(b.input_ids.numel() for b in batches)
     print(f"{len(saes)} SAEs, {mcfg.name} ({mcfg.dtype}), {len(batches)} batches, {lm_tok} LM "

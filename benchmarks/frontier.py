@@ -33,25 +33,31 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from accelerate import Accelerator
-from omegaconf import OmegaConf
-
 from sae_dist.checkpoint import load_sae, save_sae
 from sae_dist.cli import _compose
-from sae_dist.config import (DataConfig, SitesConfig, TrainConfig, TrainRunConfig,
-                             l0_overrides, register_configs)
+from sae_dist.config import (
+    DataConfig,
+    SitesConfig,
+    TrainConfig,
+    TrainRunConfig,
+    l0_overrides,
+    register_configs,
+)
 from sae_dist.data import SequencePool, TokenStream
-from sae_dist.evaluate import (evaluate_saes, frequency_metrics, model_config_for,
-                               scalar_metrics, take_batches)
+from sae_dist.evaluate.evaluator import evaluate_saes, scalar_metrics
+from sae_dist.evaluate.model_level import paired_delta
+from sae_dist.evaluate.reconstruction import frequency_metrics
 from sae_dist.hookpoints import Hookpoint, grid_hookpoints
-from sae_dist.metrics import paired_delta
 from sae_dist.models import load_model
 from sae_dist.producer import ActivationProducer
 from sae_dist.sae import SparseAutoencoder
-from sae_dist.trainer import SuiteTrainer
+from sae_dist.suite import model_config_for
+from sae_dist.train.suite_trainer import SuiteTrainer
 
 MODEL = "smollm2-135m-instruct"
 """The embedded model (conf/model/smollm2-135m-instruct.yaml)."""
@@ -175,8 +181,8 @@ def evaluate(args: argparse.Namespace) -> None:
     changes for paired comparisons; the SAEs of one (architecture, L0) are spliced one at a
     time in one pass over the batches."""
     model, tokenizer = load_model(model_config_for(MODEL))
-    batches = take_batches(TokenStream(DataConfig(), tokenizer, "eval", seed=0),
-                           args.eval_tokens, 8)
+    batches = list(TokenStream(DataConfig(), tokenizer, "eval", seed=0).batches_until(
+        args.eval_tokens, 8))
     for runs in args.runs:
         for arch in args.archs:
             for l0 in args.l0s:

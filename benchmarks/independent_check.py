@@ -23,8 +23,9 @@ from safetensors.torch import load_file
 
 from sae_dist.config import DataConfig
 from sae_dist.data import TokenStream
-from sae_dist.evaluate import model_config_for
 from sae_dist.models import load_model
+from sae_dist.suite import model_config_for
+
 
 def topk_reconstruction(weights: dict[str, torch.Tensor], k: int):
     """x [n, d_in] -> x_hat [n, d_in] of a folded TopK SAE: relu of the k largest of

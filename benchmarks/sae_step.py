@@ -23,15 +23,15 @@ import contextlib
 import statistics
 import time
 
+import actsfile
 import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-import actsfile
 from sae_dist.config import SAEConfig, TrainConfig, TrainRunConfig, sae_config
 from sae_dist.hookpoints import Hookpoint
 from sae_dist.sae import SparseAutoencoder, TopKSAE
-from sae_dist.trainer import SuiteTrainer
+from sae_dist.train.suite_trainer import SuiteTrainer
 
 HOOKPOINT = Hookpoint(12, "resid")
 """Name under which the trainer holds the SAE (only used for its seed)."""

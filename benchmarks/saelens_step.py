@@ -16,13 +16,11 @@ the end, as `fit` does. `--dtype bf16`: SAETrainer's bf16 autocast.
 
 from __future__ import annotations
 
-
+import actsfile
 import torch
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
-
-import actsfile
 
 
 def main() -> None:

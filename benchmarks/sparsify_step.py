@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import contextlib
 
+import actsfile
 import torch
 from sparsify import SparseCoder, SparseCoderConfig
 from transformers import get_linear_schedule_with_warmup
-
-import actsfile
 
 
 def main() -> None:

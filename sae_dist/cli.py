@@ -31,6 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from sae_dist.config import register_configs
 from sae_dist.errors import UserError
 
 
@@ -55,6 +56,7 @@ def fail(message: str) -> NoReturn:
 
 def run_hydra(config_name: str, schema: type, run: Callable[[Any], Any]) -> None:
     """Compose `config_name` from the command line, then `run(<schema instance>)`."""
+    register_configs()
     args = sys.argv[1:]
     try:
         if {"-h", "--help"} & set(args):
@@ -70,14 +72,15 @@ def run_hydra(config_name: str, schema: type, run: Callable[[Any], Any]) -> None
 
 
 def _job(run: Callable[[Any], Any]) -> Callable[[DictConfig], None]:
-    """The Hydra task: typed config, `run`, user errors as one line. It wraps `run`, so Hydra
-    names the job (log file, job name) after `run`'s module, as `@hydra.main` on it would."""
+    """The Hydra task: typed config, `run`, user errors as one line. Hydra names the job (log
+    file, job name) after the command's package (`command_package`)."""
     @functools.wraps(run)
     def job(dcfg: DictConfig) -> None:
         try:
             run(typed_config(dcfg))
         except UserError as e:
             fail(str(e))
+    job.__module__ = command_package(run)
     return job
 
 
@@ -88,6 +91,12 @@ def typed_config(dcfg: DictConfig) -> Any:
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         cfg.out_dir = HydraConfig.get().runtime.output_dir
     return cfg
+
+
+def command_package(run: Callable[[Any], Any]) -> str:
+    """The package whose `python -m` runs `run` (`sae_dist.train` for sae_dist.train.loop.train);
+    Hydra names the job (and its log file) after its last part."""
+    return run.__module__.rsplit(".", 1)[0]
 
 
 def _overrides(args: list[str]) -> list[str]:
@@ -140,7 +149,7 @@ def help_text(config_name: str, schema: type, run: Callable[[Any], Any],
     """Usage, config groups with their options, and every key of the schema with its type,
     value (after `overrides`) and docstring."""
     cfg, choices = _compose(config_name, overrides)
-    command = f"python -m {__package__}.{Path(inspect.getfile(run)).stem}"
+    command = f"python -m {command_package(run)}"
     lines = [f"usage: {command} [--help] [--hydra-help] [--cfg job] [-m] [group=option ...] "
              "[key=value ...]", "", f"config groups of {CONF_DIR / config_name}.yaml "
              "(group=option; * = chosen):"]

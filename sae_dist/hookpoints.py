@@ -10,15 +10,12 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from sae_dist.errors import ConfigError
-
-if TYPE_CHECKING:
-    from sae_dist.config import SitesConfig
 
 SITES = ("resid", "mlp", "attn")
 """Hookpoint sites: decoder layer output, MLP output, self-attention output (after o_proj)."""
@@ -100,7 +97,15 @@ class Hookpoint:
         return self.layer, SITES.index(self.site)
 
 
-def grid_hookpoints(cfg: "SitesConfig", n_layers: int) -> list[Hookpoint]:
+class SiteGrid(Protocol):
+    """A layer x site grid or an explicit hookpoint list (sae_dist.config.SitesConfig)."""
+
+    layers: Optional[Sequence[int]]
+    sites: Sequence[str]
+    hookpoints: Optional[Sequence[str]]
+
+
+def grid_hookpoints(cfg: SiteGrid, n_layers: int) -> list[Hookpoint]:
     """The hookpoints of a sites config, sorted by layer then site order; validated."""
     if cfg.hookpoints:
         hps = [Hookpoint.parse(name, n_layers) for name in cfg.hookpoints]

@@ -10,8 +10,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from sae_dist.assets import package_file
 from sae_dist.config import DTYPES, ModelConfig
@@ -139,3 +144,13 @@ def _random_model(cfg: ModelConfig) -> PreTrainedModel:
     torch.manual_seed(0)
     log.info("building random %s model %s", model_type, cfg.name)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """The torch device for a config value: `auto` is CUDA when present, else the CPU; `cpu`,
+    `cuda`, `cuda:<i>` as given. ConfigError naming `key` for anything else."""
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+        raise ConfigError(key, name, "auto, cpu, cuda, cuda:<i>")
+    return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+
+

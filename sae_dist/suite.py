@@ -1,113 +1,138 @@
-"""The end of a training run: evaluate the trained SAEs on held-out tokens, save the suite
-(SAELens layout + suite.json), write the report, log tables, plots and artifacts
-(DESIGN.md sections 6 and 8). Main process only."""
+"""Open a saved suite: find its SAE folders, the model they belong to, and load them.
+
+A suite is a directory with `suite.json` (written by training), one SAE folder in the SAELens
+layout (`cfg.json` + `sae_weights.safetensors`), or a folder of such folders (DESIGN.md section
+6). `load_suite` is the one way evaluation, the feature browser, steering and the studies open
+one: it resolves the device, the model config, every hookpoint, and checks each SAE's width
+against the model.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Sequence
 
-from torch import nn
+import torch
+from omegaconf import OmegaConf
 
-from sae_dist.checkpoint import SUITE_FILE, read_suite_index, save_sae, write_suite_index
-from sae_dist.config import TrainRunConfig
-from sae_dist.data import TokenStream
-from sae_dist.errors import DataError
-from sae_dist.evaluate import eval_context, evaluate_saes, scalar_metrics, take_batches
+from sae_dist.checkpoint import CFG_FILE, CheckpointError, load_sae, read_suite_index
+from sae_dist.cli import CONF_DIR
+from sae_dist.config import ModelConfig
+from sae_dist.errors import ConfigError
 from sae_dist.hookpoints import Hookpoint
-from sae_dist.report import EVAL_COLUMNS, markdown_table, plot_training_curves, write_eval_outputs
+from sae_dist.models import resolve_device
 from sae_dist.sae import SparseAutoencoder
-from sae_dist.tracking import RunLogger
-
-SAVED_METRICS = ("fvu", "l0", "dead_frac", "delta_loss", "delta_loss_se", "loss_recovered", "kl")
-"""Held-out metrics copied into each SAE's cfg.json metadata."""
 
 
-def sae_metadata(cfg: TrainRunConfig, hp: Hookpoint) -> dict[str, Any]:
-    """The SAELens metadata keys of a trained SAE that do not depend on its training."""
-    return {"model_name": cfg.model.path or cfg.model.name, "hook_name": hp.saelens_hook_name,
-            "hookpoint": hp.name, "site": hp.site, "layer": hp.layer,
-            "context_size": cfg.data.context_size, "dataset_path": cfg.data.source,
-            "prepend_bos": cfg.data.prepend_bos, "exclude_special_tokens": True}
+@dataclass
+class LoadedSuite:
+    """A suite's SAEs on one device, keyed by hookpoint (sorted by layer, then site), and what
+    they were trained with, as far as the suite records it."""
+
+    path: Path
+    """The directory or SAE folder that was opened."""
+    saes: dict[Hookpoint, SparseAutoencoder]
+    """The SAEs in eval mode, each taking raw activations [n, d_model] of its hookpoint."""
+    folders: dict[str, Path]
+    """Hookpoint name -> SAE folder."""
+    sae_configs: dict[str, dict[str, Any]]
+    """Hookpoint name -> the folder's cfg.json (SAELens keys + `metadata`)."""
+    model: ModelConfig
+    """The model config the SAEs belong to (given, or the conf/model/ entry the suite names)."""
+    device: torch.device
+    token_policy: Optional[str]
+    """The token policy of training, `PolicyConfig.describe()`; None where the suite does not
+    record it (suites of other tools)."""
+    train_config: Optional[dict[str, Any]]
+    """The training run's config (`TrainRunConfig` as a dict); None where not recorded."""
+
+    @property
+    def hookpoints(self) -> list[Hookpoint]:
+        return list(self.saes)
 
 
-def suite_info(cfg: TrainRunConfig, training_tokens: int, topology_info: dict[str, Any],
-               evaluated: bool) -> dict[str, Any]:
-    """Run-level keys of suite.json."""
-    return {"model": cfg.model.name, "architecture": cfg.sae.architecture,
-            "training_tokens": training_tokens, "trainer": cfg.trainer.kind.value,
-            **topology_info, "evaluated": evaluated}
+def load_suite(path: Path | str, device: str | torch.device = "auto",
+               model: Optional[ModelConfig] = None,
+               hookpoints: Optional[Sequence[str]] = None) -> LoadedSuite:
+    """Open the suite at `path` on `device` (`auto`: CUDA when present, else CPU).
+
+    `model`: the model config; None = the conf/model/ entry of the model the suite names.
+    `hookpoints`: the SAEs to load (None = all). Raises ConfigError for a missing path, a
+    hookpoint the suite lacks or a suite that names no model, CheckpointError for a corrupt SAE
+    folder or an SAE whose d_in is not the model's d_model."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError("suite", str(path), "an existing suite directory or SAE folder")
+    folders, suite_model = discover_saes(path)
+    if model is None:
+        if not suite_model:
+            raise ConfigError("model", None, "model=<name>: the suite does not name its model")
+        model = model_config_for(suite_model)
+    for name in hookpoints or []:
+        if name not in folders:
+            raise ConfigError("hookpoints", name, f"hookpoints of the suite {path}: "
+                              f"{', '.join(folders)}")
+    dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    saes: dict[Hookpoint, SparseAutoencoder] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    for name in hookpoints or list(folders):
+        hp = Hookpoint.parse(name, model.n_layers)
+        sae, sae_cfg = load_sae(folders[name], dev)
+        if sae.d_in != model.d_model:
+            raise CheckpointError(f"{folders[name]}: d_in={sae.d_in} but {model.name} has "
+                                  f"d_model={model.d_model}")
+        saes[hp], configs[name] = sae.eval(), sae_cfg
+    index = read_suite_index(path) if (path / "suite.json").is_file() else {}
+    return LoadedSuite(path, dict(sorted(saes.items(), key=lambda kv: kv[0].site_order)),
+                       {n: folders[n] for n in configs}, configs, model, dev,
+                       index.get("token_policy"), index.get("train_config"))
 
 
-def is_complete(out_dir: Path) -> bool:
-    """Whether the run in `out_dir` finished: its suite.json is the last file a run writes."""
-    return (Path(out_dir) / "suite" / SUITE_FILE).is_file()
+def discover_saes(path: Path) -> tuple[dict[str, Path], Optional[str]]:
+    """{hookpoint name: SAE folder} of a suite dir (suite.json), one SAE folder (cfg.json) or a
+    folder of SAE folders, and the model name the suite or the SAEs' metadata give (or None)."""
+    path = Path(path)
+    if (path / "suite.json").is_file():
+        index = read_suite_index(path)
+        return {e["hookpoint"]: path / e["path"] for e in index["saes"]}, index.get("model")
+    folders = [path] if (path / CFG_FILE).is_file() else sorted(
+        p for p in path.glob("*") if (p / CFG_FILE).is_file())
+    if not folders:
+        raise ConfigError("suite", str(path), "a suite directory (suite.json), an SAE folder "
+                          "(cfg.json + sae_weights.safetensors) or a folder of SAE folders")
+    found: dict[str, Path] = {}
+    model = None
+    for folder in folders:
+        meta = json.loads((folder / CFG_FILE).read_text()).get("metadata", {})
+        name = hookpoint_name(meta, folder)
+        if name in found:
+            raise ConfigError("suite", str(path), f"one SAE per hookpoint ({name} appears in "
+                              f"{found[name]} and {folder}); evaluate them separately")
+        found[name] = folder
+        model = model or meta.get("model_name")
+    return found, model
 
 
-def completed_results(out_dir: Path) -> dict[str, dict[str, Any]]:
-    """{hookpoint: held-out metrics} of a finished run, as its suite.json records them."""
-    index = read_suite_index(Path(out_dir) / "suite")
-    return {e["hookpoint"]: {k: v for k, v in e.items() if k not in ("hookpoint", "path")}
-            for e in index["saes"]}
+def hookpoint_name(metadata: dict[str, Any], folder: Path) -> str:
+    """`layers.{i}.{site}` from our metadata, from a TransformerLens `hook_name`
+    (blocks.{i}.hook_resid_post / hook_mlp_out / hook_attn_out), or from the folder name."""
+    if "hookpoint" in metadata:
+        return metadata["hookpoint"]
+    hp = Hookpoint.from_saelens_hook_name(str(metadata.get("hook_name", "")))
+    return hp.name if hp is not None else folder.name
 
 
-def write_suite(cfg: TrainRunConfig, saes: dict[Hookpoint, SparseAutoencoder],
-                training: dict[str, dict[str, Any]], model: nn.Module, tokenizer, device,
-                logger: RunLogger, info: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Evaluate (unless train.eval_tokens=0), save every SAE with its metadata, then suite.json,
-    the report and the W&B outputs; returns the held-out metrics per hookpoint.
-
-    `training`: {hookpoint: training metadata (training tokens, input scale, drops)}."""
-    out_dir, suite_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "suite"
-    results: dict[str, dict[str, Any]] = {}
-    if cfg.train.eval_tokens:
-        stream = TokenStream(cfg.data, tokenizer, "eval", seed=cfg.train.seed)
-        batches = take_batches(stream, cfg.train.eval_tokens, cfg.train.forward_batch_seqs)
-        if not batches:
-            raise DataError(f"data.source={cfg.data.source!r} has no held-out batch of "
-                            f"{cfg.train.forward_batch_seqs} sequences (every "
-                            f"{cfg.data.holdout_every}-th document is held out): use more data "
-                            "or train.eval_tokens=0 (the suite is then saved unevaluated)")
-        results = evaluate_saes(model, saes, batches, device,
-                                outlier_factor=cfg.data.policy.outlier_factor)
-        write_eval_outputs(results, out_dir / "eval",
-                           eval_context(str(suite_dir), cfg.model, cfg.data, batches))
-    entries = []
-    for hp, sae in saes.items():
-        res = scalar_metrics(results[hp.name]) if results else {}
-        metadata = {**sae_metadata(cfg, hp), **training[hp.name],
-                    **({"eval_tokens": res["tokens"]} if res else {}),
-                    **{k: res[k] for k in SAVED_METRICS if k in res}}
-        save_sae(sae, suite_dir / hp.name, metadata)
-        logger.log_sae_artifact(suite_dir / hp.name, f"sae-{hp.name}", metadata)
-        entries.append({"hookpoint": hp.name, "path": hp.name, **res})
-    report = write_report(cfg, results, logger)
-    logger.finish()
-    write_suite_index(suite_dir, entries, {**info, "evaluated": bool(results)})
-    print(f"\n{report}\nSAE suite written to {suite_dir}\nW&B run: {logger.location}\n"
-          f"Report: {out_dir / 'report.md'}")
-    return {name: scalar_metrics(r) for name, r in results.items()}
+def model_config_for(name: str) -> ModelConfig:
+    """The conf/model/*.yaml whose file stem, `name` or `path` equals `name`."""
+    known = []
+    for path in sorted((CONF_DIR / "model").glob("*.yaml")):
+        raw = OmegaConf.load(path)
+        known.append(path.stem)
+        if name in (path.stem, raw.get("name"), raw.get("path")):
+            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
+    raise ConfigError("model", name, f"model=<name> with one of {', '.join(known)} (the suite "
+                      "names a model that has no conf/model/ entry)")
 
 
-def write_report(cfg: TrainRunConfig, results: dict[str, dict[str, Any]],
-                 logger: RunLogger) -> str:
-    """report.md (held-out table with its token count, links) and the training curve; the
-    table, curve and evaluation plots also go to W&B. Returns the table text."""
-    out_dir = Path(cfg.out_dir)
-    curve = plot_training_curves(out_dir / "metrics.jsonl", out_dir / "fvu_curve.png")
-    logger.log_images({"train/fvu_curve": curve})
-    if results:
-        first = next(iter(results.values()))
-        table = (f"Held-out metrics, token policy {cfg.data.policy.describe()} (the policy "
-                 f"of training): {first['tokens']} tokens, {first['excluded']} outlier "
-                 f"positions left out and unspliced; every SAE spliced alone:\n\n"
-                 f"{markdown_table(results, EVAL_COLUMNS)}")
-        logger.log_table("eval/results", results, EVAL_COLUMNS)
-        logger.log_images({f"eval/{p.stem}": p for p in sorted((out_dir / "eval").glob("*.png"))})
-    else:
-        table = "Not evaluated (train.eval_tokens=0): run `python -m sae_dist.evaluate`."
-    (out_dir / "report.md").write_text(
-        f"# Training report: {cfg.model.name}\n\n{table}\n\nSuite: `{out_dir / 'suite'}`\n"
-        f"W&B: `{logger.location}`\nTraining curves: `{curve}`\n"
-        f"Evaluation (per-SAE JSON, layer x site tables, plots): `{out_dir / 'eval'}`\n")
-    return table

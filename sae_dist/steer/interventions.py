@@ -1,0 +1,228 @@
+"""Interventions on the residual stream, MLP or attention output during any forward pass or
+`generate` (DESIGN.md section 9).
+
+An `Intervention` edits the activation x [B, T, d_model] of one hookpoint at selected positions:
+
+- add: x' = x + v with a fixed vector v [d_model] in activation units; `add_features` builds
+  v = alpha * sum_f d_f from the SAE's unit decoder directions d_f = W_dec[f] / ||W_dec[f]||
+  (so alpha is in the model's own activation scale whatever the norm of the saved rows),
+  `add_direction` v = alpha * u for any direction u.
+- clamp: encode x with the SAE, set features f to values, decode, and keep the SAE's error
+  term: x' = x + decode(z') - decode(z) = x + sum_f (z'_f - z_f) W_dec[f] (the decoder is
+  linear in the latents), so only the clamped features change and a clamp to the current value
+  adds exactly zero. A clamp value c is in the same units as alpha: the feature's contribution
+  z_f W_dec[f] becomes c d_f, i.e. z'_f = c / ||W_dec[f]|| (= c for unit-norm rows).
+
+Positions: `all` (every non-pad token), `prompt` (absolute position < prompt length) or
+`generated` (>= prompt length). `steer` tracks where each forward pass sits (the KV cache length
+and the 2-D attention mask, `hookpoints.track_positions`), so the same intervention acts on the
+same tokens with or without the cache, and never on left-padding. Several interventions (several
+SAEs, hookpoints) apply at once; at one hookpoint they apply in list order. Leaving the block
+removes every hook.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from sae_dist.errors import ConfigError
+from sae_dist.hookpoints import ForwardPositions, HookFn, Hookpoint, hooks, track_positions
+from sae_dist.sae import Latents, SparseAutoencoder
+
+log = logging.getLogger(__name__)
+
+MODES = ("add", "clamp")
+STEER_POSITIONS = ("all", "prompt", "generated")
+
+
+# ------------------------------------------------------------------------------ interventions
+
+@dataclass
+class Intervention:
+    """One edit of one hookpoint's activation; build it with `add_features`, `add_direction` or
+    `clamp_features`, which check their arguments."""
+
+    hookpoint: Hookpoint
+    mode: str
+    positions: str = "all"
+    vector: Optional[Tensor] = None
+    """add: the vector [d_model] added at every selected position (activation units)."""
+    sae: Optional[SparseAutoencoder] = None
+    """clamp: the SAE that encodes the activation (raw activations in, as saved on disk)."""
+    features: list[int] = field(default_factory=list)
+    """Feature ids (clamp: clamped; add_features: summed), for reports."""
+    values: Optional[Tensor] = None
+    """clamp: float32 [n_features], the latent value each feature is clamped to."""
+
+    def delta(self, x: Tensor) -> Tensor:
+        """What to add to the selected activations x [n, d_model] -> [n, d_model] (x's dtype)."""
+        if self.mode == "add":
+            return self.vector.to(x.dtype).expand_as(x)
+        sae = self.sae
+        latents = sae.encode(x.to(sae.W_dec.dtype))
+        feats = torch.as_tensor(self.features, device=x.device)
+        change = self.values.to(x.device) - feature_values(latents, feats)
+        return (change.to(sae.W_dec.dtype) @ sae.W_dec[feats]).to(x.dtype)
+
+
+def feature_values(latents: Latents, features: Tensor) -> Tensor:
+    """Activations [n, len(features)] of the given features, from sparse or dense latents."""
+    if latents.indices is None:
+        return latents.values[:, features]
+    hit = latents.indices[:, :, None] == features[None, None, :]
+    return (latents.values[:, :, None] * hit).sum(1)
+
+
+def _check_positions(positions: str) -> None:
+    if positions not in STEER_POSITIONS:
+        raise ConfigError("positions", positions, ", ".join(STEER_POSITIONS))
+
+
+def _check_features(sae: SparseAutoencoder, features: Sequence[int], hp: Hookpoint) -> list[int]:
+    feats = [int(f) for f in features]
+    if not feats:
+        raise ConfigError("features", feats, f"at least one feature id of the SAE at {hp}")
+    bad = [f for f in feats if not 0 <= f < sae.d_sae]
+    if bad:
+        raise ConfigError("features", bad, f"ids 0..{sae.d_sae - 1} (d_sae of the SAE at {hp})")
+    return feats
+
+
+def decoder_direction(sae: SparseAutoencoder, features: Sequence[int]) -> Tensor:
+    """sum_f W_dec[f] / ||W_dec[f]|| [d_model] (float32): what `add_features` adds per unit
+    alpha."""
+    rows = sae.W_dec.detach()[list(features)].float()
+    return (rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).sum(0)
+
+
+def add_features(hp: Hookpoint, sae: SparseAutoencoder, features: Sequence[int], alpha: float,
+                 positions: str = "all") -> Intervention:
+    """x' = x + alpha * sum_f W_dec[f] / ||W_dec[f]|| at `positions` (alpha in activation
+    units)."""
+    _check_positions(positions)
+    feats = _check_features(sae, features, hp)
+    return Intervention(hp, "add", positions, vector=alpha * decoder_direction(sae, feats),
+                        features=feats)
+
+
+def add_direction(hp: Hookpoint, direction: Tensor, alpha: float = 1.0,
+                  positions: str = "all") -> Intervention:
+    """x' = x + alpha * direction at `positions`; direction [d_model] in activation units."""
+    _check_positions(positions)
+    if direction.dim() != 1:
+        raise ConfigError("direction", tuple(direction.shape), "a vector [d_model]")
+    return Intervention(hp, "add", positions, vector=alpha * direction.detach().float())
+
+
+def clamp_features(hp: Hookpoint, sae: SparseAutoencoder, features: Sequence[int],
+                   values: float | Sequence[float], positions: str = "all") -> Intervention:
+    """Set each feature's contribution to c_f * d_f (one float c for all, or one per feature;
+    activation units, d_f the unit decoder direction) at `positions`, keeping the SAE's error
+    term: x' = x + sum_f (c_f / ||W_dec[f]|| - z_f(x)) W_dec[f]."""
+    _check_positions(positions)
+    feats = _check_features(sae, features, hp)
+    vals = torch.as_tensor(values, dtype=torch.float32).flatten()
+    if vals.numel() == 1:
+        vals = vals.expand(len(feats)).clone()
+    if vals.numel() != len(feats):
+        raise ConfigError("values", vals.tolist(), f"one value or {len(feats)} (one per feature)")
+    norms = sae.W_dec.detach()[feats].float().norm(dim=1)
+    return Intervention(hp, "clamp", positions, sae=sae, features=feats, values=vals / norms)
+
+
+def check_interventions(model: nn.Module, interventions: Sequence[Intervention]) -> None:
+    """Raise ConfigError when an intervention cannot apply to `model`: hookpoint out of range,
+    or a vector / SAE of another width than the model's hidden size."""
+    n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
+    for iv in interventions:
+        hp = Hookpoint.parse(iv.hookpoint.name, n_layers, key="hookpoint")
+        width = iv.vector.shape[-1] if iv.mode == "add" else iv.sae.d_in
+        if width != d_model:
+            raise ConfigError("intervention", f"{iv.mode} at {hp} of width {width}",
+                              f"width {d_model} (the model's hidden size)")
+
+
+# ----------------------------------------------------------------------------------- hooks
+
+class Steering:
+    """Handle of an active `steer` block. `prompt_len` (absolute positions < prompt_len are the
+    prompt, the rest generated; with left padding the padded prompt length) may be set or
+    changed between forward passes."""
+
+    def __init__(self, interventions: Sequence[Intervention], prompt_len: Optional[int]):
+        self.interventions = list(interventions)
+        self.prompt_len = prompt_len
+        self.positions = ForwardPositions()
+
+    def mask(self, positions: str, batch: int, seq: int, device: torch.device) -> Tensor:
+        """bool [B, T]: the tokens of the current forward pass an intervention edits."""
+        pos = self.positions
+        keep = (pos.valid.to(device) if pos.valid is not None
+                else torch.ones(batch, seq, dtype=torch.bool, device=device))
+        if positions == "all":
+            return keep
+        if self.prompt_len is None:
+            raise ValueError(f"positions={positions!r} needs the prompt length: pass prompt_len "
+                             "to steer() or set Steering.prompt_len")
+        absolute = pos.start + torch.arange(seq, device=device)
+        in_prompt = absolute < self.prompt_len
+        return keep & (in_prompt if positions == "prompt" else ~in_prompt)[None, :]
+
+    def hook(self, ivs: list[Intervention]) -> HookFn:
+        """The forward-hook function applying `ivs` (one hookpoint's) in order."""
+        def fn(act: Tensor) -> Tensor:
+            out = act
+            for iv in ivs:
+                sel = self.mask(iv.positions, act.shape[0], act.shape[1], act.device)
+                if bool(sel.all()):
+                    out = out + iv.delta(out.reshape(-1, out.shape[-1])).view_as(out)
+                elif bool(sel.any()):
+                    out = out.clone()
+                    out[sel] = out[sel] + iv.delta(out[sel])
+            return out
+        return fn
+
+
+@contextlib.contextmanager
+def steer(model: nn.Module, interventions: Sequence[Intervention],
+          prompt_len: Optional[int] = None) -> Iterator[Steering]:
+    """Apply `interventions` to every forward pass of `model` in the block (plain calls or
+    `generate`, with or without KV cache); all hooks are removed on exit. Checks them first."""
+    check_interventions(model, interventions)
+    steering = Steering(interventions, prompt_len)
+    by_hp: dict[Hookpoint, list[Intervention]] = {}
+    for iv in interventions:
+        by_hp.setdefault(iv.hookpoint, []).append(iv)
+    with track_positions(model) as positions, \
+            hooks(model, {hp: steering.hook(ivs) for hp, ivs in by_hp.items()}):
+        steering.positions = positions
+        yield steering
+
+
+# ------------------------------------------------------------------------------ generation
+
+
+
+
+
+
+
+
+
+
+
+# ---------------------------------------------------------------------- intervention.json
+
+
+
+
+
+
+
+# ---------------------------------------------------------------------------- entry point

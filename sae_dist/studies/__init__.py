@@ -1,0 +1,1 @@
+"""Studies: applications built on the library's public API, each with its own command."""

@@ -1,0 +1,42 @@
+"""`load_suite`, the one way to open a saved suite: SAEs by hookpoint on the resolved device,
+the model config the suite names, and clear errors for what does not fit."""
+
+import pytest
+import torch
+
+from sae_dist.checkpoint import CheckpointError
+from sae_dist.config import ConfigError
+from sae_dist.hookpoints import Hookpoint
+from sae_dist.suite import load_suite, model_config_for
+from tests.steer.test_steer import write_suite
+
+
+def test_load_suite_opens_every_sae_with_the_model_it_names(tmp_path):
+    suite = write_suite(tmp_path, {"layers.2.mlp": 64, "layers.1.resid": 64})
+    opened = load_suite(suite, "cpu")
+    assert opened.model.name == "tiny-qwen3" and opened.device == torch.device("cpu")
+    assert opened.hookpoints == [Hookpoint(1, "resid"), Hookpoint(2, "mlp")]
+    assert set(opened.folders) == {"layers.1.resid", "layers.2.mlp"}
+    assert opened.folders["layers.2.mlp"] == suite / "layers.2.mlp"
+    assert opened.sae_configs["layers.1.resid"]["d_in"] == 64
+    assert all(not sae.training for sae in opened.saes.values())
+    assert opened.token_policy is None and opened.train_config is None  # not recorded here
+    only = load_suite(suite, "auto", hookpoints=["layers.2.mlp"])
+    assert only.hookpoints == [Hookpoint(2, "mlp")]
+
+
+def test_load_suite_refuses_what_does_not_fit(tmp_path):
+    suite = write_suite(tmp_path, {"layers.1.resid": 64, "layers.2.mlp": 96})
+    with pytest.raises(ConfigError, match=r"hookpoints='layers.3.resid'.*layers.1.resid"):
+        load_suite(suite, "cpu", hookpoints=["layers.3.resid"])
+    with pytest.raises(CheckpointError, match="d_in=96 but tiny-qwen3 has d_model=64"):
+        load_suite(suite, "cpu", hookpoints=["layers.2.mlp"])
+    with pytest.raises(ConfigError, match="device='tpu'"):
+        load_suite(suite, "tpu", hookpoints=["layers.1.resid"])
+    with pytest.raises(ConfigError, match="suite="):
+        load_suite(tmp_path / "missing", "cpu")
+    unnamed = write_suite(tmp_path / "u", {"layers.1.resid": 64}, model_name="")
+    with pytest.raises(ConfigError, match="does not name its model"):
+        load_suite(unnamed, "cpu")
+    assert load_suite(unnamed, "cpu", model_config_for("tiny-qwen3")).hookpoints == [
+        Hookpoint(1, "resid")]

@@ -1,0 +1,81 @@
+"""The wheel: built from the tree without leaving files in it, it carries the Hydra configs
+(sae_dist/conf), and its commands compose their configs from any directory with no source
+checkout importable (`--cfg job`: no model is loaded)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BUILD_LEFTOVERS = ("build", "dist", "*.egg-info")
+
+
+def git_status() -> str:
+    return subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def leftovers() -> set[Path]:
+    """Build output in the checkout (ignored by git, so `git status` alone would miss it)."""
+    return {p for pattern in BUILD_LEFTOVERS for p in ROOT.glob(pattern)}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The wheel built from the checkout (offline: the build backend is in the dev extra),
+    installed without dependencies into its own directory; asserts the tree is left as it was."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    status, existing = git_status(), leftovers()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"),
+                    str(ROOT)], check=True, cwd=tmp)
+    assert git_status() == status and leftovers() == existing
+    [wheel] = (tmp / "dist").glob("sae_dist-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp / "site"), str(wheel)],
+                   check=True, cwd=tmp)
+    return tmp / "site"
+
+
+def run_installed(site: Path, *command: str) -> str:
+    """`command` from an empty directory with only the installed wheel (and the test venv's
+    dependencies) importable; returns its stdout."""
+    cwd = site.parent / "cwd"
+    cwd.mkdir(exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(site), "WANDB_MODE": "disabled"}
+    result = subprocess.run(list(command), cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_wheel_imports_from_itself_with_its_configs(site):
+    out = run_installed(site, sys.executable, "-c", "import sae_dist, sae_dist.cli as cli; "
+                        "print(sae_dist.__file__); print(cli.CONF_DIR)")
+    package_file, conf_dir = map(Path, out.split())
+    assert package_file == site / "sae_dist" / "__init__.py"
+    assert conf_dir == site / "sae_dist" / "conf"
+    assert sorted(p.name for p in conf_dir.glob("*.yaml")) == ["eval.yaml", "features.yaml",
+                                                                   "steer.yaml", "train.yaml"]
+    assert (conf_dir / "model" / "smollm2-135m-instruct.yaml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, args, expected", [
+    ("sae_dist.train", ["experiment=demo"], ["out_dir: runs/demo", "  tokens: 200000"]),
+    ("sae-train", ["experiment=demo", "sae.k=16"], ["out_dir: runs/demo", "  k: 16"]),
+    ("sae_dist.evaluate", ["suite=x"], ["suite: x", "  tokens: 100000"]),
+    ("sae-evaluate", ["suite=x", "model=qwen3-4b"], ["suite: x", "  name: qwen3-4b"]),
+])
+def test_installed_commands_compose_their_config(site, command, args, expected):
+    """`python -m <module>` and the console scripts (installed with this interpreter in their
+    shebang) print the composed job config."""
+    program = ([str(site / "bin" / command)] if command.startswith("sae-")
+               else [sys.executable, "-m", command])
+    lines = run_installed(site, *program, "--cfg", "job", *args).splitlines()
+    assert set(expected) <= set(lines)
