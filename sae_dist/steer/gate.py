@@ -14,8 +14,12 @@ KV cache), before any intervention at that hookpoint edits it:
   mean;
 - open iff the reduced score >= threshold (with `invert`: open iff it is < threshold).
 
-A gated intervention acts on the generated positions (absolute position >= prompt length) of
-the rows whose gate is open, and on nothing else. The decision holds for the rest of the block.
+A gated intervention acts on its positions (`all`, `prompt` or `generated`) of the rows whose
+gate is open, and on nothing else. The decision holds for the rest of the block. An edit of
+prompt positions needs its gate read no later in the network than itself (the order of
+`interventions.run_order`; at the same hookpoint the gate reads first), so that the gate has
+decided when the prompt pass reaches the edit; an edit of generated positions only may come
+before its gate.
 """
 
 from __future__ import annotations
@@ -201,11 +205,5 @@ class GateSpec:
 
 
 def gated(iv: Intervention, gate: Gate) -> Intervention:
-    """A copy of `iv` that acts only where `gate` opens (iv's positions must be `generated`)."""
-    if iv.positions != "generated":
-        raise ConfigError(
-            "positions",
-            iv.positions,
-            "generated (a gated intervention acts on generated positions only)",
-        )
+    """A copy of `iv` that acts only on the prompts whose `gate` opens (on iv's positions)."""
     return replace(iv, gate=gate)

@@ -19,7 +19,10 @@ and the 2-D attention mask, `hookpoints.track_positions`), so the same intervent
 same tokens with or without the cache, and never on left-padding. Several interventions (several
 SAEs, hookpoints) apply at once; at one hookpoint they apply in list order. Leaving the block
 removes every hook. A gated intervention (`Intervention.gate`, `sae_dist.steer.gate`) acts on
-the generated positions of the rows whose gate opened on the prompt pass, and nowhere else.
+its positions of the rows whose gate opened on the prompt pass, and nowhere else; when those
+positions include the prompt, the gate must read no later in the network than the edit (same
+hookpoint: the gate reads the activation before the edit), so it has decided when the prompt
+pass reaches the edit.
 """
 
 from __future__ import annotations
@@ -83,8 +86,8 @@ class Intervention:
     values: Optional[Tensor] = None
     """clamp: float32 [n_features], the latent value each feature is clamped to."""
     gate: Optional[Gate] = None
-    """When set, the edit acts on the generated positions of the rows whose gate opened on the
-    prompt pass, and nowhere else (`steer.gate`; positions must be `generated`)."""
+    """When set, the edit acts on its positions of the rows whose gate opened on the prompt pass,
+    and nowhere else (`steer.gate`)."""
 
     def delta(self, x: Tensor) -> Tensor:
         """What to add to the selected activations x [n, d_model] -> [n, d_model] (x's dtype)."""
@@ -166,8 +169,8 @@ def clamp_features(hp: Hookpoint, sae: SparseAutoencoder, features: Sequence[int
 def check_interventions(model: nn.Module, interventions: Sequence[Intervention],
                         gates: Sequence[Gate] = ()) -> None:
     """Raise ConfigError when an intervention or gate cannot apply to `model`: hookpoint out of
-    range, a vector / SAE of another width than the model's hidden size, or a gated
-    intervention on positions other than `generated`."""
+    range, a vector / SAE of another width than the model's hidden size, or a gated edit of
+    prompt positions whose gate reads later in the network than the edit."""
     n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
     for iv in interventions:
         hp = Hookpoint.parse(iv.hookpoint.name, n_layers, key="hookpoint")
@@ -175,14 +178,21 @@ def check_interventions(model: nn.Module, interventions: Sequence[Intervention],
         if width != d_model:
             raise ConfigError("intervention", f"{iv.mode} at {hp} of width {width}",
                               f"width {d_model} (the model's hidden size)")
-        if iv.gate is not None and iv.positions != "generated":
-            raise ConfigError("positions", iv.positions, "generated (a gated intervention acts "
-                              "on generated positions only)")
+        if (iv.gate is not None and iv.positions != "generated"
+                and run_order(iv.gate.hookpoint) > run_order(iv.hookpoint)):
+            raise ConfigError("gate.hookpoint", iv.gate.hookpoint.name, f"a hookpoint no later "
+                              f"than the edit at {iv.hookpoint} (it edits prompt positions: "
+                              "positions=generated lifts this)")
     for gate in _gates(interventions, gates):
         hp = Hookpoint.parse(gate.hookpoint.name, n_layers, key="gate.hookpoint")
         if gate.width != d_model:
             raise ConfigError("gate", f"gate at {hp} of width {gate.width}",
                               f"width {d_model} (the model's hidden size)")
+
+
+def run_order(hp: Hookpoint) -> tuple[int, int]:
+    """Order in which a forward pass reaches hookpoints: by layer, then attn, mlp, resid."""
+    return hp.layer, ("attn", "mlp", "resid").index(hp.site)
 
 
 def _gates(interventions: Sequence[Intervention], gates: Sequence[Gate]) -> list[Gate]:

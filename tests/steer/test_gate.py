@@ -107,14 +107,24 @@ def test_gate_scores_equal_a_hand_computation(model, tok, sae, reduce):
 # --------------------------------------------------------------------------- generation
 
 
-@pytest.mark.parametrize("use_cache,batch_size", [(True, 6), (False, 6), (True, 1)])
+@pytest.mark.parametrize(
+    "use_cache,batch_size,positions",
+    [
+        (True, 6, "generated"),
+        (False, 6, "generated"),
+        (True, 1, "generated"),
+        (True, 6, "all"),
+        (False, 6, "all"),
+        (True, 1, "prompt"),
+    ],
+)
 def test_gated_generation_is_unsteered_or_always_on_per_prompt(
-    model, tok, sae, use_cache, batch_size
+    model, tok, sae, use_cache, batch_size, positions
 ):
     thr, scores = median_threshold(model, tok, lambda t: features_gate(HP, sae, [237, 7], 1.0, t))
     gate = features_gate(HP, sae, [237, 7], 1.0, thr)
     inverted = features_gate(HP, sae, [237, 7], 1.0, thr, invert=True)
-    always = add_features(Hookpoint(2, "resid"), sae, [5, 9], 30.0, "generated")
+    always = add_features(Hookpoint(2, "resid"), sae, [5, 9], 30.0, positions)
     kw = dict(max_new_tokens=8, batch_size=batch_size, use_cache=use_cache)
     plain = generate(model, tok, PROMPTS, [], **kw)
     on = generate(model, tok, PROMPTS, [always], **kw)
@@ -131,8 +141,9 @@ def test_gated_generation_is_unsteered_or_always_on_per_prompt(
 
 
 def test_gated_edit_needs_the_gate_read_first_in_a_single_pass(model, tok, sae):
-    """A gate later in the network than its edit cannot decide within one full pass; after a
-    prompt-only pass it can. Gated edits on positions other than `generated` are refused."""
+    """A gate later in the network than its edit of generated positions cannot decide within
+    one full pass; after a prompt-only pass it can. A gated edit of prompt positions must not
+    come before its gate."""
     gate = features_gate(Hookpoint(3, "resid"), sae, [3], 1.0, -1e9)  # always open
     iv = gated(add_direction(Hookpoint(1, "mlp"), torch.ones(64), 5.0, "generated"), gate)
     ids = torch.randint(0, 3000, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -148,8 +159,9 @@ def test_gated_edit_needs_the_gate_read_first_in_a_single_pass(model, tok, sae):
         assert s.readings()[0].open.tolist() == [True, True]
         with pytest.raises(RuntimeError, match="reset_gates"):
             model(ids[:1])
-    with pytest.raises(ConfigError, match="positions='all'"):
-        gated(add_direction(Hookpoint(1, "mlp"), torch.ones(64), 5.0), gate)
+    early = gated(add_direction(Hookpoint(1, "mlp"), torch.ones(64), 5.0, "all"), gate)
+    with pytest.raises(ConfigError, match="gate.hookpoint='layers.3.resid'.*no later"):
+        generate(model, tok, PROMPTS[:1], [early], max_new_tokens=1)
     with pytest.raises(ConfigError, match="gate.reduce='median'"):
         features_gate(HP, sae, [3], 1.0, 0.0, "median")
     with pytest.raises(ConfigError, match="gate.weights"):
@@ -198,10 +210,15 @@ def plain_generate(model, tok, prompt: str, file, n_new: int) -> list[int]:
 
         return fn
 
-    def edit(k, e):  # the generated positions, where the gate opened
+    def edit(k, e):  # the edit's positions, where the gate opened
         def fn(mod, args, out):
             x = out[0] if isinstance(out, tuple) else out
-            if not state[k] or x.shape[1] <= n_prompt:
+            where = {
+                "all": slice(None),
+                "prompt": slice(0, n_prompt),
+                "generated": slice(n_prompt, None),
+            }[e["positions"]]
+            if not state[k] or x[:, where].shape[1] == 0:
                 return None
             if e["direction"] is not None:
                 v = torch.tensor(e["direction"])
@@ -210,7 +227,7 @@ def plain_generate(model, tok, prompt: str, file, n_new: int) -> list[int]:
                 rows = weights(e["sae"])[0]["W_dec"][e["features"]]
                 v = e["alpha"] * (rows / rows.norm(dim=1, keepdim=True)).sum(0)
             x = x.clone()
-            x[:, n_prompt:] += v
+            x[:, where] += v
             return (x, *out[1:]) if isinstance(out, tuple) else x
 
         return fn
