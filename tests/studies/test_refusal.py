@@ -245,3 +245,41 @@ def test_the_study_has_its_own_command_and_the_old_form_names_it(tmp_path):
                           "refusal.n_dev=5"], capture_output=True, text=True, timeout=300)
     assert new.returncode == 0, new.stderr
     assert "n_dev: 5" in new.stdout and "hookpoints:\n  - layers.6.resid" in new.stdout
+
+
+def test_chat_probe_matches_unpadded_chats_and_composes_gates(tiny_cfg, smollm2_tokenizer):
+    """The probe's per-chat reply loss equals each chat run alone without padding; with a gated
+    edit, it equals the always-on loss where the gate opened and the unsteered loss elsewhere."""
+    import torch
+    from torch.nn import functional as F
+
+    from sae_dist.hookpoints import Hookpoint
+    from sae_dist.steer import add_direction, direction_gate, gated, render_prompts
+    from sae_dist.studies.refusal.probe import ChatProbe
+    from tests.conftest import scaled_tiny_model
+
+    model = scaled_tiny_model(tiny_cfg, 8.0)
+    tok = smollm2_tokenizer
+    chats = [("Hi", "Hello! How can I help you today?"),
+             ("Tell me a joke about cats, please.", "Why did the cat sit on the computer?"),
+             ("What is 2 + 2?", "4."), ("Name a colour.", "Blue, like the sky at noon.")]
+    probe = ChatProbe(tok, chats, max_reply_tokens=8, batch_size=3)
+    plain = probe.run(model)
+    for i, (user, reply) in enumerate(chats):
+        p = render_prompts(tok, [user])[0]
+        r = tok(reply, add_special_tokens=False)["input_ids"][:8]
+        with torch.no_grad():
+            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1:-1]
+        nll = F.cross_entropy(logits.float(), torch.tensor(r), reduction="sum")
+        assert plain.count[i] == len(r)
+        assert float(plain.nll[i]) == pytest.approx(float(nll), rel=1e-4, abs=1e-4)
+    u = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    mean_gate = direction_gate(Hookpoint(1, "resid"), u, 0.0, "mean")
+    thr = float(probe.run(model, gates=[mean_gate]).gate_scores[0].median())
+    gate = direction_gate(Hookpoint(1, "resid"), u, thr, "mean")
+    edit = add_direction(Hookpoint(2, "resid"), torch.ones(64), 20.0, "all")
+    on, both = probe.run(model, [edit]), probe.run(model, [gated(edit, gate)])
+    opened = both.gate_open[0]
+    assert 0 < int(opened.sum()) < len(chats)
+    torch.testing.assert_close(both.nll, torch.where(opened, on.nll, plain.nll), rtol=1e-4,
+                               atol=1e-4)

@@ -34,15 +34,21 @@ from sae_dist.steer.contrast import auroc, collect, latents_dense
 from sae_dist.steer.gate import REDUCES
 
 
-def gate_tokens(model: nn.Module, tokenizer, prompts: Sequence[str], hookpoints: list[Hookpoint],
-                batch_size: int = 16, desc: str = "prompt positions") -> ContrastTokens:
+def gate_tokens(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    hookpoints: list[Hookpoint],
+    batch_size: int = 16,
+    desc: str = "prompt positions",
+) -> ContrastTokens:
     """Activations at every position a gate reads: each prompt rendered as `generate` renders
     it, less its first token (one row per position, `where` = (prompt index, position))."""
     seqs = render_prompts(tokenizer, prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
-        tokenizer.eos_token_id
-    return collect(model, hookpoints, seqs, [list(range(1, len(s))) for s in seqs], pad,
-                   batch_size, desc)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return collect(
+        model, hookpoints, seqs, [list(range(1, len(s))) for s in seqs], pad, batch_size, desc
+    )
 
 
 @dataclass
@@ -102,10 +108,20 @@ def gate_metrics(scores: Tensor, labels: Tensor, opened: Tensor) -> dict[str, fl
     precision = tp / (tp + fp) if tp + fp else float("nan")
     recall = tp / pos if pos else float("nan")
     f1 = 2 * tp / (tp + fp + pos) if tp + fp + pos else float("nan")
-    roc = (float(auroc(scores[labels, None], scores[~labels, None])[0]) if pos and neg
-           else float("nan"))
-    return {"auroc": roc, "precision": precision, "recall": recall, "f1": f1,
-            "fpr": fp / neg if neg else float("nan"), "n_pos": pos, "n_neg": neg}
+    roc = (
+        float(auroc(scores[labels, None], scores[~labels, None])[0])
+        if pos and neg
+        else float("nan")
+    )
+    return {
+        "auroc": roc,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "fpr": fp / neg if neg else float("nan"),
+        "n_pos": pos,
+        "n_neg": neg,
+    }
 
 
 @dataclass
@@ -127,9 +143,16 @@ def _choose(rows: list[dict]) -> dict:
     return max(rows, key=lambda r: (r["f1"], -r.get("k", 0), r["reduce"] == "max"))
 
 
-def calibrate_sae_gate(hp: Hookpoint, sae: SparseAutoencoder, acts: Tensor, segments: Tensor,
-                       labels: Tensor, ks: Sequence[int], reduces: Sequence[str] = REDUCES,
-                       chunk: int = 2048) -> GateChoice:
+def calibrate_sae_gate(
+    hp: Hookpoint,
+    sae: SparseAutoencoder,
+    acts: Tensor,
+    segments: Tensor,
+    labels: Tensor,
+    ks: Sequence[int],
+    reduces: Sequence[str] = REDUCES,
+    chunk: int = 2048,
+) -> GateChoice:
     """The SAE gate at `hp` from activations acts [rows, d] of the prompts' positions."""
     n = len(labels)
     z = torch.cat([latents_dense(sae, c) for c in acts.split(chunk)])  # [rows, d_sae]
@@ -146,20 +169,28 @@ def calibrate_sae_gate(hp: Hookpoint, sae: SparseAutoencoder, acts: Tensor, segm
             w = (1 / spread[feats]).float()
             score = segment_reduce(z[:, feats] @ w, segments, n, reduce)
             threshold, f1 = best_threshold(score, labels)
-            row = {"reduce": reduce, "k": k, "threshold": threshold, "f1": f1,
-                   "auroc": float(auroc(score[labels, None], score[~labels, None])[0]),
-                   "features": feats, "weights": w.tolist()}
+            row = {
+                "reduce": reduce,
+                "k": k,
+                "threshold": threshold,
+                "f1": f1,
+                "auroc": float(auroc(score[labels, None], score[~labels, None])[0]),
+                "features": feats,
+                "weights": w.tolist(),
+            }
             rows.append(row)
     if not rows:
         raise ValueError(f"no feature of the SAE at {hp} is larger on the positive prompts")
     best = _choose(rows)
-    gate = features_gate(hp, sae, best["features"], best["weights"], best["threshold"],
-                         best["reduce"])
+    gate = features_gate(
+        hp, sae, best["features"], best["weights"], best["threshold"], best["reduce"]
+    )
     return GateChoice(gate, "sae", best["f1"], best["auroc"], rows)
 
 
-def calibrate_direction_gate(hp: Hookpoint, acts: Tensor, segments: Tensor, labels: Tensor,
-                             reduces: Sequence[str] = REDUCES) -> GateChoice:
+def calibrate_direction_gate(
+    hp: Hookpoint, acts: Tensor, segments: Tensor, labels: Tensor, reduces: Sequence[str] = REDUCES
+) -> GateChoice:
     """The difference-in-means condition at `hp` (CAST) from acts [rows, d]."""
     n = len(labels)
     means = segment_reduce(acts.double(), segments, n, "mean")
@@ -170,8 +201,14 @@ def calibrate_direction_gate(hp: Hookpoint, acts: Tensor, segments: Tensor, labe
     for reduce in reduces:
         score = segment_reduce(proj, segments, n, reduce)
         threshold, f1 = best_threshold(score, labels)
-        rows.append({"reduce": reduce, "threshold": threshold, "f1": f1,
-                     "auroc": float(auroc(score[labels, None], score[~labels, None])[0])})
+        rows.append(
+            {
+                "reduce": reduce,
+                "threshold": threshold,
+                "f1": f1,
+                "auroc": float(auroc(score[labels, None], score[~labels, None])[0]),
+            }
+        )
     best = _choose(rows)
     gate = direction_gate(hp, u, best["threshold"], best["reduce"])
     return GateChoice(gate, "direction", best["f1"], best["auroc"], rows)

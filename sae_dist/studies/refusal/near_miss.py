@@ -18,8 +18,15 @@ from typing import Optional
 from sae_dist.errors import ConfigError
 
 DATA = Path(__file__).parent / "data" / "near_miss.jsonl"
-CATEGORIES = ("homonyms", "figurative", "safe_targets", "safe_contexts", "definitions",
-              "history", "privacy_public")
+CATEGORIES = (
+    "homonyms",
+    "figurative",
+    "safe_targets",
+    "safe_contexts",
+    "definitions",
+    "history",
+    "privacy_public",
+)
 KINDS = ("safe", "unsafe")
 
 
@@ -33,22 +40,31 @@ def load_near_miss(path: Optional[Path] = None) -> list[dict]:
             continue
         try:
             row = json.loads(line)
-            ok = (isinstance(row.get("prompt"), str) and row["prompt"].strip()
-                  and row.get("category") in CATEGORIES and row.get("kind") in KINDS
-                  and isinstance(row.get("pair_id"), str))
+            ok = (
+                isinstance(row.get("prompt"), str)
+                and row["prompt"].strip()
+                and row.get("category") in CATEGORIES
+                and row.get("kind") in KINDS
+                and isinstance(row.get("pair_id"), str)
+            )
         except json.JSONDecodeError:
             ok = False
         if not ok:
-            raise ConfigError("near_miss", f"{path}:{n}", "{prompt, category (one of "
-                              f"{', '.join(CATEGORIES)}), kind (safe|unsafe), pair_id}}")
+            raise ConfigError(
+                "near_miss",
+                f"{path}:{n}",
+                "{prompt, category (one of "
+                f"{', '.join(CATEGORIES)}), kind (safe|unsafe), pair_id}}",
+            )
         rows.append(row)
     kinds: dict[str, list[str]] = {}
     for row in rows:
         kinds.setdefault(row["pair_id"], []).append(row["kind"])
     bad = [p for p, k in kinds.items() if sorted(k) != ["safe", "unsafe"]]
     if bad:
-        raise ConfigError("near_miss", f"{path}: pairs {bad[:3]}", "one safe and one unsafe "
-                          "prompt per pair_id")
+        raise ConfigError(
+            "near_miss", f"{path}: pairs {bad[:3]}", "one safe and one unsafe prompt per pair_id"
+        )
     return rows
 
 
@@ -78,8 +94,11 @@ def split_near_miss(rows: list[dict], select_fraction: float, seed: int) -> Near
         rng.shuffle(pairs)
         n_select = round(select_fraction * len(pairs))
         for i, pid in enumerate(pairs):
-            safe, unsafe = (split.safe_select, split.unsafe_select) if i < n_select else \
-                (split.safe_measure, split.unsafe_measure)
+            safe, unsafe = (
+                (split.safe_select, split.unsafe_select)
+                if i < n_select
+                else (split.safe_measure, split.unsafe_measure)
+            )
             safe.append(by_pair[pid]["safe"])
             unsafe.append(by_pair[pid]["unsafe"])
     return split

@@ -44,8 +44,9 @@ class ProbeResult:
         return float(self.nll.sum() / self.count.sum())
 
 
-def _batch(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad: int
-           ) -> tuple[Tensor, Tensor, int]:
+def _batch(
+    prompts: Sequence[list[int]], replies: Sequence[list[int]], pad: int
+) -> tuple[Tensor, Tensor, int]:
     """(ids int64 [B, P + R], attention mask [B, P + R], P): prompts left-padded to P, replies
     right-padded to R."""
     width_p = max(len(p) for p in prompts)
@@ -53,32 +54,43 @@ def _batch(prompts: Sequence[list[int]], replies: Sequence[list[int]], pad: int
     ids = torch.full((len(prompts), width_p + width_r), pad, dtype=torch.int64)
     mask = torch.zeros_like(ids)
     for i, (p, r) in enumerate(zip(prompts, replies)):
-        ids[i, width_p - len(p):width_p + len(r)] = torch.tensor(p + r, dtype=torch.int64)
-        mask[i, width_p - len(p):width_p + len(r)] = 1
+        ids[i, width_p - len(p) : width_p + len(r)] = torch.tensor(p + r, dtype=torch.int64)
+        mask[i, width_p - len(p) : width_p + len(r)] = 1
     return ids, mask, width_p
 
 
 class ChatProbe:
     """Held-out chats tokenised once; `run` scores them under interventions."""
 
-    def __init__(self, tokenizer, chats: Sequence[tuple[str, str]], max_reply_tokens: int,
-                 batch_size: int = 16):
+    def __init__(
+        self,
+        tokenizer,
+        chats: Sequence[tuple[str, str]],
+        max_reply_tokens: int,
+        batch_size: int = 16,
+    ):
         prompts = render_prompts(tokenizer, [u for u, _ in chats])
-        replies = [tokenizer(a, add_special_tokens=False)["input_ids"][:max_reply_tokens]
-                   for _, a in chats]
+        replies = [
+            tokenizer(a, add_special_tokens=False)["input_ids"][:max_reply_tokens] for _, a in chats
+        ]
         keep = [i for i, r in enumerate(replies) if len(r) >= 1]
         self.prompts = [prompts[i] for i in keep]
         self.replies = [replies[i] for i in keep]
         self.batch_size = batch_size
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-            else tokenizer.eos_token_id
+        self.pad = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
 
     def __len__(self) -> int:
         return len(self.prompts)
 
     @torch.no_grad()
-    def run(self, model: nn.Module, interventions: Sequence[Intervention] = (),
-            gates: Sequence[Gate] = ()) -> ProbeResult:
+    def run(
+        self,
+        model: nn.Module,
+        interventions: Sequence[Intervention] = (),
+        gates: Sequence[Gate] = (),
+    ) -> ProbeResult:
         """Per-chat reply NLL under `interventions`, reading `gates` (and the interventions'
         own gates) on the prompt pass."""
         device = next(model.parameters()).device
@@ -87,17 +99,26 @@ class ChatProbe:
         count = torch.zeros(len(self), dtype=torch.int64)
         readings: list[list[tuple[Tensor, Tensor]]] = []
         for start in range(0, len(order), self.batch_size):
-            rows = order[start:start + self.batch_size]
-            ids, mask, width_p = _batch([self.prompts[i] for i in rows],
-                                        [self.replies[i] for i in rows], self.pad)
+            rows = order[start : start + self.batch_size]
+            ids, mask, width_p = _batch(
+                [self.prompts[i] for i in rows], [self.replies[i] for i in rows], self.pad
+            )
             ids, mask = ids.to(device), mask.to(device)
             pos = (mask.cumsum(1) - 1).clamp_min(0)
             with steer(model, interventions, prompt_len=width_p, gates=gates) as steering:
-                first = model(input_ids=ids[:, :width_p], attention_mask=mask[:, :width_p],
-                              position_ids=pos[:, :width_p], use_cache=True)
-                rest = model(input_ids=ids[:, width_p:], attention_mask=mask,
-                             position_ids=pos[:, width_p:],
-                             past_key_values=first.past_key_values, use_cache=True)
+                first = model(
+                    input_ids=ids[:, :width_p],
+                    attention_mask=mask[:, :width_p],
+                    position_ids=pos[:, :width_p],
+                    use_cache=True,
+                )
+                rest = model(
+                    input_ids=ids[:, width_p:],
+                    attention_mask=mask,
+                    position_ids=pos[:, width_p:],
+                    cache=first.past_key_values,
+                    use_cache=True,
+                )
                 readings.append([(r.scores, r.open) for r in steering.readings()])
             logits = torch.cat([first.logits[:, -1:], rest.logits[:, :-1]], 1).float()
             target = ids[:, width_p:]
@@ -112,7 +133,7 @@ class ChatProbe:
             s = torch.zeros(len(self))
             o = torch.zeros(len(self), dtype=torch.bool)
             for b, start in enumerate(range(0, len(order), self.batch_size)):
-                idx = torch.tensor(order[start:start + self.batch_size])
+                idx = torch.tensor(order[start : start + self.batch_size])
                 s[idx], o[idx] = readings[b][g]
             scores.append(s)
             opened.append(o)

@@ -199,16 +199,18 @@ class PromptSets:
             "near_unsafe_select", "refusing", "complying", "chats")}
 
 
-def _held_out_chats(cfg, n: int, max_chars: int) -> list[tuple[str, str]]:
+def _held_out_chats(cfg, n: int, max_chars: int, exclude: set[str]) -> list[tuple[str, str]]:
     """The first `n` held-out ShareGPT chats (document index % holdout_every == 0) that open
-    with a user turn of at most `max_chars` characters answered by the assistant."""
+    with a user turn of at most `max_chars` characters, not in `exclude`, answered by the
+    assistant."""
     chats = []
     for i, doc in enumerate(read_documents(cfg)):
         msgs = doc.get("messages") or []
         if i % cfg.holdout_every or len(msgs) < 2 or msgs[0]["role"] != "user" or \
                 msgs[1]["role"] != "assistant" or not msgs[1]["content"].strip():
             continue
-        if 0 < len(msgs[0]["content"].strip()) <= max_chars:
+        user = msgs[0]["content"].strip()
+        if 0 < len(user) <= max_chars and user not in exclude:
             chats.append((msgs[0]["content"].strip(), msgs[1]["content"]))
             if len(chats) == n:
                 return chats
@@ -251,7 +253,8 @@ def build_prompt_sets(r: RefusalConfig, data_cfg, wheel: Path, dev: int) -> Prom
     benign = aplomb_prompts()[:r.n_harmless_aplomb]
     n_sg = r.n_harmless_sharegpt_measure
     near = split_near_miss(load_near_miss(), r.near_miss_select_fraction, r.seed)
-    chats = _held_out_chats(data_cfg, r.n_probe_chats, r.max_prompt_chars)
+    chats = _held_out_chats(data_cfg, r.n_probe_chats, r.max_prompt_chars,
+                            set(first_turns) | {u for u, _ in refusing + complying})
     sets = PromptSets(harmful[:r.n_harmful_measure], harmful[r.n_harmful_measure:need],
                       benign + first_turns[:n_sg], first_turns[n_sg:], refusing, complying,
                       near.safe_measure, near.safe_select, near.unsafe_measure,
@@ -279,7 +282,8 @@ def build_prompt_sets(r: RefusalConfig, data_cfg, wheel: Path, dev: int) -> Prom
                      "sentence, from every 7th such conversation",
         "chats": f"the first {len(chats)} held-out ShareGPT conversations (every "
                  f"{data_cfg.holdout_every}th document) with a first user turn of at most "
-                 f"{r.max_prompt_chars} characters: that turn and the reply"}
+                 f"{r.max_prompt_chars} characters used in no other set: that turn and the "
+                 "reply"}
     _check_disjoint(sets)
     return sets
 
@@ -311,6 +315,9 @@ def _check_disjoint(sets: PromptSets) -> None:
     measured = set().union(*sets.measured().values(), (u for u, _ in sets.chats))
     if pair_users & measured:
         raise AssertionError("a measurement prompt is also a response-contrast prompt")
+    chat_users = {u for u, _ in sets.chats}
+    if any(chat_users & set(getattr(sets, k)) for k in names):
+        raise AssertionError("a probe chat opens with a prompt of another set")
 
 
 # ----------------------------------------------------------------------------- the suite
