@@ -632,8 +632,8 @@ class FeaturesRunConfig:
 
 @dataclass
 class RefusalConfig:
-    """The refusal case study: feature selection from contrast sets, then an alpha sweep of
-    SAE-feature steering against a difference-in-means direction and random features."""
+    """The refusal case study: steering features and directions from contrast sets, gates chosen
+    by F1 on selection prompts, then every method always on and gated, over alpha."""
 
     hookpoints: Optional[list[str]] = None
     """Hookpoints whose SAEs are tried (each must be in the suite); null = every SAE of the suite
@@ -685,18 +685,31 @@ class RefusalConfig:
     max_degenerate: float = 0.1
     """Largest fraction of degenerate dev outputs the chosen alpha may have."""
     positions: str = "all"
-    """Positions steered in the study: all, prompt or generated."""
+    """Positions every intervention of the study edits (always on and gated): all, prompt or
+    generated. With prompt positions, gates are chosen among hookpoints no later than the
+    steering hookpoint (they must decide before the prompt pass reaches the edit)."""
+    near_miss_select_fraction: float = 0.5
+    """Share of the near-miss pairs (per category) used to choose gates; the rest is measured."""
+    gate_hookpoints: Optional[list[str]] = None
+    """Hookpoints where gates are tried (each must be in the suite); null = every SAE of the
+    suite."""
+    gate_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    """Numbers of SAE features a gate may read (the top ones by AUROC); F1 picks one."""
+    gate_reduces: list[str] = field(default_factory=lambda: ["max", "mean"])
+    """Reductions of a gate's score over the prompt positions tried (max, mean); F1 picks."""
+    n_probe_chats: int = 48
+    """Held-out ShareGPT chats (first user turn and reply) for the capability cost."""
+    probe_reply_tokens: int = 48
+    """Reply tokens scored per chat for the capability cost."""
+    n_verify: int = 16
+    """Measurement prompts per set (harmful, harmless, near miss) generated again with the
+    chosen intervention.json re-applied from the file."""
     top_contexts: int = 5
     """Top-activating contexts reported per selected feature."""
     n_report_features: int = 10
     """Top features per contrast listed in the report."""
-    n_examples: int = 6
-    """Example generations per row in examples.md."""
-    coherence_prompts: int = 64
-    """Outputs scored for perplexity per arm (half harmful, half harmless)."""
-    capability_tokens: int = 2048
-    """Held-out chat tokens scored for the capability cost (intervention on at all positions
-    vs off)."""
+    n_examples: int = 5
+    """Example generations per table cell (row x prompt set) in the report."""
     batch_size: int = 64
     """Prompts per generation batch (left-padded, greedy; larger batches use a CPU better)."""
     seed: int = 0

@@ -1,8 +1,8 @@
 """Steering: interventions on a hookpoint's activations during any forward pass or `generate`
 (DESIGN.md section 9), contrast sets that score SAE features, and the intervention file.
 
-`interventions` holds the edits and the context manager that applies them, `generate` batched
-generation with them, `contrast` feature scores between two sets of sequences, `spec` the
+`interventions` holds the edits and the context manager that applies them, `gate` conditions
+read on the prompt that switch gated edits on, `generate` batched generation with them, `contrast` feature scores between two sets of sequences, `spec` the
 re-applicable `intervention.json`, `command` the `python -m sae_dist.steer` command."""
 
 from sae_dist.steer.command import apply_generation_settings
@@ -14,6 +14,14 @@ from sae_dist.steer.contrast import (
     response_tokens,
     score_features,
     top_contexts,
+)
+from sae_dist.steer.gate import (
+    Gate,
+    GateReading,
+    GateSpec,
+    direction_gate,
+    features_gate,
+    gated,
 )
 from sae_dist.steer.generate import Generation, generate, left_pad, render_prompts
 from sae_dist.steer.interventions import (
@@ -30,7 +38,8 @@ from sae_dist.steer.interventions import (
 from sae_dist.steer.spec import InterventionSpec, load_interventions, save_interventions
 
 __all__ = [
-    "STEER_POSITIONS", "ContrastTokens", "FeatureScores", "Generation", "Intervention",
+    "STEER_POSITIONS", "ContrastTokens", "FeatureScores", "Gate", "GateReading", "GateSpec",
+    "Generation", "Intervention", "direction_gate", "features_gate", "gated",
     "InterventionSpec", "Steering", "add_direction", "add_features", "apply_generation_settings", "check_interventions",
     "clamp_features", "decoder_direction", "diff_in_means", "generate", "left_pad",
     "load_interventions", "prompt_tokens", "render_prompts", "response_tokens",

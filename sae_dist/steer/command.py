@@ -34,7 +34,11 @@ def apply_intervention_file(cfg: SteerRunConfig) -> dict[str, str]:
     if not cfg.prompt:
         raise ConfigError("prompt", cfg.prompt, 'a non-empty prompt="..." to steer')
     specs = load_interventions(Path(cfg.intervention))
-    model_cfg = cfg.model or model_config_of_sae(Path(specs[0].sae))
+    folders = [s.sae for s in specs if s.sae] + [s.gate.sae for s in specs if s.gate and
+                                                   s.gate.sae]
+    if cfg.model is None and not folders:
+        raise ConfigError("model", None, "model=<name>: the intervention file names no SAE")
+    model_cfg = cfg.model or model_config_of_sae(Path(folders[0]))
     if cfg.model_dtype:
         model_cfg.dtype = cfg.model_dtype
     device = resolve_device(cfg.device)
@@ -44,8 +48,9 @@ def apply_intervention_file(cfg: SteerRunConfig) -> dict[str, str]:
     n = cfg.max_new_tokens
     plain = generate(model, tokenizer, [cfg.prompt], (), n, desc="unsteered")[0].text
     steered = generate(model, tokenizer, [cfg.prompt], ivs, n, desc="steered")[0].text
-    what = "; ".join(f"{s.mode} {s.features} at {s.hookpoint}, alpha {s.alpha:g}, {s.positions}"
-                     for s in specs)
+    what = "; ".join(f"{s.mode} {s.features or 'direction'} at {s.hookpoint}, alpha "
+                     f"{s.alpha:g}, {s.positions}" + (f", gated at {s.gate.hookpoint}" if s.gate
+                                                      else "") for s in specs)
     print(f"prompt: {cfg.prompt}\n\n--- unsteered ---\n{plain}\n\n--- steered ({what}) ---\n"
           f"{steered}")
     return {"unsteered": plain, "steered": steered}

@@ -1,15 +1,18 @@
 """Greedy generation under interventions: prompts rendered with the chat template, left-padded
-into one batch, generated with the KV cache; the same tokens as one prompt at a time."""
+into one batch, generated with the KV cache; the same tokens as one prompt at a time. Gates
+(the interventions' own and any extra ones) read each prompt once, on the prompt pass; their
+scores and decisions come back with each generation."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from sae_dist.steer.gate import Gate
 from sae_dist.steer.interventions import Intervention, steer
 
 
@@ -24,6 +27,11 @@ class Generation:
     """Generated token ids, cut after the first EOS (excluded)."""
     prompt_tokens: list[int]
     """The rendered prompt's token ids (no padding)."""
+    gate_scores: list[float] = field(default_factory=list)
+    """Reduced score of each gate read (`Steering.gates` order: the interventions' gates, then
+    the extra `gates`)."""
+    gate_open: list[bool] = field(default_factory=list)
+    """Each gate's decision for this prompt."""
 
 
 def render_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
@@ -55,10 +63,11 @@ def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str],
              interventions: Sequence[Intervention] = (), max_new_tokens: int = 48,
-             batch_size: int = 32, use_cache: bool = True, desc: str = "generate"
-             ) -> list[Generation]:
+             batch_size: int = 32, use_cache: bool = True, desc: str = "generate",
+             gates: Sequence[Gate] = ()) -> list[Generation]:
     """Greedy completions of each prompt (one user turn) under `interventions`, in batches of
-    `batch_size` left-padded prompts of similar length; results in the order of `prompts`."""
+    `batch_size` left-padded prompts of similar length; results in the order of `prompts`.
+    `gates` are read (not acted on) besides the interventions' own."""
     rendered = render_prompts(tokenizer, prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = _eos_ids(model, tokenizer)
@@ -69,15 +78,18 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str],
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
         ids, mask = left_pad([rendered[i] for i in batch], pad)
         ids, mask = ids.to(device), mask.to(device)
-        with steer(model, interventions, prompt_len=ids.shape[1]):
+        with steer(model, interventions, prompt_len=ids.shape[1], gates=gates) as steering:
             seqs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                   max_new_tokens=max_new_tokens, pad_token_id=pad,
                                   use_cache=use_cache, temperature=None, top_p=None, top_k=None)
+        readings = steering.readings()
         for row, i in enumerate(batch):
             new = seqs[row, ids.shape[1]:].tolist()
             cut = next((j for j, t in enumerate(new) if t in eos), len(new))
             out[i] = Generation(prompts[i], tokenizer.decode(new[:cut], skip_special_tokens=True),
-                                new[:cut], rendered[i])
+                                new[:cut], rendered[i],
+                                [float(r.scores[row]) for r in readings],
+                                [bool(r.open[row]) for r in readings])
     return out  # type: ignore[return-value]
 
 

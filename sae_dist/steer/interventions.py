@@ -18,7 +18,11 @@ Positions: `all` (every non-pad token), `prompt` (absolute position < prompt len
 and the 2-D attention mask, `hookpoints.track_positions`), so the same intervention acts on the
 same tokens with or without the cache, and never on left-padding. Several interventions (several
 SAEs, hookpoints) apply at once; at one hookpoint they apply in list order. Leaving the block
-removes every hook.
+removes every hook. A gated intervention (`Intervention.gate`, `sae_dist.steer.gate`) acts on
+its positions of the rows whose gate opened on the prompt pass, and nowhere else; when those
+positions include the prompt, the gate must read no later in the network than the edit (same
+hookpoint: the gate reads the activation before the edit), so it has decided when the prompt
+pass reaches the edit.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +46,28 @@ STEER_POSITIONS = ("all", "prompt", "generated")
 
 
 # ------------------------------------------------------------------------------ interventions
+
+class GateReading(Protocol):
+    """What a gate read on the prompt pass (`steer.gate.GateReading`)."""
+
+    scores: Tensor
+    """float32 [B]: reduced scores."""
+    open: Tensor
+    """bool [B]: the rows whose gated interventions act."""
+
+
+class Gate(Protocol):
+    """What `Steering` needs of a gate (implemented by `steer.gate.Gate`)."""
+
+    hookpoint: Hookpoint
+
+    @property
+    def width(self) -> int:
+        """The activation width the gate reads."""
+
+    def read(self, act: Tensor, positions: ForwardPositions, prompt_len: int) -> GateReading:
+        """Score the prompt positions of act [B, T, d] on a pass starting at 0, and decide."""
+
 
 @dataclass
 class Intervention:
@@ -59,6 +85,9 @@ class Intervention:
     """Feature ids (clamp: clamped; add_features: summed), for reports."""
     values: Optional[Tensor] = None
     """clamp: float32 [n_features], the latent value each feature is clamped to."""
+    gate: Optional[Gate] = None
+    """When set, the edit acts on its positions of the rows whose gate opened on the prompt pass,
+    and nowhere else (`steer.gate`)."""
 
     def delta(self, x: Tensor) -> Tensor:
         """What to add to the selected activations x [n, d_model] -> [n, d_model] (x's dtype)."""
@@ -84,7 +113,8 @@ def _check_positions(positions: str) -> None:
         raise ConfigError("positions", positions, ", ".join(STEER_POSITIONS))
 
 
-def _check_features(sae: SparseAutoencoder, features: Sequence[int], hp: Hookpoint) -> list[int]:
+def check_features(sae: SparseAutoencoder, features: Sequence[int], hp: Hookpoint) -> list[int]:
+    """The feature ids as ints; ConfigError when empty or outside 0..d_sae - 1."""
     feats = [int(f) for f in features]
     if not feats:
         raise ConfigError("features", feats, f"at least one feature id of the SAE at {hp}")
@@ -106,7 +136,7 @@ def add_features(hp: Hookpoint, sae: SparseAutoencoder, features: Sequence[int],
     """x' = x + alpha * sum_f W_dec[f] / ||W_dec[f]|| at `positions` (alpha in activation
     units)."""
     _check_positions(positions)
-    feats = _check_features(sae, features, hp)
+    feats = check_features(sae, features, hp)
     return Intervention(hp, "add", positions, vector=alpha * decoder_direction(sae, feats),
                         features=feats)
 
@@ -126,7 +156,7 @@ def clamp_features(hp: Hookpoint, sae: SparseAutoencoder, features: Sequence[int
     activation units, d_f the unit decoder direction) at `positions`, keeping the SAE's error
     term: x' = x + sum_f (c_f / ||W_dec[f]|| - z_f(x)) W_dec[f]."""
     _check_positions(positions)
-    feats = _check_features(sae, features, hp)
+    feats = check_features(sae, features, hp)
     vals = torch.as_tensor(values, dtype=torch.float32).flatten()
     if vals.numel() == 1:
         vals = vals.expand(len(feats)).clone()
@@ -136,9 +166,11 @@ def clamp_features(hp: Hookpoint, sae: SparseAutoencoder, features: Sequence[int
     return Intervention(hp, "clamp", positions, sae=sae, features=feats, values=vals / norms)
 
 
-def check_interventions(model: nn.Module, interventions: Sequence[Intervention]) -> None:
-    """Raise ConfigError when an intervention cannot apply to `model`: hookpoint out of range,
-    or a vector / SAE of another width than the model's hidden size."""
+def check_interventions(model: nn.Module, interventions: Sequence[Intervention],
+                        gates: Sequence[Gate] = ()) -> None:
+    """Raise ConfigError when an intervention or gate cannot apply to `model`: hookpoint out of
+    range, a vector / SAE of another width than the model's hidden size, or a gated edit of
+    prompt positions whose gate reads later in the network than the edit."""
     n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
     for iv in interventions:
         hp = Hookpoint.parse(iv.hookpoint.name, n_layers, key="hookpoint")
@@ -146,6 +178,30 @@ def check_interventions(model: nn.Module, interventions: Sequence[Intervention])
         if width != d_model:
             raise ConfigError("intervention", f"{iv.mode} at {hp} of width {width}",
                               f"width {d_model} (the model's hidden size)")
+        if (iv.gate is not None and iv.positions != "generated"
+                and run_order(iv.gate.hookpoint) > run_order(iv.hookpoint)):
+            raise ConfigError("gate.hookpoint", iv.gate.hookpoint.name, f"a hookpoint no later "
+                              f"than the edit at {iv.hookpoint} (it edits prompt positions: "
+                              "positions=generated lifts this)")
+    for gate in _gates(interventions, gates):
+        hp = Hookpoint.parse(gate.hookpoint.name, n_layers, key="gate.hookpoint")
+        if gate.width != d_model:
+            raise ConfigError("gate", f"gate at {hp} of width {gate.width}",
+                              f"width {d_model} (the model's hidden size)")
+
+
+def run_order(hp: Hookpoint) -> tuple[int, int]:
+    """Order in which a forward pass reaches hookpoints: by layer, then attn, mlp, resid."""
+    return hp.layer, ("attn", "mlp", "resid").index(hp.site)
+
+
+def _gates(interventions: Sequence[Intervention], gates: Sequence[Gate]) -> list[Gate]:
+    """The distinct gates of `interventions` (first seen first), then those of `gates`."""
+    out: list[Gate] = []
+    for gate in [iv.gate for iv in interventions if iv.gate is not None] + list(gates):
+        if not any(gate is g for g in out):
+            out.append(gate)
+    return out
 
 
 # ----------------------------------------------------------------------------------- hooks
@@ -153,12 +209,47 @@ def check_interventions(model: nn.Module, interventions: Sequence[Intervention])
 class Steering:
     """Handle of an active `steer` block. `prompt_len` (absolute positions < prompt_len are the
     prompt, the rest generated; with left padding the padded prompt length) may be set or
-    changed between forward passes."""
+    changed between forward passes. Gates read on the first pass that starts at position 0 and
+    keep their decision until `reset_gates` (call it before a new batch of prompts)."""
 
-    def __init__(self, interventions: Sequence[Intervention], prompt_len: Optional[int]):
+    def __init__(self, interventions: Sequence[Intervention], prompt_len: Optional[int],
+                 gates: Sequence[Gate] = ()):
         self.interventions = list(interventions)
         self.prompt_len = prompt_len
         self.positions = ForwardPositions()
+        self.gates = _gates(interventions, gates)
+        """Every gate read: the interventions' own (first seen first), then the extra ones."""
+        self._readings: dict[int, GateReading] = {}
+
+    def readings(self) -> list[Optional[GateReading]]:
+        """What each gate of `gates` read on the prompt pass (None before it)."""
+        return [self._readings.get(id(g)) for g in self.gates]
+
+    def reset_gates(self) -> None:
+        """Forget the gates' decisions: the next pass starting at position 0 reads them anew."""
+        self._readings.clear()
+
+    def _read_gates(self, hp: Hookpoint, act: Tensor) -> None:
+        """On a pass starting at position 0, let the unread gates at `hp` read `act`."""
+        if self.positions.start != 0:
+            return
+        for gate in self.gates:
+            if gate.hookpoint == hp and id(gate) not in self._readings:
+                if self.prompt_len is None:
+                    raise ValueError("a gate needs the prompt length: pass prompt_len to steer()")
+                self._readings[id(gate)] = gate.read(act, self.positions, self.prompt_len)
+
+    def _gate_open(self, iv: Intervention, batch: int, device: torch.device) -> Tensor:
+        """bool [B, 1]: the rows whose gate of `iv` opened."""
+        reading = self._readings.get(id(iv.gate))
+        if reading is None:
+            raise RuntimeError(f"the gate at {iv.gate.hookpoint} has not read the prompt when "
+                               f"the intervention at {iv.hookpoint} needs it: run a prompt-only "
+                               "pass first (generate does)")
+        if reading.open.shape[0] != batch:
+            raise RuntimeError(f"the gate read {reading.open.shape[0]} prompts, this pass has "
+                               f"{batch} rows: call Steering.reset_gates() for a new batch")
+        return reading.open.to(device)[:, None]
 
     def mask(self, positions: str, batch: int, seq: int, device: torch.device) -> Tensor:
         """bool [B, T]: the tokens of the current forward pass an intervention edits."""
@@ -174,12 +265,16 @@ class Steering:
         in_prompt = absolute < self.prompt_len
         return keep & (in_prompt if positions == "prompt" else ~in_prompt)[None, :]
 
-    def hook(self, ivs: list[Intervention]) -> HookFn:
-        """The forward-hook function applying `ivs` (one hookpoint's) in order."""
+    def hook(self, hp: Hookpoint, ivs: list[Intervention]) -> HookFn:
+        """The forward-hook function at `hp`: its unread gates read the activation, then `ivs`
+        (the hookpoint's interventions) apply in order."""
         def fn(act: Tensor) -> Tensor:
+            self._read_gates(hp, act)
             out = act
             for iv in ivs:
                 sel = self.mask(iv.positions, act.shape[0], act.shape[1], act.device)
+                if iv.gate is not None and bool(sel.any()):
+                    sel = sel & self._gate_open(iv, act.shape[0], act.device)
                 if bool(sel.all()):
                     out = out + iv.delta(out.reshape(-1, out.shape[-1])).view_as(out)
                 elif bool(sel.any()):
@@ -191,16 +286,17 @@ class Steering:
 
 @contextlib.contextmanager
 def steer(model: nn.Module, interventions: Sequence[Intervention],
-          prompt_len: Optional[int] = None) -> Iterator[Steering]:
+          prompt_len: Optional[int] = None, gates: Sequence[Gate] = ()) -> Iterator[Steering]:
     """Apply `interventions` to every forward pass of `model` in the block (plain calls or
-    `generate`, with or without KV cache); all hooks are removed on exit. Checks them first."""
-    check_interventions(model, interventions)
-    steering = Steering(interventions, prompt_len)
-    by_hp: dict[Hookpoint, list[Intervention]] = {}
+    `generate`, with or without KV cache); all hooks are removed on exit. Checks them first.
+    `gates` are read on the prompt pass besides the interventions' own (`Steering.readings`)."""
+    check_interventions(model, interventions, gates)
+    steering = Steering(interventions, prompt_len, gates)
+    by_hp: dict[Hookpoint, list[Intervention]] = {g.hookpoint: [] for g in steering.gates}
     for iv in interventions:
         by_hp.setdefault(iv.hookpoint, []).append(iv)
     with track_positions(model) as positions, \
-            hooks(model, {hp: steering.hook(ivs) for hp, ivs in by_hp.items()}):
+            hooks(model, {hp: steering.hook(hp, ivs) for hp, ivs in by_hp.items()}):
         steering.positions = positions
         yield steering
 

@@ -291,7 +291,8 @@ def test_intervention_file_round_trip_and_cli(model, tmp_path, capsys):
     save_interventions([spec], path)
     raw = json.loads(path.read_text())
     assert raw == [{"sae": str(suite / "layers.1.resid"), "hookpoint": "layers.1.resid",
-                    "features": [5, 9], "alpha": 7.5, "mode": "add", "positions": "generated"}]
+                    "features": [5, 9], "alpha": 7.5, "mode": "add", "positions": "generated",
+                    "direction": None, "gate": None}]
     iv = load_interventions(path)[0].build(4)
     from sae_dist.checkpoint import load_sae
     s, _ = load_sae(suite / "layers.1.resid")
