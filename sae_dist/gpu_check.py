@@ -7,7 +7,7 @@ CPU processes on gloo, and ZeRO-3, which DeepSpeed runs on CUDA only, is reporte
     python -m sae_dist.gpu_check [--processes N] [--steps S] [--out table.json] [key=value ...]
     bash launch/gpu_check.sh ...
 
-Every check runs in its own `torchrun --standalone --nproc_per_node N` (N = the GPU count, or
+Every check runs in its own single-node `torchrun --nproc_per_node N` (N = the GPU count, or
 2 on CPU), so a failing or hanging check (`--timeout`) is reported and the next one still runs.
 The trainer checks compose `experiment=demo` (12 TopK SAEs, 576 x 4608, k = 64, global batch 512
 tokens) with `trainer=ddp` (float32 step), `trainer=zero3` (its config: bf16) and `trainer=ddp
@@ -29,6 +29,8 @@ import math
 import os
 import re
 import resource
+import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import IO
 
 import torch
 import torch.distributed as dist
@@ -134,8 +137,10 @@ def launch(check: str, processes: int, args: argparse.Namespace) -> Row:
             sys.executable,
             "-m",
             "torch.distributed.run",
-            "--standalone",
+            "--nnodes=1",
             f"--nproc_per_node={processes}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}",
             "-m",
             "sae_dist.gpu_check",
             "--worker",
@@ -151,18 +156,10 @@ def launch(check: str, processes: int, args: argparse.Namespace) -> Row:
         env = dict(os.environ)
         if not torch.cuda.is_available():
             env.setdefault("DS_ACCELERATOR", "cpu")
-        try:
-            with log.open("w") as out:
-                code = subprocess.run(
-                    command,
-                    check=False,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    timeout=args.timeout,
-                ).returncode
-        except subprocess.TimeoutExpired:
-            return Row(check, f"FAIL: no result after {args.timeout:.0f} s", processes, "-")
+        with log.open("w") as out:
+            code = run_with_timeout(command, env, out, args.timeout)
+        if code is None:
+            return Row(check, f"FAIL: no result after {args.timeout:g} s", processes, "-")
         if code != 0 or not result.exists():
             return Row(
                 check, f"FAIL: exit code {code}: {last_error(log.read_text())}", processes, "-"
@@ -173,6 +170,31 @@ def launch(check: str, processes: int, args: argparse.Namespace) -> Row:
 EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]: )?(?:[\w.]+\.)?(\w+(?:Error|Exception|Exit)): (.+)$")
 """The last line of a Python traceback, `[module.]Name: message` (torchrun prefixes a worker's
 lines with `[rank<i>]: `)."""
+
+
+def run_with_timeout(
+    command: list[str], env: dict[str, str], out: IO[str], timeout: float
+) -> int | None:
+    """Exit code of `command` (stdout and stderr to `out`), or None when it ran past `timeout`
+    seconds: then it is killed with all its processes (torchrun's workers too, in its own
+    session)."""
+    process = subprocess.Popen(
+        command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        return None
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for the check's rendezvous (one node: its processes
+    meet on the loopback address, which works where the host name does not resolve)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def last_error(text: str) -> str:

@@ -246,3 +246,21 @@ def test_image_runs_sae_train_offline(image, tmp_path):
         assert all(torch.isfinite(p).all() for p in sae.parameters())
     stats = json.loads((out / "train_stats.json").read_text())
     assert stats["sae_tokens_trained"] == 4096 and stats["lm_train_tokens_per_s"] > 0
+
+
+def test_image_runs_the_first_hour_check(image):
+    """`python -m sae_dist.gpu_check` in the image without network (one SAE of the demo's shape):
+    2 gloo processes on this CPU machine, every check passes or is skipped."""
+    table = in_image(
+        image,
+        "python",
+        "-m",
+        "sae_dist.gpu_check",
+        "--steps",
+        "1",
+        "sites.layers=[6]",
+        "sites.sites=[resid]",
+    )
+    for check in ("allreduce", "ddp", "bf16"):
+        assert f"| {check} | ok | 2 | gloo |" in table, table
+    assert "| zero3 | skipped: needs CUDA |" in table

@@ -75,6 +75,24 @@ def test_failing_check_is_reported_with_its_error(tmp_path):
     assert row.first_s is None
 
 
+def test_a_check_past_its_timeout_is_reported():
+    row = gpu_check.launch("allreduce", 2, gpu_check.parse_args(["--timeout", "2"]))
+    assert row.status == "FAIL: no result after 2 s", row
+
+
+def test_timeout_kills_every_process_of_the_command(tmp_path):
+    """A command past its timeout is killed with the processes it started (as torchrun's
+    workers), not only itself."""
+    marker = "sleep 987.25"  # a command line no other process has
+    log = (tmp_path / "log").open("w")
+    code = gpu_check.run_with_timeout(
+        ["bash", "-c", f"{marker} & {marker}"], dict(os.environ), log, timeout=1
+    )
+    assert code is None
+    left = subprocess.run(["pgrep", "-f", marker], check=False, capture_output=True, text=True)
+    assert left.stdout == "", left.stdout
+
+
 def test_table_and_exit_code(capsys, monkeypatch):
     rows = [
         gpu_check.Row("allreduce", "ok", 2, "gloo", 0.5, 0.25, 300.0, "x"),
