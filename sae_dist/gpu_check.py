@@ -130,7 +130,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def launch(check: str, processes: int, args: argparse.Namespace) -> Row:
-    """One check under torchrun; its row (FAIL with the last line of its log if it failed)."""
+    """One check under torchrun; its row (FAIL with the root cause from its log if it
+    failed)."""
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         result, log = Path(tmp) / "row.json", Path(tmp) / "log.txt"
         command = [
@@ -167,11 +168,6 @@ def launch(check: str, processes: int, args: argparse.Namespace) -> Row:
         return Row(**json.loads(result.read_text()))
 
 
-EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]: )?(?:[\w.]+\.)?(\w+(?:Error|Exception|Exit)): (.+)$")
-"""The last line of a Python traceback, `[module.]Name: message` (torchrun prefixes a worker's
-lines with `[rank<i>]: `)."""
-
-
 def run_with_timeout(
     command: list[str], env: dict[str, str], out: IO[str], timeout: float
 ) -> int | None:
@@ -195,6 +191,11 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+EXCEPTION_LINE = re.compile(r"^(?:\[rank\d+\]: )?(?:[\w.]+\.)?(\w+(?:Error|Exception|Exit)): (.+)$")
+"""The last line of a Python traceback, `[module.]Name: message` (torchrun prefixes a worker's
+lines with `[rank<i>]: `)."""
 
 
 def last_error(text: str) -> str:
