@@ -210,9 +210,12 @@ class SuiteTrainer:
 
     def folded_saes(self) -> dict[str, SparseAutoencoder]:
         """The SAEs for raw activations (input scales folded into the weights), on CPU. A
-        collective under ZeRO-3 (parameters gathered): call it on every process."""
+        collective under ZeRO-3 (parameters gathered): call it on every process; there the
+        other processes get {} (DeepSpeed gathers the weights on the main process only)."""
         state = (self.accelerator.get_state_dict(self.engine) if self.engine is not None
                  else self.suite.state_dict())
+        if state is None:
+            return {}
         out = {}
         for name in self.names:
             sae = self.sae(name)

@@ -217,8 +217,11 @@ def test_dockerfile_passes_hadolint():
                              str(dockerfile)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
     text = dockerfile.read_text()
-    base = r"^FROM pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-runtime$"  # a pinned tag
+    # the default base: a pinned CUDA PyTorch tag; both stages build FROM the chosen base
+    base = r"^ARG BASE_IMAGE=pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-runtime$"
     assert re.search(base, text, re.M)
+    assert re.findall(r"^FROM .*", text, re.M) == ["FROM ${BASE_IMAGE} AS wheel",
+                                                  "FROM ${BASE_IMAGE}"]
     assert re.search(r"^USER 1000", text, re.M)
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", "runs", ".cache", "wandb", ".git", "outputs", "multirun"} <= set(ignored)
