@@ -44,9 +44,11 @@ from typing import IO
 
 import torch
 import torch.distributed as dist
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from sae_dist.cli import CONF_DIR
-from sae_dist.config import register_configs, validate
+from sae_dist.config import TrainRunConfig, register_configs, validate
 from sae_dist.hookpoints import grid_hookpoints
 from sae_dist.models import resolve_mixed_precision
 from sae_dist.train.loop import make_accelerator
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m sae_dist.gpu_check", description=__doc__.split("\n\n")[0]
+        prog="python -m sae_dist.gpu_check", description=(__doc__ or "").split("\n\n")[0]
     )
     parser.add_argument(
         "--processes",
@@ -393,20 +395,16 @@ def check_trainer(check: str, steps: int, overrides: list[str]) -> Row:
     )
 
 
-def compose_demo(overrides: list[str]):
+def compose_demo(overrides: list[str]) -> TrainRunConfig:
     """The validated TrainRunConfig of `experiment=demo` with `overrides` (no model is
     loaded)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = OmegaConf.to_object(
-            compose(
-                "train", overrides=["experiment=demo", "logger=none", "out_dir=unused", *overrides]
-            )
+        composed = compose(
+            "train", overrides=["experiment=demo", "logger=none", "out_dir=unused", *overrides]
         )
+    cfg = OmegaConf.to_object(composed)
+    assert isinstance(cfg, TrainRunConfig)
     validate(cfg)
     return cfg
 
@@ -416,7 +414,7 @@ def parameter_checksum(trainer) -> float:
     under ZeRO-3."""
     params = list(trainer.suite.parameters())
     if trainer.zero_stage == 3 and trainer.engine is not None:
-        import deepspeed
+        import deepspeed  # only under ZeRO: its import takes seconds and probes the accelerator
 
         with deepspeed.zero.GatheredParameters(params):
             return sum(float(p.double().sum()) for p in params)

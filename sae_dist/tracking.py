@@ -58,7 +58,7 @@ class RunLogger:
                     self.run.log(row, step=step)
 
     def _init_wandb(self, run_config: dict[str, Any], name: str, resumed: bool):
-        import wandb
+        import wandb  # only when a run logs to W&B: its import takes seconds
 
         mode = resolve_wandb_mode(self.cfg.mode)
         run_id = _run_id(self.out_dir, new=not resumed)
@@ -90,22 +90,23 @@ class RunLogger:
             self.run.log(metrics, step=step)
 
     def log_table(self, name: str, results: dict[str, dict[str, Any]],
-                  columns: Sequence[str]) -> None:
-        """A W&B table: one row per hookpoint, one column per metric."""
+                  columns: Sequence[str], key: str = "hookpoint") -> None:
+        """A W&B table: one row per entry of `results` (its key in the first column, named
+        `key`), one column per metric."""
         if self.run is None:
             return
-        import wandb
+        import wandb  # only when a run logs to W&B: its import takes seconds
 
         rows: list[Iterable[Any]] = [[hp, *(res.get(c) for c in columns)]
                                      for hp, res in results.items()]
-        self.run.log({name: wandb.Table(columns=["hookpoint", *columns], data=rows)},
+        self.run.log({name: wandb.Table(columns=[key, *columns], data=rows)},
                      step=self.step)
 
     def log_images(self, images: dict[str, Path]) -> None:
         """PNG files as W&B images, by key."""
         if self.run is None or not images:
             return
-        import wandb
+        import wandb  # only when a run logs to W&B: its import takes seconds
 
         self.run.log({key: wandb.Image(str(path)) for key, path in images.items()},
                      step=self.step)
@@ -115,7 +116,7 @@ class RunLogger:
         copies nothing into a staging area."""
         if self.run is None or not self.cfg.log_artifacts:
             return
-        import wandb
+        import wandb  # only when a run logs to W&B: its import takes seconds
 
         artifact = wandb.Artifact(name=name, type="model", metadata=metadata)
         artifact.add_reference(Path(folder).resolve().as_uri())

@@ -194,7 +194,7 @@ class SuiteTrainer:
         if not self.zero_stage:
             yield
             return
-        import deepspeed
+        import deepspeed  # only under ZeRO: its import takes seconds and probes the accelerator
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
         params = [getattr(sae, name) for name in sae.edited_parameters]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0,

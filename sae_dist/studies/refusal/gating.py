@@ -23,9 +23,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
-from torch import Tensor
-
-from torch import nn
+from torch import Tensor, nn
 
 from sae_dist.hookpoints import Hookpoint
 from sae_dist.sae import SparseAutoencoder

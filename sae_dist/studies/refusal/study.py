@@ -60,6 +60,9 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -95,7 +98,6 @@ from sae_dist.steer import (
 from sae_dist.steer.contrast import eoi_length
 from sae_dist.steer.gate import REDUCES
 from sae_dist.steer.interventions import run_order
-from sae_dist.studies.refusal.judge import classify, first_sentence, is_refusal, repetition
 from sae_dist.studies.refusal.gating import (
     GateChoice,
     GateData,
@@ -104,6 +106,7 @@ from sae_dist.studies.refusal.gating import (
     gate_metrics,
     gate_tokens,
 )
+from sae_dist.studies.refusal.judge import classify, first_sentence, is_refusal, repetition
 from sae_dist.studies.refusal.near_miss import load_near_miss, split_near_miss
 from sae_dist.studies.refusal.probe import ChatProbe, ProbeResult
 from sae_dist.studies.refusal.report import MEASURED, write_outputs
@@ -339,11 +342,6 @@ def resolve_suite(cfg: SteerRunConfig, out_dir: Path) -> Path:
 def train_suite(cfg: SteerRunConfig, out_dir: Path) -> Path:
     """Train the SAEs of `refusal.hookpoints` (default layers.12.resid) with experiment=demo
     settings into out_dir/suite and return that folder."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
-
-
     hps = cfg.refusal.hookpoints or ["layers.12.resid"]
     overrides = ["experiment=demo", f"sites.hookpoints=[{','.join(hps)}]",
                  f"train.tokens={cfg.refusal.train_tokens}", "train.eval_tokens=0",
