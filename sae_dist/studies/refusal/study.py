@@ -59,8 +59,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
+import hydra
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from torch import Tensor, nn
@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 
 from sae_dist.assets import AssetNotFoundError, package_file
 from sae_dist.cli import CONF_DIR
-from sae_dist.config import MODEL_DTYPES, RefusalConfig, SteerRunConfig
+from sae_dist.config import MODEL_DTYPES, RefusalConfig, SteerRunConfig, TrainRunConfig
 from sae_dist.data import read_documents
 from sae_dist.errors import ConfigError
 from sae_dist.hookpoints import Hookpoint
@@ -350,11 +350,13 @@ def train_suite(cfg: SteerRunConfig, out_dir: Path) -> Path:
         overrides.append(f"model={cfg.model.name}")
     log.info("no suite given and no demo suite at %s: training %s", cfg.refusal.demo_suite, hps)
     if GlobalHydra.instance().is_initialized():
-        dcfg = compose(config_name="train", overrides=overrides)
+        dcfg = hydra.compose(config_name="train", overrides=overrides)
     else:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            dcfg = compose(config_name="train", overrides=overrides)
-    train(OmegaConf.to_object(dcfg))
+        with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            dcfg = hydra.compose(config_name="train", overrides=overrides)
+    train_cfg = OmegaConf.to_object(dcfg)
+    assert isinstance(train_cfg, TrainRunConfig)
+    train(train_cfg)
     return out_dir / "suite"
 
 
