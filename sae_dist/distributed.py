@@ -21,6 +21,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import PrefixStore, Store
+from torch.distributed.rendezvous import rendezvous
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +105,33 @@ def init_process_group(timeout_s: float) -> Topology | None:
     if world == 1:
         return None
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        join_launch_group(timeout_s)
     rank = dist.get_rank()
     log.info("process %d of %d (%s)", rank, dist.get_world_size(), dist.get_backend())
     return Topology(rank, dist.get_world_size(), dist.get_world_size())
+
+
+_launch_store: Store | None = None
+"""The launch's rendezvous store (env://), opened by the first join of this process."""
+_joins = 0
+"""Process groups this process has joined so far."""
+
+
+def join_launch_group(timeout_s: float) -> None:
+    """Initialise the default process group over the launch's env:// store, under a key prefix
+    of its own (the join's ordinal, the same on every process as each runs the same sequence of
+    runs). torch names every default group alike, so a group joined again after the previous
+    one was destroyed (the next run of a multirun in the same processes) would otherwise read
+    the previous group's addresses from the store and fail to connect."""
+    global _launch_store, _joins
+    timeout = timedelta(seconds=timeout_s)
+    if _launch_store is None:
+        _launch_store, _, _ = next(rendezvous("env://", timeout=timeout))
+    _joins += 1
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=PrefixStore(f"sae_dist/{_joins}", _launch_store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                            timeout=timeout)
 
 
 def assign_hookpoints(sizes: dict[str, int], world: int) -> dict[str, int]:

@@ -47,7 +47,6 @@ from sae_dist.distributed import (
     broadcast_object,
     gather_dicts,
     gather_rows,
-    init_process_group,
     sum_counts,
 )
 from sae_dist.errors import ConfigError, DataError
@@ -57,6 +56,7 @@ from sae_dist.producer import ActivationProducer, ProducerStats, ShuffleBuffer
 from sae_dist.sae import SparseAutoencoder
 from sae_dist.tracking import RunLogger
 from sae_dist.train.results import completed_results, is_complete, suite_info, write_suite
+from sae_dist.train.run_scope import RunScope
 from sae_dist.train.suite_trainer import SuiteTrainer
 
 log = logging.getLogger(__name__)
@@ -263,26 +263,29 @@ def train(cfg: TrainRunConfig) -> dict[str, dict[str, float]]:
     {} on the others). Every check that needs no model runs first: the config, the data
     source, and whether a checkpoint in out_dir belongs to this config. A finished run is
     reported as complete; a killed one resumes (from its last checkpoint; after the last step,
-    straight into the evaluation)."""
+    straight into the evaluation). The run owns the process's accelerator state and process
+    group (RunScope): another run in the same process starts from none of it."""
     validate(cfg)
     check_source(cfg.data)
-    topology = init_process_group(cfg.trainer.timeout_s) or Topology(0, 1, 1)
-    cfg.out_dir = broadcast_object(cfg.out_dir, topology)
-    checkpoint_dir = Path(cfg.out_dir) / "checkpoint"
-    if cfg.train.resume:
-        check_run_config(checkpoint_dir, training_shape(cfg))
-        if is_complete(Path(cfg.out_dir)):
-            if not topology.is_main:
-                return {}
-            print(f"The run in {cfg.out_dir} is complete (suite: {Path(cfg.out_dir) / 'suite'});"
-                  " nothing to do. To train again: train.resume=false (replaces it) or another "
-                  "out_dir.")
-            return completed_results(Path(cfg.out_dir))
-    run = TrainingRun(cfg, topology)
-    run.open_logger(run.restore())
-    if not run.all_done():
-        train_loop(run)
-    return finish(run)
+    with RunScope(cfg.trainer.timeout_s) as scope:
+        topology = scope.topology
+        cfg.out_dir = broadcast_object(cfg.out_dir, topology)
+        checkpoint_dir = Path(cfg.out_dir) / "checkpoint"
+        if cfg.train.resume:
+            check_run_config(checkpoint_dir, training_shape(cfg))
+            if is_complete(Path(cfg.out_dir)):
+                if not topology.is_main:
+                    return {}
+                print(f"The run in {cfg.out_dir} is complete (suite: "
+                      f"{Path(cfg.out_dir) / 'suite'}); nothing to do. To train again: "
+                      "train.resume=false (replaces it) or another out_dir.")
+                return completed_results(Path(cfg.out_dir))
+        run = TrainingRun(cfg, topology)
+        scope.own(run.accelerator)
+        run.open_logger(run.restore())
+        if not run.all_done():
+            train_loop(run)
+        return finish(run)
 
 
 def train_loop(run: TrainingRun) -> None:

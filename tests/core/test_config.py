@@ -99,7 +99,11 @@ def test_auto_dtype_follows_native_cpu_bf16(monkeypatch, avx512_bf16, amx, expec
     assert resolve_mixed_precision("no", "cpu") == "no"
 
 
-def test_auto_dtype_loads_a_model():
+@pytest.mark.parametrize("native, expected", [(False, torch.float32), (True, torch.bfloat16)])
+def test_auto_dtype_loads_a_model(monkeypatch, native, expected):
+    """Both outcomes of `auto` on every machine (the CPU's bf16 support is simulated)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     cfg = compose_train_config(["model=tiny-qwen3", "model.dtype=auto"]).model
     model, _ = load_model(cfg)
-    assert next(model.parameters()).dtype is resolve_dtype("auto", "cpu")
+    assert {p.dtype for p in model.parameters()} == {expected}

@@ -25,10 +25,20 @@ from sae_dist.sae import (
 )
 from sae_dist.sae.batchtopk import batch_topk
 from sae_dist.sae.jumprelu import JumpReLUFn, StepFn
+from sae_dist.train.run_scope import RunScope
 from sae_dist.train.suite_trainer import SuiteTrainer, lr_factor, seeded_sae
 from tests.conftest import CONF_DIR, compose_train_config
 
 ARCHS = ["topk", "batchtopk", "jumprelu", "relu"]
+
+
+@pytest.fixture(autouse=True)
+def own_accelerator_state():
+    """The fp32 CPU accelerators built here live in a RunScope, as a training run's do: the
+    accelerate state is released after each test, and the next run in the session starts
+    without it."""
+    with RunScope(timeout_s=60):
+        yield
 
 
 # --- 1. training on a known dictionary (one shared loop: the real SuiteTrainer) --------------
@@ -71,7 +81,7 @@ def train_on_dictionary(arch: str, steps: int | None = None, lr: float = 3e-3,
     cfg.sae = sae_config(architecture=arch, d_sae=D_SAE, dead_tokens=20 * BATCH,
                         **{**SAE_FIELDS[arch], **fields})
     cfg.train.tokens, cfg.train.batch_size, cfg.train.lr = steps * BATCH, BATCH, lr
-    trainer = SuiteTrainer([Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True))
+    trainer = SuiteTrainer([Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True, mixed_precision="no"))
     while not trainer.done:
         trainer.step({"layers.0.resid": sample_tokens(dictionary, BATCH, gen)})
     sae = trainer.folded_saes()["layers.0.resid"].eval()
@@ -256,7 +266,7 @@ def test_adam_betas_reach_the_optimizer():
     cfg.sae = sae_config(architecture="jumprelu", d_sae=D_SAE, target_l0=4.0)
     cfg.train.tokens, cfg.train.batch_size, cfg.train.lr = 10 * BATCH, BATCH, 1e-3
     cfg.train.adam_betas = [0.0, 0.999]
-    trainer = SuiteTrainer([Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True))
+    trainer = SuiteTrainer([Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True, mixed_precision="no"))
     assert {tuple(g["betas"]) for g in trainer.optimizer.param_groups} == {(0.0, 0.999)}
 
 
@@ -270,7 +280,7 @@ def test_lr_mult_scales_every_group_of_the_architecture(arch, fields, mult):
     cfg = TrainRunConfig()
     cfg.sae = sae_config(architecture=arch, d_sae=D_SAE, **fields)
     cfg.train.tokens, cfg.train.batch_size, cfg.train.lr = 10 * BATCH, BATCH, 1e-3
-    trainer = SuiteTrainer([Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True))
+    trainer = SuiteTrainer([Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True, mixed_precision="no"))
     expected = [1e-3 * mult * m for m in ([1.0, cfg.sae.threshold_lr_mult]
                                          if arch == "jumprelu" else [1.0])]
     assert [g["initial_lr"] for g in trainer.optimizer.param_groups] == pytest.approx(expected)

@@ -12,13 +12,14 @@ from sae_dist.data import TokenStream
 from sae_dist.hookpoints import Hookpoint, capture
 from sae_dist.models import load_model
 from sae_dist.producer import ActivationProducer
-from sae_dist.train.loop import train
-from tests.conftest import compose_train_config
+from sae_dist.train import train
+from tests.conftest import PRECISION, compose_train_config
 
 TINY = ["model=tiny-qwen3", "sites.layers=[1,3]", "sites.sites=[resid,mlp]", "sae.expansion=4",
         "sae.k=8", "sae.dead_tokens=2048", "train.tokens=4096", "train.batch_size=256",
         "train.forward_batch_seqs=4", "train.buffer_batches=4", "train.eval_tokens=1000",
-        "train.log_every=1", "data.context_size=64", "train.lr=0.001"]
+        "train.log_every=1", "data.context_size=64", "train.lr=0.001", *PRECISION["fp32"]]
+"""fp32 unless a test adds PRECISION["bf16"] (later overrides win)."""
 
 
 def tiny_run(out_dir: Path, *extra: str):
@@ -120,9 +121,10 @@ def test_embedded_smollm2_trains_from_real_chats(tmp_path):
     """The demo's model and data path for real (GGUF dequantised and cached, ChatML template),
     on a tiny budget: every hookpoint gets its tokens and a held-out FVU below that of the mean."""
     cfg = compose_train_config([
-        "experiment=demo", "logger=none", f"out_dir={tmp_path}", "sites.layers=[3]",
-        "sae.expansion=2", "sae.k=16", "train.tokens=4096", "train.batch_size=512",
-        "train.buffer_batches=4", "train.forward_batch_seqs=4", "train.eval_tokens=1000"])
+        "experiment=demo", *PRECISION["fp32"], "logger=none", f"out_dir={tmp_path}",
+        "sites.layers=[3]", "sae.expansion=2", "sae.k=16", "train.tokens=4096",
+        "train.batch_size=512", "train.buffer_batches=4", "train.forward_batch_seqs=4",
+        "train.eval_tokens=1000"])
     results = train(cfg)
     assert list(results) == ["layers.3.resid", "layers.3.mlp", "layers.3.attn"]
     for res in results.values():
@@ -166,27 +168,31 @@ def final_state(out: Path, name: str) -> dict:
     return torch.load(out / "checkpoint" / "saes" / f"{name}.pt", weights_only=False)
 
 
-@pytest.fixture(scope="module")
-def phased_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phased")
-    train(tiny_run(out, "logger=none", *PHASED))
-    return out
+@pytest.fixture(scope="module", params=sorted(PRECISION))
+def phased(request, tmp_path_factory) -> tuple[list[str], Path]:
+    """(overrides, uninterrupted run's out_dir) of the phased run in each precision (bf16:
+    LM in bfloat16, SAE step under bf16 autocast)."""
+    overrides = ["logger=none", *PHASED, *PRECISION[request.param]]
+    out = tmp_path_factory.mktemp(f"phased-{request.param}")
+    train(tiny_run(out, *overrides))
+    return overrides, out
 
 
 @pytest.mark.parametrize("kill_call, phase", [(8, "warm-up"), (12, "constant"), (17, "decay")])
 def test_resume_in_every_lr_phase_equals_the_uninterrupted_run(
-        tmp_path, monkeypatch, phased_reference, kill_call, phase):
+        tmp_path, monkeypatch, phased, kill_call, phase):
     from sae_dist.train.suite_trainer import lr_factor
 
+    overrides, phased_reference = phased
     undo = killed_at(monkeypatch, kill_call)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_run(tmp_path, "logger=none", *PHASED))
+        train(tiny_run(tmp_path, *overrides))
     step = final_state(tmp_path, "layers.1.resid")["step_count"]
     factor = lr_factor(step, 16, 0.4, 0.4)
     assert {"warm-up": 0 < step < 6, "constant": 6 <= step < 10 and factor == 1,
             "decay": 10 <= step < 16}[phase], step
     undo()
-    train(tiny_run(tmp_path, "logger=none", *PHASED))
+    train(tiny_run(tmp_path, *overrides))
     for name in ["layers.1.resid", "layers.3.mlp"]:
         ref, got = final_state(phased_reference, name), final_state(tmp_path, name)
         assert got["step_count"] == ref["step_count"] == 16
