@@ -79,3 +79,16 @@ def test_installed_commands_compose_their_config(site, command, args, expected):
                else [sys.executable, "-m", command])
     lines = run_installed(site, *program, "--cfg", "job", *args).splitlines()
     assert set(expected) <= set(lines)
+
+
+@pytest.mark.slow
+def test_installed_slurm_launcher_is_found_by_hydra(site):
+    """`hydra/launcher=slurm` names a class in the wheel's hydra_plugins, where Hydra looks."""
+    out = run_installed(site, sys.executable, "-c",
+                        "import inspect; from hydra.core.plugins import Plugins; "
+                        "from hydra.plugins.launcher import Launcher as L; "
+                        "print(*[inspect.getfile(c) for c in Plugins.instance().discover(L)])")
+    plugin = site / "hydra_plugins" / "sae_dist_launcher" / "slurm_launcher.py"
+    assert str(plugin) in out.split()
+    conf = (site / "sae_dist" / "conf" / "hydra" / "launcher" / "slurm.yaml").read_text()
+    assert "_target_: hydra_plugins.sae_dist_launcher.slurm_launcher.SlurmLauncher" in conf
