@@ -9,7 +9,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional, Sequence, cast
+from typing import Any, Callable, Iterable, Literal, Optional, Sequence, cast
 
 from sae_dist.config import LoggerConfig
 
@@ -87,7 +87,7 @@ class RunLogger:
         self.jsonl.flush()
         self.step = step
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            self._wandb(lambda: self.run.log(metrics, step=step))
 
     def log_table(self, name: str, results: dict[str, dict[str, Any]],
                   columns: Sequence[str], key: str = "hookpoint") -> None:
@@ -129,7 +129,18 @@ class RunLogger:
     def finish(self) -> None:
         self.jsonl.close()
         if self.run is not None:
-            self.run.finish()
+            self._wandb(self.run.finish)
+
+    def _wandb(self, call: Callable[[], Any]) -> None:
+        """Run a W&B call. If the W&B service has gone (SLURM signals every process of a job
+        step, the service included: wandb/wandb#9963), warn and leave W&B for the rest of
+        this process: metrics.jsonl still gets every row, and a resumed run replays them."""
+        try:
+            call()
+        except ConnectionError as e:
+            log.warning("W&B service lost (%s): metrics go on to metrics.jsonl only in this "
+                        "process", e)
+            self.run = None
 
 
 def _rewrite_history(path: Path, resume_step: Optional[int]) -> list[dict[str, Any]]:

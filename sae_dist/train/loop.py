@@ -52,6 +52,7 @@ from sae_dist.distributed import (
 from sae_dist.errors import ConfigError, DataError
 from sae_dist.hookpoints import grid_hookpoints
 from sae_dist.models import load_model, resolve_mixed_precision
+from sae_dist.preemption import StopSignals
 from sae_dist.producer import ActivationProducer, ProducerStats, ShuffleBuffer
 from sae_dist.sae import SparseAutoencoder
 from sae_dist.tracking import RunLogger
@@ -284,14 +285,15 @@ def train(cfg: TrainRunConfig) -> dict[str, dict[str, float]]:
         scope.own(run.accelerator)
         run.open_logger(run.restore())
         if not run.all_done():
-            train_loop(run)
+            with StopSignals() as stop:
+                train_loop(run, stop)
         return finish(run)
 
 
-def train_loop(run: TrainingRun) -> None:
+def train_loop(run: TrainingRun, stop: StopSignals) -> None:
     """Forward batches until every SAE has its tokens: produce -> buffers -> lockstep steps;
     metrics every `train.log_every` steps, checkpoints every `train.checkpoint_every` forward
-    batches and after the last step."""
+    batches and after the last step; on a stop signal a checkpoint, then RequeueExit."""
     t, is_main = run.cfg.train, run.topology.is_main
     start, start_tokens = time.perf_counter(), run.producer.stats.train_tokens
     bar = tqdm(total=run.trainer.n_steps * t.batch_size, initial=run.tokens_trained(),
@@ -315,8 +317,13 @@ def train_loop(run: TrainingRun) -> None:
         if done or run.trainer.step_count // t.log_every > steps_before // t.log_every:
             seconds = time.perf_counter() - start
             log_metrics(run, metrics, (run.producer.stats.train_tokens - start_tokens) / seconds)
-        if done or t.checkpoint_every and run.forward_batches % t.checkpoint_every == 0:
+        saved = done or bool(t.checkpoint_every) and run.forward_batches % t.checkpoint_every == 0
+        if saved:
             run.save()
+        if stop.requested(run.multiprocess):
+            if not saved:
+                run.save()
+            stop.exit(f"at step {run.trainer.step_count} of {run.trainer.n_steps}", run.logger)
     bar.close()
     write_train_stats(run, time.perf_counter() - start, start_tokens)
 

@@ -1,7 +1,8 @@
 """The launch side (launch/, docker/, conf/hydra/): every config parses with the loader that will
-read it (accelerate, DeepSpeed, Hydra + submitit), the shell scripts are valid bash and the SLURM
-script hands each node the right `accelerate launch` line, and the Dockerfile passes hadolint.
-Fast (no process group, no model, no training)."""
+read it (accelerate, DeepSpeed, Hydra + submitit), the shell scripts are valid bash, the SLURM
+script starts one process per requested GPU with its rank and requeues a job SLURM stopped
+(under stand-ins for srun / scontrol: tests/test_slurm.py runs it on a real cluster), and the
+Dockerfile passes hadolint. Fast (no process group, no model, no training)."""
 
 from __future__ import annotations
 
@@ -133,46 +134,115 @@ def _stub(directory: Path, name: str, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def test_sbatch_launches_accelerate_once_per_node(tmp_path):
-    """train.sbatch under stand-ins for srun / scontrol / accelerate: each node's task gets its
-    own machine rank, the first host as main address, and the Hydra overrides unchanged."""
-    from accelerate.commands.launch import launch_command_parser
-
+def _run_sbatch(tmp_path: Path, env: dict[str, str], srun_exit: str = "0",
+                job_line: str = "JobState=RUNNING PreemptTime=None", signal: str = ""
+                ) -> subprocess.CompletedProcess:
+    """train.sbatch under stand-ins for srun / scontrol / python: srun runs its command once per
+    task (SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID, SLURMD_NODENAME as srun sets them), python
+    records its arguments and rank variables in `out/rank<RANK>`; srun then sends `signal` to
+    the script (as SLURM's --signal=B:USR1 does), records the signals it gets in
+    `out/srun.signals` and exits with `srun_exit`."""
     bin_dir, out = tmp_path / "bin", tmp_path / "out"
-    bin_dir.mkdir()
-    out.mkdir()
-    _stub(bin_dir, "scontrol", 'printf "gpu-a\\ngpu-b\\n"\n')
-    # srun: drop its options, run the command once per node with that node's SLURM_NODEID.
-    _stub(bin_dir, "srun", 'while [[ $1 == -* ]]; do shift; done\n'
-          'for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i "$@" || exit; done\n')
-    _stub(bin_dir, "accelerate", f'out={out}/node$SLURM_NODEID\n'
+    bin_dir.mkdir(exist_ok=True)
+    out.mkdir(exist_ok=True)
+    _stub(bin_dir, "scontrol", f'echo "scontrol $*" >> {out}/scontrol\n'
+          'case "$1 $2" in\n'
+          '  "show hostnames") printf "gpu-a\\ngpu-b\\n" ;;\n'
+          f'  "show job") echo "JobId=$4 {job_line}" ;;\n'
+          'esac\n')
+    _stub(bin_dir, "srun", f'trap "echo USR1 >> {out}/srun.signals" USR1\n'
+          f'printf "%s\\n" "$@" > {out}/srun.args\n'
+          'while [[ $1 == -* ]]; do\n'
+          '  case $1 in --ntasks=*) n=${1#*=} ;; --ntasks-per-node=*) per=${1#*=} ;; esac; shift\n'
+          'done\n'
+          'for ((i = 0; i < n; i++)); do\n'
+          '  SLURM_PROCID=$i SLURM_NTASKS=$n SLURM_LOCALID=$((i % per)) \\\n'
+          '    SLURM_NODEID=$((i / per)) SLURMD_NODENAME=gpu-$((i / per)) "$@" || exit\n'
+          'done\n'
+          f'{signal and f"kill -{signal} $PPID; sleep 1"}\n'
+          f'exit {srun_exit}\n')
+    _stub(bin_dir, "python", f'out={out}/rank$RANK\n'
           'printf "%s\\n" "$@" > "$out.args"\n'
-          'echo "$TORCH_NCCL_ASYNC_ERROR_HANDLING $OMP_NUM_THREADS" > "$out.env"\n')
+          'echo "$RANK $WORLD_SIZE $LOCAL_RANK $LOCAL_WORLD_SIZE $MASTER_ADDR $MASTER_PORT'
+          ' $OMP_NUM_THREADS $TORCH_NCCL_ASYNC_ERROR_HANDLING" > "$out.env"\n')
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
            "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_JOB_NODELIST": "gpu-[a-b]",
-           "SLURM_NNODES": "2", "SLURM_JOB_ID": "4321", "SLURM_GPUS_ON_NODE": "8",
-           "SLURM_CPUS_PER_TASK": "32"}
-    for name in ("MAIN_PROCESS_PORT", "ACCELERATE_CONFIG", "GPUS_PER_NODE", "OMP_NUM_THREADS"):
+           "SLURM_NNODES": "2", "SLURM_JOB_ID": "4321", **env}
+    for name in ("MASTER_PORT", "PROCS_PER_NODE", "OMP_NUM_THREADS", "SAE_DIST_VENV",
+                 "SLURM_RESTART_COUNT"):
         env.pop(name, None)
-    overrides = ["experiment=demo", "sites.layers=[6,12]", "out_dir=runs/a b"]
-    result = subprocess.run(["bash", str(LAUNCH / "slurm" / "train.sbatch"), *overrides],
-                            env=env, capture_output=True, text=True, timeout=30)
+    return subprocess.run(["bash", str(LAUNCH / "slurm" / "train.sbatch"), *SBATCH_OVERRIDES],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+SBATCH_OVERRIDES = ["experiment=demo", "sites.layers=[6,12]", "out_dir=runs/a b"]
+
+
+@pytest.mark.parametrize("gpus, per_node", [("1", 1), ("a100:8", 8)])
+def test_sbatch_starts_one_rank_per_requested_gpu(tmp_path, gpus, per_node):
+    """train.sbatch under stand-ins: srun starts --gpus-per-node processes per node (not the
+    GPUs the node has: --exclusive hands over all 8), each with its rank, the world size, the
+    first host as rendezvous and the Hydra overrides unchanged."""
+    result = _run_sbatch(tmp_path, {"SLURM_GPUS_PER_NODE": gpus, "SLURM_GPUS_ON_NODE": "8",
+                                    "SLURM_CPUS_ON_NODE": "32"})
     assert result.returncode == 0, result.stderr
-    for node in (0, 1):
-        args = (out / f"node{node}.args").read_text().splitlines()
-        assert args[0] == "launch"
-        # accelerate's own parser reads the line as `accelerate launch` will.
-        parsed = launch_command_parser().parse_args(args[1:])
-        assert parsed.config_file == "launch/accelerate/multi_node.yaml"
-        assert (parsed.num_machines, parsed.num_processes) == (2, 16)
-        assert parsed.machine_rank == node
-        assert parsed.main_process_ip == "gpu-a"
-        assert parsed.main_process_port == 20000 + 4321
-        assert parsed.same_network and parsed.module
-        assert parsed.training_script == "sae_dist.train"
-        assert parsed.training_script_args == overrides
-        assert (out / f"node{node}.env").read_text().split() == ["1", "4"]
-    assert (LAUNCH / "accelerate" / "multi_node.yaml").is_file()
+    out, world = tmp_path / "out", 2 * per_node
+    srun = (out / "srun.args").read_text().splitlines()
+    assert srun[:3] == [f"--ntasks={world}", f"--ntasks-per-node={per_node}",
+                        f"--cpus-per-task={32 // per_node}"]
+    assert "--kill-on-bad-exit=1" in srun
+    assert sorted(p.name for p in out.glob("rank*.args")) == sorted(
+        f"rank{r}.args" for r in range(world))
+    for rank in range(world):
+        args = (out / f"rank{rank}.args").read_text().splitlines()
+        assert args == ["-m", "sae_dist.train", *SBATCH_OVERRIDES]
+        assert (out / f"rank{rank}.env").read_text().split() == [
+            str(rank), str(world), str(rank % per_node), str(per_node), "gpu-a",
+            str(20000 + 4321), str(32 // per_node), "1"]
+    log = result.stdout
+    assert f"2 x {per_node} processes" in log
+    assert f"rank {world - 1} of {world} on node gpu-1" in log
+    assert "requeue" not in (out / "scontrol").read_text()
+
+
+def test_sbatch_refuses_fewer_cpus_than_processes(tmp_path):
+    result = _run_sbatch(tmp_path, {"SLURM_GPUS_PER_NODE": "8", "SLURM_CPUS_ON_NODE": "4"})
+    assert result.returncode == 2
+    assert "8 processes per node need at least as many CPUs per node (the job has 4)" in \
+        result.stderr
+
+
+@pytest.mark.parametrize("srun_exit, job_line, signal, requeued", [
+    ("75", "JobState=RUNNING PreemptTime=None", "", True),  # stopped on a signal, checkpointed
+    ("75", "JobState=COMPLETING PreemptTime=None", "", False),  # scancel: stays cancelled
+    ("1", "JobState=RUNNING PreemptTime=None", "", False),  # a failure: no requeue loop
+    ("143", "JobState=RUNNING PreemptTime=2026-01-01T00:00:00", "", True),  # preempted early
+    ("138", "JobState=RUNNING PreemptTime=None", "USR1", True),  # warned, killed in evaluation
+    ("0", "JobState=RUNNING PreemptTime=None", "USR1", False),  # warned, but finished
+])
+def test_sbatch_requeues_a_job_stopped_by_slurm(tmp_path, srun_exit, job_line, signal,
+                                                requeued):
+    """After srun: requeue when the processes stopped on a signal (exit 75 = checkpoint saved)
+    or failed after the time-limit warning or once preemption began, and only while the job is
+    still RUNNING (a cancelled job is COMPLETING)."""
+    result = _run_sbatch(tmp_path, {"SLURM_GPUS_PER_NODE": "1", "SLURM_CPUS_ON_NODE": "4"},
+                         srun_exit, job_line, signal)
+    assert result.returncode == int(srun_exit), result.stderr
+    calls = (tmp_path / "out" / "scontrol").read_text()
+    assert ("scontrol requeue 4321" in calls) == requeued, calls
+    assert ("requeued (resumes from its checkpoint)" in result.stdout) == requeued
+    if signal:  # passed on to srun, which passes it on to every process
+        assert "SIGUSR1 (time limit near)" in result.stdout
+        assert (tmp_path / "out" / "srun.signals").read_text() == "USR1\n"
+
+
+def test_sbatch_requeue_code_is_the_trainers():
+    from sae_dist.preemption import REQUEUE_EXIT
+
+    text = (LAUNCH / "slurm" / "train.sbatch").read_text()
+    assert f'[ "$rc" = {REQUEUE_EXIT} ]' in text
+    assert "#SBATCH --requeue" in text and "#SBATCH --open-mode=append" in text
+    assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", text, re.M)
 
 
 def test_slurm_sweep_composes():
@@ -191,7 +261,7 @@ def test_slurm_sweep_composes():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         launcher_cfg = compose("train", overrides=jobs[0], return_hydra_config=True).hydra.launcher
         launcher = instantiate(launcher_cfg)
-    assert type(launcher).__name__ == "SlurmLauncher"
+    assert type(launcher).__module__ == "hydra_plugins.sae_dist_launcher.slurm_launcher"
     assert launcher.params["gpus_per_node"] == 1 and launcher.params["tasks_per_node"] == 1
     assert launcher.params["submitit_folder"] == "runs/sweep/.submitit/%j"
     assert launcher.params["partition"] == "gpu" and launcher.params["timeout_min"] == 240
@@ -225,3 +295,30 @@ def test_dockerfile_passes_hadolint():
     assert re.search(r"^USER 1000", text, re.M)
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", "runs", ".cache", "wandb", ".git", "outputs", "multirun"} <= set(ignored)
+
+
+def test_sweep_job_states_come_from_squeue_where_sacct_fails(tmp_path, monkeypatch):
+    """The sweep launcher's watcher under stand-ins: sacct fails (no accounting), squeue lists
+    one array task as FAILED and no longer lists the other (ended long ago): both are done."""
+    from sae_dist.slurm_launcher import GONE, SqueueFallbackWatcher, squeue_states
+
+    _stub(tmp_path, "sacct", 'echo "Slurm accounting storage is disabled" >&2; exit 1\n')
+    _stub(tmp_path, "squeue", f'echo "$*" >> {tmp_path}/squeue.args\necho "12_0|FAILED"\n')
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    watcher = SqueueFallbackWatcher()
+    for job in ("12_0", "12_1", "13"):
+        watcher.register_job(job)
+    watcher.update()
+    assert not watcher.sacct
+    assert [watcher.get_state(j, mode="cache") for j in ("12_0", "12_1", "13")] == [
+        "FAILED", GONE, GONE]
+    assert watcher.is_done("12_0", mode="cache") and watcher.is_done("12_1", mode="cache")
+    assert "--states=all --array --format=%i|%T --jobs=12,13" in (
+        tmp_path / "squeue.args").read_text()
+    # squeue refuses a single id it no longer knows: that job has ended too
+    _stub(tmp_path, "squeue", 'echo "slurm_load_jobs error: Invalid job id specified" >&2\n'
+          'exit 1\n')
+    assert squeue_states({"14"}) == {"14": {"State": GONE}}
+    # squeue itself failing (controller down) tells nothing
+    _stub(tmp_path, "squeue", 'echo "Unable to contact slurm controller" >&2; exit 1\n')
+    assert squeue_states({"14"}) == {}

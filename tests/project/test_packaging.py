@@ -130,3 +130,16 @@ def test_refusal_study_runs_from_the_wheel_in_a_fresh_venv(fresh_venv, tmp_path)
     chosen = json.loads((out / "intervention.json").read_text())
     assert chosen[0]["hookpoint"] == "layers.1.resid"
     assert (out / "report.md").is_file() and (out / "prompts.json").is_file()
+
+
+@pytest.mark.slow
+def test_installed_slurm_launcher_is_found_by_hydra(site):
+    """`hydra/launcher=slurm` names a class in the wheel's hydra_plugins, where Hydra looks."""
+    out = run_installed(site, sys.executable, "-c",
+                        "import inspect; from hydra.core.plugins import Plugins; "
+                        "from hydra.plugins.launcher import Launcher as L; "
+                        "print(*[inspect.getfile(c) for c in Plugins.instance().discover(L)])")
+    plugin = site / "hydra_plugins" / "sae_dist_launcher" / "slurm_launcher.py"
+    assert str(plugin) in out.split()
+    conf = (site / "sae_dist" / "conf" / "hydra" / "launcher" / "slurm.yaml").read_text()
+    assert "_target_: hydra_plugins.sae_dist_launcher.slurm_launcher.SlurmLauncher" in conf

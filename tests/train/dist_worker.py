@@ -1,8 +1,9 @@
 """Entry point for the multi-process tests: `torchrun ... tests/train/dist_worker.py <overrides>` runs
 `python -m sae_dist.train <overrides>`, optionally with a fault injected on one process.
 
-SAE_DIST_TEST_FAULT="<rank>:<forward batch>:<kill|raise>" makes that process SIGKILL itself
-(as `kill -9` would) or raise, just before its n-th LM forward pass (1-based)."""
+SAE_DIST_TEST_FAULT="<rank>:<forward batch>:<kill|raise|usr1>" makes that process SIGKILL itself
+(as `kill -9` would), raise, or send itself SIGUSR1 (SLURM's time-limit warning) and go on, just
+before its n-th LM forward pass (1-based)."""
 
 import os
 import signal
@@ -26,6 +27,9 @@ def inject_fault(spec: str) -> None:
         if calls["n"] == int(at):
             if kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if kind == "usr1":
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return original(self, batches)
             raise RuntimeError(f"injected failure on rank {rank} at forward batch {at}")
         return original(self, batches)
 

@@ -2,6 +2,8 @@
 its metadata, the W&B offline run, honest held-out metrics, and exact resume."""
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -226,6 +228,57 @@ def test_jumprelu_with_target_resumes_bitwise(tmp_path, monkeypatch):
         for pname, moments in ref["adam"].items():
             for key, value in moments.items():
                 torch.testing.assert_close(got["adam"][pname][key], value, rtol=0, atol=0)
+
+
+@pytest.fixture
+def stop_signals_restored():
+    """The stop signals' handlers as they were before the test (a run that stopped leaves them
+    ignored, for the rest of its process)."""
+    from sae_dist.preemption import STOP_SIGNALS
+
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_stop_signal_saves_that_step_and_the_restart_resumes_bitwise(
+        tmp_path, monkeypatch, phased_reference, stop_signals_restored, sig):
+    """SIGUSR1 (SLURM's time-limit warning) or SIGTERM (preemption) during the 12th forward batch
+    of a run without periodic checkpoints: it finishes that step, saves a checkpoint there and
+    exits with 75; the restart reaches the uninterrupted run's weights and Adam state bit for
+    bit (that run saved a checkpoint after every forward batch: saving changes nothing)."""
+    from sae_dist.preemption import REQUEUE_EXIT
+
+    calls, original = {"n": 0}, ActivationProducer.activations
+
+    def signalled(self, batches):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            os.kill(os.getpid(), sig)
+        return original(self, batches)
+
+    monkeypatch.setattr(ActivationProducer, "activations", signalled)
+    cfg = tiny_run(tmp_path, "logger=none", *PHASED, "train.checkpoint_every=0")
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg)
+    assert stopped.value.code == REQUEUE_EXIT
+    steps_at_12 = final_state(tmp_path, "layers.1.resid")["step_count"]
+    assert 6 <= steps_at_12 < 16  # the steps of 12 forward batches (not 0: nothing else saved)
+    monkeypatch.setattr(ActivationProducer, "activations", original)
+    assert signal.getsignal(sig) is signal.SIG_IGN  # the stopped process ignores the next one
+    signal.signal(sig, signal.SIG_DFL)
+    train(tiny_run(tmp_path, "logger=none", *PHASED, "train.checkpoint_every=0"))
+    for name in ["layers.1.resid", "layers.3.mlp"]:
+        ref, got = final_state(phased_reference, name), final_state(tmp_path, name)
+        assert got["step_count"] == ref["step_count"] == 16
+        for key, value in ref["sae"].items():
+            torch.testing.assert_close(got["sae"][key], value, rtol=0, atol=0)
+        for pname, moments in ref["adam"].items():
+            for key, value in moments.items():
+                torch.testing.assert_close(got["adam"][pname][key], value, rtol=0, atol=0)
+    assert signal.getsignal(sig) is signal.SIG_DFL  # restored after the training loop
 
 
 def no_model_load(monkeypatch):
