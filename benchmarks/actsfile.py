@@ -15,8 +15,8 @@ import json
 import resource
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file
@@ -38,14 +38,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=4096, help="training batch in tokens")
     p.add_argument("--tokens", type=int, default=400_000, help="training tokens")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
-                   help="SAE compute: fp32, or bf16 autocast with fp32 master weights")
-    p.add_argument("--lr", type=float, default=None,
-                   help="Adam learning rate (default 2e-4 / sqrt(d_sae / 16384), Gao et al.)")
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="SAE compute: fp32, or bf16 autocast with fp32 master weights",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="Adam learning rate (default 2e-4 / sqrt(d_sae / 16384), Gao et al.)",
+    )
 
 
-def topk_setup(description: str, tool: str
-               ) -> tuple[argparse.Namespace, torch.Tensor, torch.Tensor]:
+def topk_setup(
+    description: str, tool: str
+) -> tuple[argparse.Namespace, torch.Tensor, torch.Tensor]:
     """What every comparison script of another tool does first: parse the common interface
     (TopK only), set threads and seed 0, load the file, fill in the default learning rate.
     Returns (args, training rows, held-out rows)."""
@@ -73,8 +82,9 @@ def load(path: str, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise SystemExit(f"{path} has no tensor {key!r}; it has {sorted(tensors)}")
     x = tensors[key]
     if x.ndim != 2 or x.dtype != torch.float32 or x.shape[0] <= HOLDOUT:
-        raise SystemExit(f"{path}:{key} must be float32 [N > {HOLDOUT}, d_in]; got "
-                         f"{x.dtype} {list(x.shape)}")
+        raise SystemExit(
+            f"{path}:{key} must be float32 [N > {HOLDOUT}, d_in]; got {x.dtype} {list(x.shape)}"
+        )
     return x[:-HOLDOUT], x[-HOLDOUT:]
 
 
@@ -124,8 +134,11 @@ class StepTimer:
 
 
 @torch.no_grad()
-def held_out_metrics(encode_decode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                     x: torch.Tensor, chunk: int = 4096) -> dict[str, float]:
+def held_out_metrics(
+    encode_decode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    x: torch.Tensor,
+    chunk: int = 4096,
+) -> dict[str, float]:
     """fvu, l0 and dead_frac on held-out rows x [N, d_in] (raw activations).
 
     `encode_decode(x [n, d_in]) -> (x_hat [n, d_in], latents [n, d_sae] dense)` in inference
@@ -149,13 +162,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def report(tool: str, args: argparse.Namespace, timer: StepTimer,
-           metrics: dict[str, float], **extra: object) -> None:
+def report(
+    tool: str,
+    args: argparse.Namespace,
+    timer: StepTimer,
+    metrics: dict[str, float],
+    **extra: object,
+) -> None:
     """Print the one JSON line every script prints."""
-    out = {"tool": tool, "arch": args.arch, "dtype": args.dtype, "d_sae": args.d_sae,
-           "k": args.k, "batch": args.batch, "tokens": args.tokens, "threads": args.threads,
-           "lr": args.lr, "tokens_per_s": round(timer.tokens_per_s, 1),
-           "timed_steps": timer.steps - min(timer.steps, WARMUP_STEPS),
-           **{k: round(v, 5) for k, v in metrics.items()},
-           "peak_rss_mb": round(peak_rss_mb(), 1), **extra}
+    out = {
+        "tool": tool,
+        "arch": args.arch,
+        "dtype": args.dtype,
+        "d_sae": args.d_sae,
+        "k": args.k,
+        "batch": args.batch,
+        "tokens": args.tokens,
+        "threads": args.threads,
+        "lr": args.lr,
+        "tokens_per_s": round(timer.tokens_per_s, 1),
+        "timed_steps": timer.steps - min(timer.steps, WARMUP_STEPS),
+        **{k: round(v, 5) for k, v in metrics.items()},
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        **extra,
+    }
     print(json.dumps(out), flush=True)

@@ -43,8 +43,11 @@ def parse_args() -> argparse.Namespace:
     q.add_argument("--k", type=int, default=32)
     q.add_argument("--archs", nargs="+", default=ARCHS, choices=ARCHS)
     q.add_argument("--extra", nargs="*", default=[], help="more Hydra overrides for every run")
-    q.add_argument("--reuse", action="store_true",
-                   help="read the runs already finished under --out instead of retraining")
+    q.add_argument(
+        "--reuse",
+        action="store_true",
+        help="read the runs already finished under --out instead of retraining",
+    )
     s = sub.add_parser("speed", help="median training-step time per architecture")
     s.add_argument("--d-in", type=int, default=576)
     s.add_argument("--d-sae", type=int, default=4608)
@@ -60,9 +63,16 @@ def parse_args() -> argparse.Namespace:
 
 def train_command(args: argparse.Namespace, arch: str) -> list[str]:
     """The `python -m sae_dist.train` command line of one architecture's run."""
-    overrides = ["experiment=demo", f"sites.hookpoints=[{args.hookpoint}]", f"sae={arch}",
-                 f"sae.expansion={args.expansion}", *l0_overrides(arch, args.k),
-                 f"train.tokens={args.tokens}", "logger=none", f"out_dir={args.out / arch}"]
+    overrides = [
+        "experiment=demo",
+        f"sites.hookpoints=[{args.hookpoint}]",
+        f"sae={arch}",
+        f"sae.expansion={args.expansion}",
+        *l0_overrides(arch, args.k),
+        f"train.tokens={args.tokens}",
+        "logger=none",
+        f"out_dir={args.out / arch}",
+    ]
     return [sys.executable, "-m", "sae_dist.train", *overrides, *args.extra]
 
 
@@ -76,15 +86,22 @@ def quality(args: argparse.Namespace) -> None:
             print("$", " ".join(cmd[1:]), flush=True)
             start = time.perf_counter()
             subprocess.run(cmd, check=True)
-            (run_dir / "bench.json").write_text(json.dumps(
-                {"command": " ".join(cmd[1:]), "minutes": (time.perf_counter() - start) / 60}))
+            (run_dir / "bench.json").write_text(
+                json.dumps(
+                    {"command": " ".join(cmd[1:]), "minutes": (time.perf_counter() - start) / 60}
+                )
+            )
         entry = json.loads((run_dir / "suite" / "suite.json").read_text())["saes"][0]
         rows.append((arch, entry, json.loads((run_dir / "bench.json").read_text())["minutes"]))
-    print("\n| architecture | FVU | delta loss (nats) | loss recovered | L0 | dead frac | "
-          "run (min) |\n|---|---|---|---|---|---|---|")
+    print(
+        "\n| architecture | FVU | delta loss (nats) | loss recovered | L0 | dead frac | "
+        "run (min) |\n|---|---|---|---|---|---|---|"
+    )
     for arch, e, minutes in rows:
-        print(f"| {arch} | {e['fvu']:.4f} | {e['delta_loss']:.4f} | {e['loss_recovered']:.3f} | "
-              f"{e['l0']:.1f} | {e['dead_frac']:.3f} | {minutes:.1f} |")
+        print(
+            f"| {arch} | {e['fvu']:.4f} | {e['delta_loss']:.4f} | {e['loss_recovered']:.3f} | "
+            f"{e['l0']:.1f} | {e['dead_frac']:.3f} | {minutes:.1f} |"
+        )
 
 
 def speed(args: argparse.Namespace) -> None:

@@ -32,8 +32,12 @@ def parse_args() -> argparse.Namespace:
     actsfile.add_args(p)
     p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=1, help="rounds over the three tools")
-    p.add_argument("--tools", nargs="+", default=["sae_dist", "sparsify", "saelens"],
-                   choices=["sae_dist", "sparsify", "saelens"])
+    p.add_argument(
+        "--tools",
+        nargs="+",
+        default=["sae_dist", "sparsify", "saelens"],
+        choices=["sae_dist", "sparsify", "saelens"],
+    )
     p.add_argument("--sae-dist-python", default=sys.executable)
     p.add_argument("--sparsify-python", default="/work/envs/sparsify/bin/python")
     p.add_argument("--saelens-python", default="/work/envs/saelens/bin/python")
@@ -46,14 +50,36 @@ def parse_args() -> argparse.Namespace:
 
 def command(args: argparse.Namespace, tool: str, dtype: str) -> list[str]:
     """The script command of `tool` with the shared settings."""
-    script = {"sae_dist": "sae_step.py", "sparsify": "sparsify_step.py",
-              "saelens": "saelens_step.py"}[tool]
+    script = {
+        "sae_dist": "sae_step.py",
+        "sparsify": "sparsify_step.py",
+        "saelens": "saelens_step.py",
+    }[tool]
     python = getattr(args, f"{tool}_python")
-    cmd = [python, str(HERE / script), "--data", args.data, "--key", args.key,
-           "--arch", args.arch, "--d-sae", str(args.d_sae), "--k", str(args.k),
-           "--batch", str(args.batch), "--tokens", str(args.tokens),
-           "--threads", str(args.threads), "--dtype", dtype,
-           "--lr", str(args.lr or actsfile.default_lr(args.d_sae))]
+    cmd = [
+        python,
+        str(HERE / script),
+        "--data",
+        args.data,
+        "--key",
+        args.key,
+        "--arch",
+        args.arch,
+        "--d-sae",
+        str(args.d_sae),
+        "--k",
+        str(args.k),
+        "--batch",
+        str(args.batch),
+        "--tokens",
+        str(args.tokens),
+        "--threads",
+        str(args.threads),
+        "--dtype",
+        dtype,
+        "--lr",
+        str(args.lr or actsfile.default_lr(args.d_sae)),
+    ]
     return cmd
 
 
@@ -64,8 +90,12 @@ def load() -> str:
 
 def run(cmd: list[str]) -> dict:
     """Run one script and parse its JSON line (the last line of stdout)."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": cmd[cmd.index("--threads") + 1],
-           "PYTHONPATH": str(HERE.parent)}  # sae_step.py imports this checkout's sae_dist
+    env = {
+        **os.environ,
+        "TQDM_DISABLE": "1",
+        "OMP_NUM_THREADS": cmd[cmd.index("--threads") + 1],
+        "PYTHONPATH": str(HERE.parent),
+    }  # sae_step.py imports this checkout's sae_dist
     before = load()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=HERE.parent)
     if proc.returncode:
@@ -78,22 +108,25 @@ def run(cmd: list[str]) -> dict:
 def table(results: list[dict]) -> str:
     """Markdown: one row per (dtype, tool); median tokens/s over the repeats, its ratio to
     sparsify's, metrics of the first run, the loads seen."""
-    rows = ["| tool | dtype | tokens/s (median) | runs | x sparsify | held-out FVU | L0 | "
-            "dead frac | peak RSS (MB) | load before/after |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = [
+        "| tool | dtype | tokens/s (median) | runs | x sparsify | held-out FVU | L0 | "
+        "dead frac | peak RSS (MB) | load before/after |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
         groups.setdefault((r["dtype"], r["tool"]), []).append(r)
     for (dtype, tool), runs in groups.items():
         speed = statistics.median(r["tokens_per_s"] for r in runs)
         ref = groups.get((dtype, "sparsify"))
-        ratio = (f"{speed / statistics.median(r['tokens_per_s'] for r in ref):.2f}"
-                 if ref else "")
+        ratio = f"{speed / statistics.median(r['tokens_per_s'] for r in ref):.2f}" if ref else ""
         first = runs[0]
         loads = ", ".join(f"{r['load_before']}/{r['load_after']}" for r in runs)
-        rows.append(f"| {tool} | {dtype} | {speed:,.0f} | {len(runs)} | {ratio} | "
-                    f"{first['fvu']:.4f} | {first['l0']:.1f} | {first['dead_frac']:.3f} | "
-                    f"{first['peak_rss_mb']:,.0f} | {loads} |")
+        rows.append(
+            f"| {tool} | {dtype} | {speed:,.0f} | {len(runs)} | {ratio} | "
+            f"{first['fvu']:.4f} | {first['l0']:.1f} | {first['dead_frac']:.3f} | "
+            f"{first['peak_rss_mb']:,.0f} | {loads} |"
+        )
     return "\n".join(rows)
 
 

@@ -24,8 +24,8 @@ import json
 import resource
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from omegaconf import OmegaConf
@@ -42,8 +42,12 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, default=12, help="timed forward batches")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("overrides", nargs="*", default=["experiment=demo"],
-                   help="Hydra overrides of conf/train.yaml")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        default=["experiment=demo"],
+        help="Hydra overrides of conf/train.yaml",
+    )
     return p.parse_args()
 
 
@@ -135,10 +139,16 @@ def main() -> None:
     lm_tokens = sum(b.input_ids.numel() for bs in token_batches for b in bs.values())
     loop_total = sum(loop.values())
     result = {
-        "overrides": args.overrides, "threads": args.threads, "forward_batches": args.batches,
-        "lm_tokens": lm_tokens, "sae_steps": len(sae_batches), "saes": len(run.hookpoints),
+        "overrides": args.overrides,
+        "threads": args.threads,
+        "forward_batches": args.batches,
+        "lm_tokens": lm_tokens,
+        "sae_steps": len(sae_batches),
+        "saes": len(run.hookpoints),
         "model_dtype": str(next(run.model.parameters()).dtype).removeprefix("torch."),
-        "loop_s": loop, "loop_total_s": loop_total, "bare_forward_s": bare,
+        "loop_s": loop,
+        "loop_total_s": loop_total,
+        "bare_forward_s": bare,
         "isolated_steps_s": isolated,
         "loop_lm_tokens_per_s": lm_tokens / loop_total,
         "bare_forward_lm_tokens_per_s": lm_tokens / bare,

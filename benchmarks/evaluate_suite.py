@@ -46,7 +46,7 @@ CPU = torch.device("cpu")
 
 @torch.no_grad()
 def clean_forward(model, batch) -> None:
-    model(batch.input_ids, use_cache=False).logits
+    model(batch.input_ids, use_cache=False)
 
 
 @torch.no_grad()
@@ -58,12 +58,15 @@ def naive(model, saes, batch) -> None:
     clean = model(batch.input_ids).logits[:, :-1][sel].float().log_softmax(-1)
     for hp, sae in saes.items():
         for kind in ("spliced", "zero"):
+
             def fn(act, sae=sae, kind=kind):
                 out = act.clone()
                 x = act[batch.train_mask].float()
-                out[batch.train_mask] = (sae(x).x_hat if kind == "spliced" else
-                                         torch.zeros_like(x)).to(act.dtype)
+                out[batch.train_mask] = (
+                    sae(x).x_hat if kind == "spliced" else torch.zeros_like(x)
+                ).to(act.dtype)
                 return out
+
             with splice(model, {hp: fn}):
                 lp = model(batch.input_ids).logits[:, :-1][sel].float().log_softmax(-1)
             F.nll_loss(lp, targets)
@@ -92,55 +95,90 @@ def main() -> None:
     mcfg = model_config_for(model_name)
     model, tokenizer = load_model(mcfg)
     saes = {Hookpoint.parse(n, mcfg.n_layers): load_sae(f)[0].eval() for n, f in folders.items()}
-    batches = split_batches(list(TokenStream(DataConfig(), tokenizer, "eval").batches_until(
-        args.tokens, args.batch_seqs)), 4096)
+    batches = split_batches(
+        list(
+            TokenStream(DataConfig(), tokenizer, "eval").batches_until(args.tokens, args.batch_seqs)
+        ),
+        4096,
+    )
     n_tok = sum(int(b.train_mask.sum()) for b in batches)
     lm_tok = sum(b.input_ids.numel() for b in batches)
-    print(f"{len(saes)} SAEs, {mcfg.name} ({mcfg.dtype}), {len(batches)} batches, {lm_tok} LM "
-          f"tokens ({n_tok} pass the mask), {torch.get_num_threads()} threads", flush=True)
+    print(
+        f"{len(saes)} SAEs, {mcfg.name} ({mcfg.dtype}), {len(batches)} batches, {lm_tok} LM "
+        f"tokens ({n_tok} pass the mask), {torch.get_num_threads()} threads",
+        flush=True,
+    )
     clean_forward(model, batches[0])  # warm-up
     tot = dict.fromkeys(("clean", "recon", "full"), 0.0)
     per_batch = []
     for i, b in enumerate(batches):
         load_before = load_average()
         half = max(1, args.clean_repeats // 2)
-        cleans = [median_seconds(lambda: clean_forward(model, b), 1) for _ in range(half)]
-        row = {kind: median_seconds(lambda: evaluate_saes(
-                   model, saes, [b], CPU, model_level=kind == "full",
-                   outlier_factor=OUTLIER_FACTOR), args.repeats)
-               for kind in ("recon", "full")}
+        cleans = [median_seconds(lambda b=b: clean_forward(model, b), 1) for _ in range(half)]
+        row = {
+            kind: median_seconds(
+                lambda b=b, kind=kind: evaluate_saes(
+                    model, saes, [b], CPU, model_level=kind == "full", outlier_factor=OUTLIER_FACTOR
+                ),
+                args.repeats,
+            )
+            for kind in ("recon", "full")
+        }
         if i < args.naive_batches:
-            row["naive"] = median_seconds(lambda: naive(model, saes, b), args.repeats)
-        cleans += [median_seconds(lambda: clean_forward(model, b), 1)
-                   for _ in range(max(1, args.clean_repeats - half))]
+            row["naive"] = median_seconds(lambda b=b: naive(model, saes, b), args.repeats)
+        cleans += [
+            median_seconds(lambda b=b: clean_forward(model, b), 1)
+            for _ in range(max(1, args.clean_repeats - half))
+        ]
         row = {"clean": statistics.median(cleans), **row}
         row["load"] = [load_before, load_average()]
         per_batch.append(row)
         for k in tot:
             tot[k] += row[k]
-        print(f"batch {i + 1}/{len(batches)}: " + ", ".join(
-            f"{k} {v:.2f} s" for k, v in row.items() if k != "load") + f"; full / clean "
+        print(
+            f"batch {i + 1}/{len(batches)}: "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in row.items() if k != "load")
+            + f"; full / clean "
             f"{row['full'] / row['clean']:.1f}; load {row['load'][0]} -> {row['load'][1]}",
-            flush=True)
-    few = per_batch[:args.naive_batches]
+            flush=True,
+        )
+    few = per_batch[: args.naive_batches]
     naive_ratio = statistics.median(r["naive"] / r["clean"] for r in few) if few else None
     full_few = statistics.median(r["full"] / r["clean"] for r in few) if few else None
     ratios = [r["full"] / r["clean"] for r in per_batch]
-    print(f"\nfull / clean per batch: median {statistics.median(ratios):.1f} (min "
-          f"{min(ratios):.1f}, max {max(ratios):.1f})")
-    print(f"clean forward {tot['clean']:.1f} s ({lm_tok / tot['clean']:.0f} tok/s); "
-          f"reconstruction only {tot['recon']:.1f} s = {tot['recon'] / tot['clean']:.2f} x "
-          f"clean; full evaluation {tot['full']:.1f} s = {tot['full'] / tot['clean']:.2f} x clean")
+    print(
+        f"\nfull / clean per batch: median {statistics.median(ratios):.1f} (min "
+        f"{min(ratios):.1f}, max {max(ratios):.1f})"
+    )
+    print(
+        f"clean forward {tot['clean']:.1f} s ({lm_tok / tot['clean']:.0f} tok/s); "
+        f"reconstruction only {tot['recon']:.1f} s = {tot['recon'] / tot['clean']:.2f} x "
+        f"clean; full evaluation {tot['full']:.1f} s = {tot['full'] / tot['clean']:.2f} x clean"
+    )
     if few:
-        print(f"first {len(few)} batch(es): naive {naive_ratio:.1f} x clean vs replay scheme "
-              f"{full_few:.1f} x clean ({naive_ratio / full_few:.2f}x faster)")
+        print(
+            f"first {len(few)} batch(es): naive {naive_ratio:.1f} x clean vs replay scheme "
+            f"{full_few:.1f} x clean ({naive_ratio / full_few:.2f}x faster)"
+        )
     if args.out:
-        Path(args.out).write_text(json.dumps({
-            "suite": args.suite, "model": mcfg.name, "saes": len(saes), "lm_tokens": lm_tok,
-            "masked_tokens": n_tok, "threads": torch.get_num_threads(), "totals_s": tot,
-            "naive_over_clean": naive_ratio, "full_over_clean_same_batches": full_few,
-            "full_over_clean_median_batch": statistics.median(ratios),
-            "per_batch": per_batch}, indent=2))
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "suite": args.suite,
+                    "model": mcfg.name,
+                    "saes": len(saes),
+                    "lm_tokens": lm_tok,
+                    "masked_tokens": n_tok,
+                    "threads": torch.get_num_threads(),
+                    "totals_s": tot,
+                    "naive_over_clean": naive_ratio,
+                    "full_over_clean_same_batches": full_few,
+                    "full_over_clean_median_batch": statistics.median(ratios),
+                    "per_batch": per_batch,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

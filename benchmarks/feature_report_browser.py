@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -25,11 +26,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--window-size=1280,1400", "--remote-debugging-pipe"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,1400",
+    "--remote-debugging-pipe",
+]
 TIMEOUT_S = 60.0
 
 
@@ -45,9 +54,13 @@ class DevTools:
             os.dup2(high[0], 3)
             os.dup2(high[1], 4)
 
-        self.proc = subprocess.Popen([chromium, *FLAGS, f"--user-data-dir={user_data_dir}",
-                                      "about:blank"], preexec_fn=wire, pass_fds=(3, 4),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [chromium, *FLAGS, f"--user-data-dir={user_data_dir}", "about:blank"],
+            preexec_fn=wire,
+            pass_fds=(3, 4),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         for fd in (to_chrome_r, from_chrome_w, *high):
             os.close(fd)
         self._buf, self._next_id, self.session = b"", 0, None
@@ -59,13 +72,15 @@ class DevTools:
                 raise TimeoutError("no reply from Chromium")
             chunk = os.read(self._in, 1 << 16)
             if not chunk:
-                raise RuntimeError("Chromium closed the DevTools pipe: "
-                                   + self.proc.stderr.read().decode(errors="replace")[-2000:])
+                raise RuntimeError(
+                    "Chromium closed the DevTools pipe: "
+                    + self.proc.stderr.read().decode(errors="replace")[-2000:]
+                )
             self._buf += chunk
         raw, self._buf = self._buf.split(b"\0", 1)
         return json.loads(raw)
 
-    def call(self, method: str, params: Optional[dict] = None, session: bool = True) -> dict:
+    def call(self, method: str, params: dict | None = None, session: bool = True) -> dict:
         """Send one command and wait for its result (events meanwhile go to self.events)."""
         self._next_id += 1
         msg: dict[str, Any] = {"id": self._next_id, "method": method, "params": params or {}}
@@ -83,9 +98,11 @@ class DevTools:
 
     def open_page(self) -> None:
         target = self.call("Target.createTarget", {"url": "about:blank"}, session=False)
-        self.session = self.call("Target.attachToTarget", {"targetId": target["targetId"],
-                                                           "flatten": True},
-                                 session=False)["sessionId"]
+        self.session = self.call(
+            "Target.attachToTarget",
+            {"targetId": target["targetId"], "flatten": True},
+            session=False,
+        )["sessionId"]
         for domain in ("Page", "Runtime", "Log"):
             self.call(f"{domain}.enable")
 
@@ -122,10 +139,8 @@ class DevTools:
         return out
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(RuntimeError, TimeoutError, OSError):
             self.call("Browser.close", session=False)
-        except (RuntimeError, TimeoutError, OSError):
-            pass
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -134,12 +149,13 @@ class DevTools:
         os.close(self._out)
 
 
-READY = ("document.documentElement?.dataset.ready === '1' && "
-         "document.documentElement?.dataset.view === '{view}'")
+READY = (
+    "document.documentElement?.dataset.ready === '1' && "
+    "document.documentElement?.dataset.view === '{view}'"
+)
 
 
-def check_report(report_dir: Path, png: Optional[Path], chromium: str = "chromium"
-                 ) -> dict[str, Any]:
+def check_report(report_dir: Path, png: Path | None, chromium: str = "chromium") -> dict[str, Any]:
     """Index -> first hookpoint -> first feature of its list (sorted by density); returns what
     the feature page shows and every console error."""
     url = (Path(report_dir).resolve() / "index.html").as_uri()
@@ -153,7 +169,8 @@ def check_report(report_dir: Path, png: Optional[Path], chromium: str = "chromiu
             browser.evaluate("document.querySelector('a.hp-link').click()")
             browser.wait_for(READY.format(view="hp"), "the feature list")
             feature = browser.evaluate(
-                "document.querySelector('#feature-table a.feature-link').textContent")
+                "document.querySelector('#feature-table a.feature-link').textContent"
+            )
             browser.evaluate("document.querySelector('#feature-table a.feature-link').click()")
             browser.wait_for(READY.format(view="f"), "the feature page")
             page = browser.evaluate("""(() => {
@@ -174,8 +191,13 @@ def check_report(report_dir: Path, png: Optional[Path], chromium: str = "chromiu
             errors = browser.errors()
         finally:
             browser.close()
-    return {"url": url, "hookpoint": hookpoint, "feature": feature, **page,
-            "console_errors": errors}
+    return {
+        "url": url,
+        "hookpoint": hookpoint,
+        "feature": feature,
+        **page,
+        "console_errors": errors,
+    }
 
 
 def main() -> int:

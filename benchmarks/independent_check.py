@@ -30,11 +30,13 @@ from sae_dist.suite import model_config_for
 def topk_reconstruction(weights: dict[str, torch.Tensor], k: int):
     """x [n, d_in] -> x_hat [n, d_in] of a folded TopK SAE: relu of the k largest of
     (x - b_dec) W_enc + b_enc, decoded by W_dec and b_dec."""
+
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
         pre = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
         values, indices = pre.topk(k, dim=-1)
         z = torch.zeros_like(pre).scatter(-1, indices, values.relu())
         return z @ weights["W_dec"] + weights["b_dec"]
+
     return reconstruct
 
 
@@ -94,9 +96,18 @@ def main() -> None:
         if n >= args.tokens:
             break
     variance = sum_sq - float(sum_x.pow(2).sum()) / n
-    print(json.dumps({"tokens": n, "fvu": sse / variance, "ce_clean": ce_clean / n_ce,
-                      "ce_spliced": ce_spliced / n_ce, "delta_loss": (ce_spliced - ce_clean) / n_ce,
-                      "ce_positions": n_ce}))
+    print(
+        json.dumps(
+            {
+                "tokens": n,
+                "fvu": sse / variance,
+                "ce_clean": ce_clean / n_ce,
+                "ce_spliced": ce_spliced / n_ce,
+                "delta_loss": (ce_spliced - ce_clean) / n_ce,
+                "ce_positions": n_ce,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -45,14 +45,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--paths", nargs="+", default=["sparse", "dense"], choices=["sparse", "dense"])
     p.add_argument("--autocast", action="store_true", help="also run under bf16 autocast")
-    p.add_argument("--dead-frac", type=float, default=0.0,
-                   help="fraction of latents marked dead (adds the AuxK pass)")
+    p.add_argument(
+        "--dead-frac",
+        type=float,
+        default=0.0,
+        help="fraction of latents marked dead (adds the AuxK pass)",
+    )
     p.add_argument("--header", action="store_true", help="print the table header first")
     return p.parse_args()
 
 
-def time_steps(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, bf16: bool,
-               warmup: int, steps: int) -> float:
+def time_steps(
+    sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor, bf16: bool, warmup: int, steps: int
+) -> float:
     """Median wall-clock seconds of one training step on batch x [B, d_in]."""
     sae.project_decoder_grads()
     opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
@@ -84,22 +89,29 @@ def train_from_file(args: argparse.Namespace) -> None:
     """Train one SAE on --data with `SuiteTrainer` and print the JSON line."""
     x_train, x_held = actsfile.load(args.data, args.key)
     args.lr = args.lr or actsfile.default_lr(args.d_sae)
-    cfg = TrainRunConfig(sae=sae_config_of(args), train=TrainConfig(
-        tokens=args.tokens, batch_size=args.batch, lr=args.lr, eval_tokens=0))
+    cfg = TrainRunConfig(
+        sae=sae_config_of(args),
+        train=TrainConfig(tokens=args.tokens, batch_size=args.batch, lr=args.lr, eval_tokens=0),
+    )
     cfg.trainer.mixed_precision = "bf16" if args.dtype == "bf16" else "no"
     accelerator = Accelerator(mixed_precision=cfg.trainer.mixed_precision, cpu=True)
     trainer = SuiteTrainer([HOOKPOINT], cfg, x_train.shape[1], accelerator)
     timer = actsfile.StepTimer()
     stats = {}
-    for batch in tqdm(actsfile.batches(x_train, args.batch, args.tokens), desc=args.arch,
-                      total=trainer.n_steps, unit="step"):
+    for batch in tqdm(
+        actsfile.batches(x_train, args.batch, args.tokens),
+        desc=args.arch,
+        total=trainer.n_steps,
+        unit="step",
+    ):
         timer.start()
         stats = trainer.step({HOOKPOINT.name: batch})[HOOKPOINT.name]
         timer.stop(batch.shape[0])
     sae = trainer.folded_saes()[HOOKPOINT.name].eval()
     metrics = actsfile.held_out_metrics(lambda rows: decode_dense(sae, rows), x_held)
-    actsfile.report("sae_dist", args, timer, metrics, train_fvu=float(stats["fvu"]),
-                    train_l0=float(stats["l0"]))
+    actsfile.report(
+        "sae_dist", args, timer, metrics, train_fvu=float(stats["fvu"]), train_l0=float(stats["l0"])
+    )
 
 
 def decode_dense(sae: SparseAutoencoder, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,8 +137,11 @@ def main() -> None:
             cfg = sae_config(d_sae=args.d_sae, k=args.k)
             sae = TopKSAE(cfg, args.d_in, sparse=path == "sparse")
             sec = time_steps(sae, x, dead, bf16, args.warmup, args.steps)
-            print(f"| {path} | {'bf16 autocast' if bf16 else 'fp32'} | {int(dead.sum())} "
-                  f"| {sec * 1e3:.0f} | {args.batch / sec:,.0f} |", flush=True)
+            print(
+                f"| {path} | {'bf16 autocast' if bf16 else 'fp32'} | {int(dead.sum())} "
+                f"| {sec * 1e3:.0f} | {args.batch / sec:,.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

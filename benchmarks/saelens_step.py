@@ -26,14 +26,26 @@ from sae_lens.training.sae_trainer import SAETrainer
 def main() -> None:
     args, x_train, x_held = actsfile.topk_setup(__doc__.split("\n\n")[0], "SAELens")
     d_in, n_steps = x_train.shape[1], args.tokens // args.batch
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(
-        d_in=d_in, d_sae=args.d_sae, k=args.k, dtype="float32", device="cpu",
-        normalize_activations="expected_average_only_in"))
+    sae = TopKTrainingSAE(
+        TopKTrainingSAEConfig(
+            d_in=d_in,
+            d_sae=args.d_sae,
+            k=args.k,
+            dtype="float32",
+            device="cpu",
+            normalize_activations="expected_average_only_in",
+        )
+    )
     cfg = SAETrainerConfig(
-        total_training_samples=n_steps * args.batch, train_batch_size_samples=args.batch,
-        lr=args.lr, lr_end=args.lr / 10,  # lr_end: cosine schedules only, unused here
+        total_training_samples=n_steps * args.batch,
+        train_batch_size_samples=args.batch,
+        lr=args.lr,
+        lr_end=args.lr / 10,  # lr_end: cosine schedules only, unused here
         lr_warm_up_steps=max(1, round(0.05 * n_steps)),
-        lr_decay_steps=round(0.2 * n_steps), device="cpu", autocast=args.dtype == "bf16")
+        lr_decay_steps=round(0.2 * n_steps),
+        device="cpu",
+        autocast=args.dtype == "bf16",
+    )
     batches = actsfile.batches(x_train, args.batch, args.tokens)
     trainer = SAETrainer(cfg, sae, data_provider=batches)
     timer = actsfile.StepTimer()

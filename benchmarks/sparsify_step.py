@@ -27,13 +27,20 @@ from transformers import get_linear_schedule_with_warmup
 
 def main() -> None:
     args, x_train, x_held = actsfile.topk_setup(__doc__.split("\n\n")[0], "sparsify")
-    sae = SparseCoder(x_train.shape[1], SparseCoderConfig(num_latents=args.d_sae, k=args.k),
-                      device="cpu", dtype=torch.float32)
+    sae = SparseCoder(
+        x_train.shape[1],
+        SparseCoderConfig(num_latents=args.d_sae, k=args.k),
+        device="cpu",
+        dtype=torch.float32,
+    )
     n_steps = args.tokens // args.batch
     opt = torch.optim.Adam(sae.parameters(), lr=args.lr)
     sched = get_linear_schedule_with_warmup(opt, max(1, round(0.05 * n_steps)), n_steps)
-    ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bf16"
-           else contextlib.nullcontext())
+    ctx = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if args.dtype == "bf16"
+        else contextlib.nullcontext()
+    )
     since_fired = torch.zeros(args.d_sae, dtype=torch.long)
     timer = actsfile.StepTimer()
     for step, batch in enumerate(actsfile.batches(x_train, args.batch, args.tokens)):

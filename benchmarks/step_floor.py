@@ -26,8 +26,9 @@ from actsfile import median_seconds
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def floor(d_in: int, d_sae: int, k: int, batch: int, dtype: torch.dtype,
-          repeats: int) -> dict[str, float]:
+def floor(
+    d_in: int, d_sae: int, k: int, batch: int, dtype: torch.dtype, repeats: int
+) -> dict[str, float]:
     """Times of the encoder matmul (with bias) and the row-wise top-k at these shapes."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, d_in, generator=gen).to(dtype)
@@ -37,9 +38,13 @@ def floor(d_in: int, d_sae: int, k: int, batch: int, dtype: torch.dtype,
     matmul = median_seconds(lambda: torch.addmm(b_enc, x, w_enc), repeats)
     pre.topk(k, dim=1, sorted=False)  # warm-up
     topk = median_seconds(lambda: pre.topk(k, dim=1, sorted=False), repeats)
-    return {"matmul_ms": matmul * 1e3, "topk_ms": topk * 1e3,
-            "gflops": 2 * batch * d_in * d_sae / matmul / 1e9,
-            "tokens_per_s_matmul": batch / matmul, "tokens_per_s_floor": batch / (matmul + topk)}
+    return {
+        "matmul_ms": matmul * 1e3,
+        "topk_ms": topk * 1e3,
+        "gflops": 2 * batch * d_in * d_sae / matmul / 1e9,
+        "tokens_per_s_matmul": batch / matmul,
+        "tokens_per_s_floor": batch / (matmul + topk),
+    }
 
 
 def main() -> None:
@@ -55,9 +60,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for name in args.dtypes:
         result = floor(args.d_in, args.d_sae, args.k, args.batch, DTYPES[name], args.repeats)
-        print(json.dumps({"dtype": name, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                          "threads": args.threads, **{k: round(v, 1) for k, v in result.items()}}),
-              flush=True)
+        print(
+            json.dumps(
+                {
+                    "dtype": name,
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "threads": args.threads,
+                    **{k: round(v, 1) for k, v in result.items()},
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -54,28 +54,43 @@ def main() -> None:
                 break
     ids = torch.cat(ids_seen)
     ratios = {name: torch.cat(n) / torch.cat(n).median() for name, n in norms.items()}
-    print(f"{args.model} ({cfg.dtype}), {seen} positions (positions=all), "
-          f"ratio = ||x|| / median ||x|| per hookpoint\n")
-    print("| hookpoint | median ||x|| | " + " | ".join(f"q{q:g}" for q in QUANTILES)
-          + " | max | " + " | ".join(f">{f}x" for f in FACTORS) + " |")
+    print(
+        f"{args.model} ({cfg.dtype}), {seen} positions (positions=all), "
+        f"ratio = ||x|| / median ||x|| per hookpoint\n"
+    )
+    print(
+        "| hookpoint | median ||x|| | "
+        + " | ".join(f"q{q:g}" for q in QUANTILES)
+        + " | max | "
+        + " | ".join(f">{f}x" for f in FACTORS)
+        + " |"
+    )
     print("|---|" + "---:|" * (2 + len(QUANTILES) + len(FACTORS)))
     for name, r in ratios.items():
         med = float(torch.cat(norms[name]).median())
         qs = torch.quantile(r.double(), torch.tensor(QUANTILES, dtype=torch.float64))
-        print(f"| {name} | {med:.3g} | " + " | ".join(f"{float(q):.2f}" for q in qs)
-              + f" | {float(r.max()):.1f} | "
-              + " | ".join(f"{float((r > f).double().mean()):.2%}" for f in FACTORS) + " |")
+        print(
+            f"| {name} | {med:.3g} | "
+            + " | ".join(f"{float(q):.2f}" for q in qs)
+            + f" | {float(r.max()):.1f} | "
+            + " | ".join(f"{float((r > f).double().mean()):.2%}" for f in FACTORS)
+            + " |"
+        )
     stacked = torch.stack(list(ratios.values()))
     for site in ("resid", "mlp", "attn", None):
         rows = [i for i, n in enumerate(ratios) if site is None or n.endswith(site)]
         top = stacked[rows].amax(0)
-        print(f"\nat any {site or 'hookpoint'}: " + ", ".join(
-            f">{f}x {float((top > f).double().mean()):.2%}" for f in FACTORS))
+        print(
+            f"\nat any {site or 'hookpoint'}: "
+            + ", ".join(f">{f}x {float((top > f).double().mean()):.2%}" for f in FACTORS)
+        )
     top = stacked.amax(0)
     for f in (10, 50):
         common = Counter(ids[top > f].tolist()).most_common(8)
-        print(f"\ncommonest tokens above {f}x at any hookpoint: " + ", ".join(
-            f"{tok.decode([i])!r} x{n}" for i, n in common))
+        print(
+            f"\ncommonest tokens above {f}x at any hookpoint: "
+            + ", ".join(f"{tok.decode([i])!r} x{n}" for i, n in common)
+        )
 
 
 if __name__ == "__main__":

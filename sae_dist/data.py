@@ -17,10 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import jinja2
 import numpy as np
@@ -38,8 +39,13 @@ LOCAL_SUFFIXES = (".json", ".jsonl", ".txt")
 SPLITS = ("train", "eval")
 STAT_KEYS = ("docs_read", "docs_skipped", "sequences", "tokens", "train_tokens")
 
-_ROLES = {"human": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
-          "bard": "assistant"}
+_ROLES = {
+    "human": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bing": "assistant",
+    "bard": "assistant",
+}
 """ShareGPT speaker names -> chat-template roles; other roles (user, system, ...) pass as is."""
 _BETWEEN_JSON_VALUES = re.compile(r"[\s,\[\]]*")
 _SENTINEL = "\ue000{}\ue001"
@@ -58,6 +64,7 @@ class TokenBatch:
 
 
 # ---------------------------------------------------------------------------------- reading
+
 
 def iter_json_values(path: Path, chunk_chars: int = 1 << 20) -> Iterator[Any]:
     """Top-level JSON values of a (possibly truncated) JSON array or JSON-lines file, lazily.
@@ -83,8 +90,9 @@ def iter_json_values(path: Path, chunk_chars: int = 1 << 20) -> Iterator[Any]:
                 continue
             if eof:
                 if pos < len(buf):
-                    logger.info("%s: ignoring %d characters of truncated tail", path,
-                                len(buf) - pos)
+                    logger.info(
+                        "%s: ignoring %d characters of truncated tail", path, len(buf) - pos
+                    )
                 return
             more = f.read(chunk_chars)
             eof = not more
@@ -113,9 +121,12 @@ def _hf_records(cfg: DataConfig, seed: int, start: int) -> Iterator[Any]:
     try:
         ds = datasets.load_dataset(cfg.source, cfg.hf_name, split=cfg.split, streaming=True)
     except Exception as e:  # datasets raises many kinds: not found, offline, bad config
-        raise ConfigError("data.source", cfg.source,
-                          "'sharegpt', an existing .json/.jsonl/.txt file, or a loadable HF "
-                          f"dataset (loading it failed: {type(e).__name__}: {e})") from e
+        raise ConfigError(
+            "data.source",
+            cfg.source,
+            "'sharegpt', an existing .json/.jsonl/.txt file, or a loadable HF "
+            f"dataset (loading it failed: {type(e).__name__}: {e})",
+        ) from e
     ds = ds.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer)
     return iter(ds.skip(start) if start else ds)
 
@@ -136,7 +147,7 @@ def _raw_records(cfg: DataConfig, seed: int, start: int) -> Iterator[Any]:
     yield from islice(records, start, None)
 
 
-def _messages(turns: Any) -> Optional[list[dict]]:
+def _messages(turns: Any) -> list[dict] | None:
     """[{"role", "content"}] from {role, content} or ShareGPT {from, value} turns; None if bad."""
     if not isinstance(turns, list):
         return None
@@ -182,30 +193,49 @@ def check_source(cfg: DataConfig, probe: int = 1000) -> None:
     naming the file and what is wrong. (HF hub datasets are checked when they stream.)"""
     if cfg.source != "sharegpt" and not cfg.source.endswith(LOCAL_SUFFIXES):
         return
-    path = (package_file(SHAREGPT_PACKAGE, SHAREGPT_FILE) if cfg.source == "sharegpt"
-            else Path(cfg.source).expanduser())
+    path = (
+        package_file(SHAREGPT_PACKAGE, SHAREGPT_FILE)
+        if cfg.source == "sharegpt"
+        else Path(cfg.source).expanduser()
+    )
     if not path.is_file():
         raise DataError(f"data.source={cfg.source!r}: {path} does not exist or is not a file")
     try:
         usable = any(islice(read_documents(cfg), probe))
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"data.source={cfg.source!r}: {path} cannot be read as UTF-8 text "
-                        f"({type(e).__name__}: {e})") from e
+        raise DataError(
+            f"data.source={cfg.source!r}: {path} cannot be read as UTF-8 text "
+            f"({type(e).__name__}: {e})"
+        ) from e
     if not usable:
-        fields = (f"a `{cfg.messages_field}` list of {{role, content}} turns or a "
-                  f"`{cfg.text_field}` string") if path.suffix != ".txt" else "non-blank lines"
-        raise DataError(f"data.source={cfg.source!r}: none of the first {probe} records of "
-                        f"{path} is a usable document (each needs {fields})")
+        fields = (
+            (
+                f"a `{cfg.messages_field}` list of {{role, content}} turns or a "
+                f"`{cfg.text_field}` string"
+            )
+            if path.suffix != ".txt"
+            else "non-blank lines"
+        )
+        raise DataError(
+            f"data.source={cfg.source!r}: none of the first {probe} records of "
+            f"{path} is a usable document (each needs {fields})"
+        )
 
 
 # -------------------------------------------------------------------------------- rendering
+
 
 def special_token_ids(tokenizer) -> set[int]:
     """BOS/EOS/pad/unk and every added special token (chat control tokens such as <|im_start|>,
     <|im_end|>), plus added tokens shaped like tags (`<think>`), which some tokenizers (Qwen3)
     register as non-special although they are control tokens."""
-    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-           tokenizer.unk_token_id, *tokenizer.all_special_ids}
+    ids = {
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.unk_token_id,
+        *tokenizer.all_special_ids,
+    }
     for i, token in tokenizer.added_tokens_decoder.items():
         if token.special or (token.content.startswith("<") and token.content.endswith(">")):
             ids.add(i)
@@ -213,13 +243,13 @@ def special_token_ids(tokenizer) -> set[int]:
     return ids
 
 
-def _find_after(text: str, piece: str, cursor: int) -> Optional[int]:
+def _find_after(text: str, piece: str, cursor: int) -> int | None:
     """Start of `piece` in `text` at `cursor` or after only whitespace; None otherwise."""
     at = text.find(piece, cursor)
     return at if at >= 0 and not text[cursor:at].strip() else None
 
 
-def _locate(text: str, content: str, cursor: int) -> Optional[tuple[int, int]]:
+def _locate(text: str, content: str, cursor: int) -> tuple[int, int] | None:
     """Span [start, end) of `content` in `text` at `cursor` or after only whitespace: verbatim,
     else without its outer whitespace (which some templates strip); None if absent."""
     for piece in (content, content.strip()):
@@ -229,8 +259,9 @@ def _locate(text: str, content: str, cursor: int) -> Optional[tuple[int, int]]:
     return None
 
 
-def chat_content_spans(messages: list[dict], tokenizer,
-                       assistant_only: bool) -> Optional[tuple[str, list[tuple[int, int]]]]:
+def chat_content_spans(
+    messages: list[dict], tokenizer, assistant_only: bool
+) -> tuple[str, list[tuple[int, int]]] | None:
     """Rendered chat and the character spans [start, end) of the trainable message contents.
 
     The chat is rendered twice: as is, and with each content replaced by a sentinel. The text
@@ -241,7 +272,8 @@ def chat_content_spans(messages: list[dict], tokenizer,
     """
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     skeleton = tokenizer.apply_chat_template(
-        [{**m, "content": _SENTINEL.format(k)} for k, m in enumerate(messages)], tokenize=False)
+        [{**m, "content": _SENTINEL.format(k)} for k, m in enumerate(messages)], tokenize=False
+    )
     spans: list[tuple[int, int]] = []
     in_skeleton = in_text = 0
     for k, message in enumerate(messages):
@@ -271,13 +303,15 @@ def _span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> 
     return (k >= 0) & (off[:, 1] <= ends[np.maximum(k, 0)])
 
 
-def _render_chat(messages: list[dict], tokenizer, positions: str
-                 ) -> Optional[tuple[list[int], np.ndarray]]:
+def _render_chat(
+    messages: list[dict], tokenizer, positions: str
+) -> tuple[list[int], np.ndarray] | None:
     """(token ids, bool mask [n_tokens] before special tokens are removed) of a chat under the
     policy's `positions`; None when a content cannot be located (content / assistant only)."""
     if positions == "all":
-        ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False),
-                        add_special_tokens=False)["input_ids"]
+        ids = tokenizer(
+            tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False
+        )["input_ids"]
         return ids, np.ones(len(ids), dtype=bool)
     rendered = chat_content_spans(messages, tokenizer, positions == "assistant")
     if rendered is None:
@@ -287,8 +321,9 @@ def _render_chat(messages: list[dict], tokenizer, positions: str
     return enc["input_ids"], _span_mask(enc["offset_mapping"], spans)
 
 
-def render_document(record: dict, tokenizer, cfg: DataConfig,
-                    specials: Optional[set[int]] = None) -> tuple[list[int], list[bool]]:
+def render_document(
+    record: dict, tokenizer, cfg: DataConfig, specials: set[int] | None = None
+) -> tuple[list[int], list[bool]]:
     """Token ids and train mask of one document, cut to `cfg.max_doc_tokens` tokens.
 
     Chat: rendered with the tokenizer's chat template; under `cfg.policy.positions` = all every
@@ -311,20 +346,21 @@ def render_document(record: dict, tokenizer, cfg: DataConfig,
         ids, mask = rendered
     elif "text" in record:
         ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"]
-        ids = ids[:cfg.max_doc_tokens - 1]
+        ids = ids[: cfg.max_doc_tokens - 1]
         mask = np.ones(len(ids), dtype=bool)
         if tokenizer.eos_token_id is not None:
             ids, mask = ids + [tokenizer.eos_token_id], np.append(mask, False)
     else:
         return [], []
-    ids = ids[:cfg.max_doc_tokens]
-    mask = mask[:cfg.max_doc_tokens] & ~np.isin(ids, list(specials))
+    ids = ids[: cfg.max_doc_tokens]
+    mask = mask[: cfg.max_doc_tokens] & ~np.isin(ids, list(specials))
     if not mask.any():
         return [], []
     return ids, mask.tolist()
 
 
 # ---------------------------------------------------------------------------------- packing
+
 
 class TokenStream:
     """Packed `context_size` sequences of one split and rank, deterministic and resumable.
@@ -337,8 +373,15 @@ class TokenStream:
     iterator at a time: they share the stream's position.
     """
 
-    def __init__(self, cfg: DataConfig, tokenizer, split: str = "train", rank: int = 0,
-                 world_size: int = 1, seed: int = 0):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer,
+        split: str = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ):
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not allowed; allowed: {', '.join(SPLITS)}")
         if not 0 <= rank < world_size:
@@ -382,8 +425,13 @@ class TokenStream:
         with zip(batches, range(n)), which pulls one batch more than it uses."""
         body = self.cfg.context_size - (self._bos is not None)
         need = n_seqs * body
-        logger.info("token stream %s rank %d/%d from document %d", self.split, self.rank,
-                    self.world_size, self._next_doc)
+        logger.info(
+            "token stream %s rank %d/%d from document %d",
+            self.split,
+            self.rank,
+            self.world_size,
+            self._next_doc,
+        )
         records = read_documents(self.cfg, self.seed, self._next_doc)
         for i, record in enumerate(records, start=self._next_doc):
             self._next_doc = i + 1
@@ -415,15 +463,25 @@ class TokenStream:
         return TokenBatch(ids, mask)
 
     def _identity(self) -> dict:
-        return {"source": self.cfg.source, "split": self.split, "rank": self.rank,
-                "world_size": self.world_size, "seed": self.seed,
-                "holdout_every": self.cfg.holdout_every}
+        return {
+            "source": self.cfg.source,
+            "split": self.split,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "seed": self.seed,
+            "holdout_every": self.cfg.holdout_every,
+        }
 
     def state_dict(self) -> dict:
         """JSON-serialisable position after the last batch yielded: the next document index,
         the tokens (and mask) read but not yet yielded, and the stats."""
-        return {**self._identity(), "next_doc": self._next_doc, "ids": list(self._ids),
-                "mask": list(self._mask), "stats": dict(self.stats)}
+        return {
+            **self._identity(),
+            "next_doc": self._next_doc,
+            "ids": list(self._ids),
+            "mask": list(self._mask),
+            "stats": dict(self.stats),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at `state` (from state_dict() of a stream of the same source, split, rank,
@@ -493,16 +551,23 @@ class SequencePool:
     def state_dict(self) -> dict:
         """The stream's position (after the last row it yielded), the pooled rows, and the
         number of batches drawn."""
-        return {"stream": self.stream.state_dict(), "ids": self._ids.clone(),
-                "mask": self._mask.clone(), "drawn": self._drawn, "size": self.size,
-                "seed": self.seed}
+        return {
+            "stream": self.stream.state_dict(),
+            "ids": self._ids.clone(),
+            "mask": self._mask.clone(),
+            "drawn": self._drawn,
+            "size": self.size,
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at `state` (from state_dict() of a pool of the same size and seed over the
         same stream): the next batch is the one the saved pool would have drawn next."""
         if (state.get("size"), state.get("seed")) != (self.size, self.seed):
-            raise ValueError(f"sequence pool state (size, seed) = ({state.get('size')}, "
-                             f"{state.get('seed')}) does not match this pool "
-                             f"({self.size}, {self.seed})")
+            raise ValueError(
+                f"sequence pool state (size, seed) = ({state.get('size')}, "
+                f"{state.get('seed')}) does not match this pool "
+                f"({self.size}, {self.seed})"
+            )
         self.stream.load_state_dict(state["stream"])
         self._ids, self._mask, self._drawn = state["ids"], state["mask"], int(state["drawn"])

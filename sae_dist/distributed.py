@@ -58,10 +58,10 @@ class BatchGroup:
         dist.all_gather(sizes, torch.tensor([t.numel()]))
         width = int(max(sizes))
         padded = t.detach().new_zeros(width)
-        padded[:t.numel()] = t.detach()
+        padded[: t.numel()] = t.detach()
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded)
-        return torch.cat([p[:int(n)] for p, n in zip(parts, sizes)])
+        return torch.cat([p[: int(n)] for p, n in zip(parts, sizes)])
 
     def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
         out = t.detach().clone()
@@ -84,8 +84,10 @@ class Topology:
 
     def __post_init__(self) -> None:
         if self.data_shards % self.world:
-            raise ValueError(f"train.data_shards={self.data_shards} must be a multiple of the "
-                             f"number of processes ({self.world})")
+            raise ValueError(
+                f"train.data_shards={self.data_shards} must be a multiple of the "
+                f"number of processes ({self.world})"
+            )
 
     @property
     def shards(self) -> list[int]:
@@ -129,9 +131,13 @@ def join_launch_group(timeout_s: float) -> None:
         _launch_store, _, _ = next(rendezvous("env://", timeout=timeout))
     _joins += 1
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, store=PrefixStore(f"sae_dist/{_joins}", _launch_store),
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-                            timeout=timeout)
+    dist.init_process_group(
+        backend,
+        store=PrefixStore(f"sae_dist/{_joins}", _launch_store),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timeout,
+    )
 
 
 def assign_hookpoints(sizes: dict[str, int], world: int) -> dict[str, int]:
@@ -162,12 +168,12 @@ def gather_rows(rows: torch.Tensor, dst: int, world: int) -> list[torch.Tensor] 
     dist.all_gather(sizes, torch.tensor([rows.shape[0]]))
     width = int(max(sizes))
     padded = rows.new_zeros(width, rows.shape[1])
-    padded[:rows.shape[0]] = rows
+    padded[: rows.shape[0]] = rows
     parts = [torch.empty_like(padded) for _ in range(world)] if dist.get_rank() == dst else None
     dist.gather(padded, parts, dst=dst)
     if parts is None:
         return None
-    return [p[:int(n)] for p, n in zip(parts, sizes)]
+    return [p[: int(n)] for p, n in zip(parts, sizes)]
 
 
 def barrier() -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Protocol, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -19,7 +20,6 @@ from sae_dist.errors import ConfigError
 
 SITES = ("resid", "mlp", "attn")
 """Hookpoint sites: decoder layer output, MLP output, self-attention output (after o_proj)."""
-
 
 
 @dataclass(frozen=True)
@@ -36,15 +36,15 @@ class Family:
     """Path of the LM head (the unembedding)."""
 
 
-_LLAMA_LIKE = Family("model.layers", {"resid": "", "mlp": "mlp", "attn": "self_attn"},
-                     "model.norm")
-FAMILIES: dict[str, Family] = {family: _LLAMA_LIKE
-                               for family in ("llama", "qwen2", "qwen3", "mistral", "olmo2")}
+_LLAMA_LIKE = Family("model.layers", {"resid": "", "mlp": "mlp", "attn": "self_attn"}, "model.norm")
+FAMILIES: dict[str, Family] = dict.fromkeys(
+    ("llama", "qwen2", "qwen3", "mistral", "olmo2"), _LLAMA_LIKE
+)
 """HF `model_type` -> its row; a new family (e.g. Gemma, with extra post-norms) is one row."""
 
 _TL_HOOKS = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
 
-HookFn = Callable[[torch.Tensor], Optional[torch.Tensor]]
+HookFn = Callable[[torch.Tensor], torch.Tensor | None]
 """Receives a hookpoint's activation [batch, seq, d_model]; a returned tensor replaces it."""
 
 _NAME = re.compile(r"^layers\.(\d+)\.(\w+)$")
@@ -70,15 +70,16 @@ class Hookpoint:
         return f"blocks.{self.layer}.{_TL_HOOKS[self.site]}"
 
     @classmethod
-    def from_saelens_hook_name(cls, name: str) -> Optional["Hookpoint"]:
+    def from_saelens_hook_name(cls, name: str) -> Hookpoint | None:
         """Inverse of `saelens_hook_name` (blocks.{i}.hook_resid_post / hook_mlp_out /
         hook_attn_out); None for any other name."""
         m = _TL_NAME.match(name)
         return cls(int(m.group(1)), _TL_SITES[m.group(2)]) if m else None
 
     @classmethod
-    def parse(cls, name: str, n_layers: Optional[int] = None,
-              key: str = "sites.hookpoints") -> "Hookpoint":
+    def parse(
+        cls, name: str, n_layers: int | None = None, key: str = "sites.hookpoints"
+    ) -> Hookpoint:
         """Parse `layers.{i}.{site}` and check it (against `n_layers` when given); errors
         name `key` and list the valid hookpoints."""
         m = _NAME.match(name)
@@ -101,11 +102,11 @@ class SiteGrid(Protocol):
     """A layer x site grid or an explicit hookpoint list (sae_dist.config.SitesConfig)."""
 
     @property
-    def layers(self) -> Optional[Sequence[int]]: ...
+    def layers(self) -> Sequence[int] | None: ...
     @property
     def sites(self) -> Sequence[str]: ...
     @property
-    def hookpoints(self) -> Optional[Sequence[str]]: ...
+    def hookpoints(self) -> Sequence[str] | None: ...
 
 
 def grid_hookpoints(cfg: SiteGrid, n_layers: int) -> list[Hookpoint]:
@@ -116,8 +117,9 @@ def grid_hookpoints(cfg: SiteGrid, n_layers: int) -> list[Hookpoint]:
         layers = list(range(n_layers)) if cfg.layers is None else list(cfg.layers)
         for layer in layers:
             if not 0 <= layer < n_layers:
-                raise ConfigError("sites.layers", layer, f"0..{n_layers - 1} (model has "
-                                  f"{n_layers} layers)")
+                raise ConfigError(
+                    "sites.layers", layer, f"0..{n_layers - 1} (model has {n_layers} layers)"
+                )
         for site in cfg.sites:
             if site not in SITES:
                 raise ConfigError("sites.sites", site, ", ".join(SITES))
@@ -132,8 +134,10 @@ def grid_hookpoints(cfg: SiteGrid, n_layers: int) -> list[Hookpoint]:
 def family_of(model: nn.Module) -> str:
     model_type = getattr(model.config, "model_type", "")
     if model_type not in FAMILIES:
-        raise ValueError(f"model_type {model_type!r} has no hookpoint table; known: "
-                         f"{sorted(FAMILIES)} (add a row to sae_dist.hookpoints.FAMILIES)")
+        raise ValueError(
+            f"model_type {model_type!r} has no hookpoint table; known: "
+            f"{sorted(FAMILIES)} (add a row to sae_dist.hookpoints.FAMILIES)"
+        )
     return model_type
 
 
@@ -180,23 +184,25 @@ class StopForward(Exception):
 
 def _output_hook(fn: HookFn):
     """Forward hook applying `fn` to the activation (first element when the output is a tuple)."""
+
     def hook(module: nn.Module, args, output):
         act = output[0] if isinstance(output, tuple) else output
         new = fn(act)
         if new is None:
             return None
         return (new, *output[1:]) if isinstance(output, tuple) else new
+
     return hook
 
 
 @contextlib.contextmanager
-def hooks(model: nn.Module, fns: dict[Hookpoint, HookFn], stop_after: bool = False
-          ) -> Iterator[None]:
+def hooks(
+    model: nn.Module, fns: dict[Hookpoint, HookFn], stop_after: bool = False
+) -> Iterator[None]:
     """Attach `fns` at their hookpoints for the duration of the block. With `stop_after`, the
     forward pass raises StopForward right after the last layer any hookpoint needs; use
     `run_forward` to swallow it."""
-    handles = [resolve(model, hp).register_forward_hook(_output_hook(fn))
-               for hp, fn in fns.items()]
+    handles = [resolve(model, hp).register_forward_hook(_output_hook(fn)) for hp, fn in fns.items()]
     if stop_after:
         last = decoder_layers(model)[max(hp.layer for hp in fns)]
         handles.append(last.register_forward_hook(_raise_stop))  # runs after the capture hooks
@@ -219,8 +225,13 @@ def run_forward(model: nn.Module, input_ids: torch.Tensor, **kwargs):
         return None
 
 
-def capture(model: nn.Module, hookpoints: list[Hookpoint], input_ids: torch.Tensor,
-            stop_early: bool = True, **forward_kwargs) -> dict[Hookpoint, torch.Tensor]:
+def capture(
+    model: nn.Module,
+    hookpoints: list[Hookpoint],
+    input_ids: torch.Tensor,
+    stop_early: bool = True,
+    **forward_kwargs,
+) -> dict[Hookpoint, torch.Tensor]:
     """Activations [batch, seq, d_model] at each hookpoint for one forward pass (no grad),
     stopping after the last layer needed when `stop_early`; `forward_kwargs` (e.g. the
     attention_mask of a padded batch) go to the model."""
@@ -229,6 +240,7 @@ def capture(model: nn.Module, hookpoints: list[Hookpoint], input_ids: torch.Tens
     def store(hp: Hookpoint) -> HookFn:
         def fn(act: torch.Tensor) -> None:
             acts[hp] = act.detach()
+
         return fn
 
     with torch.no_grad(), hooks(model, {hp: store(hp) for hp in hookpoints}, stop_early):
@@ -244,6 +256,7 @@ def splice(model: nn.Module, replacements: dict[Hookpoint, HookFn]):
 
 # --- where the current forward pass sits in the sequence (for position-selective hooks) -----
 
+
 @dataclass
 class ForwardPositions:
     """Where the tokens of the forward pass in progress sit, updated before every pass.
@@ -254,7 +267,7 @@ class ForwardPositions:
 
     start: int = 0
     """Absolute position of the pass's first token: the length of the KV cache before it."""
-    valid: Optional[torch.Tensor] = None
+    valid: torch.Tensor | None = None
     """bool [B, T]: the pass's tokens that are not padding (from the 2-D attention mask; None
     when the pass has no such mask: every token counts)."""
 

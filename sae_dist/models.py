@@ -25,8 +25,9 @@ from sae_dist.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def load_model(cfg: ModelConfig, device: str | torch.device = "cpu"
-               ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(
+    cfg: ModelConfig, device: str | torch.device = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model in eval mode without gradients, on `device` in `cfg.dtype`, and its tokenizer.
     Checks the model's layer count and width against `cfg`."""
     dtype = resolve_dtype(cfg.dtype, device)
@@ -98,11 +99,14 @@ def _load_gguf_cached(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedToke
     cache = _cache_dir(cfg, gguf)
     if (cache / "config.json").exists():
         log.info("loading %s from cache %s (dequantised from %s)", cfg.name, cache, gguf)
-        return (AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32),
-                AutoTokenizer.from_pretrained(cache))
+        return (
+            AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32),
+            AutoTokenizer.from_pretrained(cache),
+        )
     log.info("dequantising %s from %s (once; cached in %s)", cfg.name, gguf, cache)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # torch types Module.__setattr__'s value as Tensor | Module, but it stores any value
     model.hf_quantizer = None  # pyright: ignore[reportArgumentType]
@@ -154,5 +158,3 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
     if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
         raise ConfigError(key, name, "auto, cpu, cuda, cuda:<i>")
     return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-
-

@@ -14,8 +14,6 @@ With factor None only non-finite positions are left out.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -29,7 +27,7 @@ class OutlierFilter:
     """One hookpoint's filter: flags positions whose activation norm exceeds `factor` x the
     running median norm (attention sinks reach 100-1000x) and non-finite ones; counts both."""
 
-    def __init__(self, factor: Optional[float], window: int = WINDOW):
+    def __init__(self, factor: float | None, window: int = WINDOW):
         self.factor = factor
         self.window = window
         self.history = torch.empty(0)
@@ -54,12 +52,15 @@ class OutlierFilter:
         reference = torch.cat([self.history, valid]).median()
         keep = finite.cpu() & (norms <= self.factor * reference)
         self.dropped_outliers += int((finite.cpu() & ~keep).sum())
-        self.history = torch.cat([self.history, norms[keep]])[-self.window:]
+        self.history = torch.cat([self.history, norms[keep]])[-self.window :]
         return keep.to(acts.device)
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "dropped_outliers": self.dropped_outliers,
-                "dropped_nonfinite": self.dropped_nonfinite}
+        return {
+            "history": self.history,
+            "dropped_outliers": self.dropped_outliers,
+            "dropped_nonfinite": self.dropped_nonfinite,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.history = state["history"]
@@ -71,7 +72,7 @@ class PositionFilter:
     """The filters of every hookpoint of a run (or an evaluation): a position is kept iff every
     hookpoint's `OutlierFilter` keeps it, so all SAEs see the same positions."""
 
-    def __init__(self, names: list[str], factor: Optional[float], window: int = WINDOW):
+    def __init__(self, names: list[str], factor: float | None, window: int = WINDOW):
         self.filters = {name: OutlierFilter(factor, window) for name in names}
 
     def keep(self, acts: dict[str, Tensor]) -> Tensor:

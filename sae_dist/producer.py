@@ -6,8 +6,8 @@ hands out training batches. Nothing touches disk."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -54,8 +54,11 @@ class ShuffleBuffer:
         return self.ready.pop(0)
 
     def state_dict(self) -> dict:
-        return {"data": torch.cat(self.chunks) if self.chunks else torch.empty(0),
-                "ready": list(self.ready), "generator": self.generator.get_state()}
+        return {
+            "data": torch.cat(self.chunks) if self.chunks else torch.empty(0),
+            "ready": list(self.ready),
+            "generator": self.generator.get_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.chunks = [state["data"]] if state["data"].numel() else []
@@ -81,13 +84,20 @@ class ActivationProducer:
     of them), so every SAE trains on the same tokens and the lockstep trainer's buffers stay the
     same size. Yields float32 activations on `device`."""
 
-    def __init__(self, model: nn.Module, hookpoints: list[Hookpoint],
-                 outlier_factor: Optional[float], device: torch.device,
-                 streams: dict[int, SequencePool | TokenStream], seqs_per_shard: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        hookpoints: list[Hookpoint],
+        outlier_factor: float | None,
+        device: torch.device,
+        streams: dict[int, SequencePool | TokenStream],
+        seqs_per_shard: int,
+    ):
         self.model, self.hookpoints, self.device = model, hookpoints, device
         self.streams, self.seqs_per_shard = streams, seqs_per_shard
-        self.filters = {v: PositionFilter([hp.name for hp in hookpoints], outlier_factor)
-                        for v in streams}
+        self.filters = {
+            v: PositionFilter([hp.name for hp in hookpoints], outlier_factor) for v in streams
+        }
         self.stats = ProducerStats()
         self._batches: dict[int, Iterator[TokenBatch]] = {}
 
@@ -122,14 +132,20 @@ class ActivationProducer:
 
     def dropped(self) -> dict[str, dict[str, int]]:
         """{"outliers" | "nonfinite": {hookpoint name: tokens dropped on this process}}."""
-        return {kind: {hp.name: sum(f.dropped(kind)[hp.name] for f in self.filters.values())
-                       for hp in self.hookpoints}
-                for kind in ("outliers", "nonfinite")}
+        return {
+            kind: {
+                hp.name: sum(f.dropped(kind)[hp.name] for f in self.filters.values())
+                for hp in self.hookpoints
+            }
+            for kind in ("outliers", "nonfinite")
+        }
 
     def state_dict(self, shard: int) -> dict:
         """One hosted shard's position: its stream and filters."""
-        return {"stream": self.streams[shard].state_dict(),
-                "filters": self.filters[shard].state_dict()}
+        return {
+            "stream": self.streams[shard].state_dict(),
+            "filters": self.filters[shard].state_dict(),
+        }
 
     def load_state_dict(self, shard: int, state: dict) -> None:
         self.streams[shard].load_state_dict(state["stream"])

@@ -10,9 +10,10 @@ against the model.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -42,10 +43,10 @@ class LoadedSuite:
     model: ModelConfig
     """The model config the SAEs belong to (given, or the conf/model/ entry the suite names)."""
     device: torch.device
-    token_policy: Optional[str]
+    token_policy: str | None
     """The token policy of training, `PolicyConfig.describe()`; None where the suite does not
     record it (suites of other tools)."""
-    train_config: Optional[dict[str, Any]]
+    train_config: dict[str, Any] | None
     """The training run's config (`TrainRunConfig` as a dict); None where not recorded."""
 
     @property
@@ -53,9 +54,12 @@ class LoadedSuite:
         return list(self.saes)
 
 
-def load_suite(path: Path | str, device: str | torch.device = "auto",
-               model: Optional[ModelConfig] = None,
-               hookpoints: Optional[Sequence[str]] = None) -> LoadedSuite:
+def load_suite(
+    path: Path | str,
+    device: str | torch.device = "auto",
+    model: ModelConfig | None = None,
+    hookpoints: Sequence[str] | None = None,
+) -> LoadedSuite:
     """Open the suite at `path` on `device` (`auto`: CUDA when present, else CPU).
 
     `model`: the model config; None = the conf/model/ entry of the model the suite names.
@@ -72,8 +76,9 @@ def load_suite(path: Path | str, device: str | torch.device = "auto",
         model = model_config_for(suite_model)
     for name in hookpoints or []:
         if name not in folders:
-            raise ConfigError("hookpoints", name, f"hookpoints of the suite {path}: "
-                              f"{', '.join(folders)}")
+            raise ConfigError(
+                "hookpoints", name, f"hookpoints of the suite {path}: {', '.join(folders)}"
+            )
     dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     saes: dict[Hookpoint, SparseAutoencoder] = {}
     configs: dict[str, dict[str, Any]] = {}
@@ -81,35 +86,54 @@ def load_suite(path: Path | str, device: str | torch.device = "auto",
         hp = Hookpoint.parse(name, model.n_layers)
         sae, sae_cfg = load_sae(folders[name], dev)
         if sae.d_in != model.d_model:
-            raise CheckpointError(f"{folders[name]}: d_in={sae.d_in} but {model.name} has "
-                                  f"d_model={model.d_model}")
+            raise CheckpointError(
+                f"{folders[name]}: d_in={sae.d_in} but {model.name} has d_model={model.d_model}"
+            )
         saes[hp], configs[name] = sae.eval(), sae_cfg
     index = read_suite_index(path) if (path / "suite.json").is_file() else {}
-    return LoadedSuite(path, dict(sorted(saes.items(), key=lambda kv: kv[0].site_order)),
-                       {n: folders[n] for n in configs}, configs, model, dev,
-                       index.get("token_policy"), index.get("train_config"))
+    return LoadedSuite(
+        path,
+        dict(sorted(saes.items(), key=lambda kv: kv[0].site_order)),
+        {n: folders[n] for n in configs},
+        configs,
+        model,
+        dev,
+        index.get("token_policy"),
+        index.get("train_config"),
+    )
 
 
-def discover_saes(path: Path) -> tuple[dict[str, Path], Optional[str]]:
+def discover_saes(path: Path) -> tuple[dict[str, Path], str | None]:
     """{hookpoint name: SAE folder} of a suite dir (suite.json), one SAE folder (cfg.json) or a
     folder of SAE folders, and the model name the suite or the SAEs' metadata give (or None)."""
     path = Path(path)
     if (path / "suite.json").is_file():
         index = read_suite_index(path)
         return {e["hookpoint"]: path / e["path"] for e in index["saes"]}, index.get("model")
-    folders = [path] if (path / CFG_FILE).is_file() else sorted(
-        p for p in path.glob("*") if (p / CFG_FILE).is_file())
+    folders = (
+        [path]
+        if (path / CFG_FILE).is_file()
+        else sorted(p for p in path.glob("*") if (p / CFG_FILE).is_file())
+    )
     if not folders:
-        raise ConfigError("suite", str(path), "a suite directory (suite.json), an SAE folder "
-                          "(cfg.json + sae_weights.safetensors) or a folder of SAE folders")
+        raise ConfigError(
+            "suite",
+            str(path),
+            "a suite directory (suite.json), an SAE folder "
+            "(cfg.json + sae_weights.safetensors) or a folder of SAE folders",
+        )
     found: dict[str, Path] = {}
     model = None
     for folder in folders:
         meta = json.loads((folder / CFG_FILE).read_text()).get("metadata", {})
         name = hookpoint_name(meta, folder)
         if name in found:
-            raise ConfigError("suite", str(path), f"one SAE per hookpoint ({name} appears in "
-                              f"{found[name]} and {folder}); evaluate them separately")
+            raise ConfigError(
+                "suite",
+                str(path),
+                f"one SAE per hookpoint ({name} appears in "
+                f"{found[name]} and {folder}); evaluate them separately",
+            )
         found[name] = folder
         model = model or meta.get("model_name")
     return found, model
@@ -135,7 +159,9 @@ def model_config_for(name: str) -> ModelConfig:
             cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
             assert isinstance(cfg, ModelConfig)  # the object of a structured ModelConfig
             return cfg
-    raise ConfigError("model", name, f"model=<name> with one of {', '.join(known)} (the suite "
-                      "names a model that has no conf/model/ entry)")
-
-
+    raise ConfigError(
+        "model",
+        name,
+        f"model=<name> with one of {', '.join(known)} (the suite "
+        "names a model that has no conf/model/ entry)",
+    )

@@ -8,8 +8,9 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Optional, Sequence, cast
+from typing import Any, Literal, cast
 
 from sae_dist.config import LoggerConfig
 
@@ -26,8 +27,11 @@ def resolve_wandb_mode(mode: str) -> str:
         return mode
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").exists() and \
-        "api.wandb.ai" in (Path.home() / ".netrc").read_text()
+    has_key = (
+        bool(os.environ.get("WANDB_API_KEY"))
+        or (Path.home() / ".netrc").exists()
+        and "api.wandb.ai" in (Path.home() / ".netrc").read_text()
+    )
     return "online" if has_key else "offline"
 
 
@@ -40,12 +44,18 @@ class RunLogger:
     offline run directory, which then replaces the earlier ones: the newest offline run holds
     every logged step once. Online, W&B itself keeps the history of the resumed run."""
 
-    def __init__(self, cfg: LoggerConfig, out_dir: Path, run_config: dict[str, Any], name: str,
-                 resume_step: Optional[int] = None):
+    def __init__(
+        self,
+        cfg: LoggerConfig,
+        out_dir: Path,
+        run_config: dict[str, Any],
+        name: str,
+        resume_step: int | None = None,
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         history = _rewrite_history(self.out_dir / "metrics.jsonl", resume_step)
-        self.jsonl = open(self.out_dir / "metrics.jsonl", "a")
+        self.jsonl = open(self.out_dir / "metrics.jsonl", "a")  # noqa: SIM115 - open for the run, closed by finish()
         self.cfg = cfg
         self.step = history[-1]["step"] if history else 0
         """The last step logged; tables and images are logged at it."""
@@ -62,10 +72,17 @@ class RunLogger:
 
         mode = resolve_wandb_mode(self.cfg.mode)
         run_id = _run_id(self.out_dir, new=not resumed)
-        run = wandb.init(project=self.cfg.project, entity=self.cfg.entity, name=name,
-                         mode=cast(WandbMode, mode),  # wandb.init validates it
-                         dir=str(self.out_dir), config=run_config, resume="allow", id=run_id,
-                         settings=wandb.Settings(quiet=True))
+        run = wandb.init(
+            project=self.cfg.project,
+            entity=self.cfg.entity,
+            name=name,
+            mode=cast(WandbMode, mode),  # wandb.init validates it
+            dir=str(self.out_dir),
+            config=run_config,
+            resume="allow",
+            id=run_id,
+            settings=wandb.Settings(quiet=True),
+        )
         current = Path(run.dir).parent.name
         for old in (self.out_dir / "wandb").glob(f"offline-run-*-{run_id}"):
             if old.name != current:  # superseded by the replay into the current directory
@@ -89,18 +106,23 @@ class RunLogger:
         if self.run is not None:
             self._wandb(lambda: self.run.log(metrics, step=step))
 
-    def log_table(self, name: str, results: dict[str, dict[str, Any]],
-                  columns: Sequence[str], key: str = "hookpoint") -> None:
+    def log_table(
+        self,
+        name: str,
+        results: dict[str, dict[str, Any]],
+        columns: Sequence[str],
+        key: str = "hookpoint",
+    ) -> None:
         """A W&B table: one row per entry of `results` (its key in the first column, named
         `key`), one column per metric."""
         if self.run is None:
             return
         import wandb  # only when a run logs to W&B: its import takes seconds
 
-        rows: list[Iterable[Any]] = [[hp, *(res.get(c) for c in columns)]
-                                     for hp, res in results.items()]
-        self.run.log({name: wandb.Table(columns=[key, *columns], data=rows)},
-                     step=self.step)
+        rows: list[Iterable[Any]] = [
+            [hp, *(res.get(c) for c in columns)] for hp, res in results.items()
+        ]
+        self.run.log({name: wandb.Table(columns=[key, *columns], data=rows)}, step=self.step)
 
     def log_images(self, images: dict[str, Path]) -> None:
         """PNG files as W&B images, by key."""
@@ -108,8 +130,7 @@ class RunLogger:
             return
         import wandb  # only when a run logs to W&B: its import takes seconds
 
-        self.run.log({key: wandb.Image(str(path)) for key, path in images.items()},
-                     step=self.step)
+        self.run.log({key: wandb.Image(str(path)) for key, path in images.items()}, step=self.step)
 
     def log_sae_artifact(self, folder: Path, name: str, metadata: dict[str, Any]) -> None:
         """The SAE folder as a W&B model artifact, by reference (file:// with checksums): W&B
@@ -138,12 +159,13 @@ class RunLogger:
         try:
             call()
         except ConnectionError as e:
-            log.warning("W&B service lost (%s): metrics go on to metrics.jsonl only in this "
-                        "process", e)
+            log.warning(
+                "W&B service lost (%s): metrics go on to metrics.jsonl only in this process", e
+            )
             self.run = None
 
 
-def _rewrite_history(path: Path, resume_step: Optional[int]) -> list[dict[str, Any]]:
+def _rewrite_history(path: Path, resume_step: int | None) -> list[dict[str, Any]]:
     """Keep the rows of metrics.jsonl with step <= resume_step, once per step (a fresh run,
     resume_step None, starts an empty file); returns the kept rows."""
     rows: dict[int, dict[str, Any]] = {}

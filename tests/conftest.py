@@ -20,8 +20,10 @@ torch.set_num_threads(int(os.environ.get("SAE_DIST_TEST_THREADS", min(2, os.cpu_
 
 CONF_DIR = str(cli.CONF_DIR)
 
-PRECISION = {"fp32": ["model.dtype=float32", "trainer.mixed_precision=no"],
-             "bf16": ["model.dtype=bfloat16", "trainer.mixed_precision=bf16"]}
+PRECISION = {
+    "fp32": ["model.dtype=float32", "trainer.mixed_precision=no"],
+    "bf16": ["model.dtype=bfloat16", "trainer.mixed_precision=bf16"],
+}
 """Overrides that fix a run's precision whatever `auto` resolves to on the machine: fp32 (LM and
 SAE step in float32) or bf16 (LM in bfloat16, SAE step under bf16 autocast with float32 master
 weights: what `auto` chooses where bf16 is native). Emulated, and slow, on AVX2-only CPUs."""
@@ -30,9 +32,10 @@ weights: what `auto` chooses where bf16 is native). Emulated, and slow, on AVX2-
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux, else the platform's processor string)."""
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
@@ -43,16 +46,21 @@ def pytest_report_header(config) -> list[str]:
     Tests fix their precision (PRECISION), so none depends on these lines."""
     from sae_dist.models import resolve_dtype, resolve_mixed_precision
 
-    flags = {"avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
-             "amx_tile": torch.cpu._is_amx_tile_supported()}
+    flags = {
+        "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+        "amx_tile": torch.cpu._is_amx_tile_supported(),
+    }
     native = any(flags.values())
-    return [f"cpu: {cpu_model()} ({os.cpu_count()} logical cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads)",
-            "cpu bf16: " + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in flags.items())
-            + f" -> model.dtype=auto: {resolve_dtype('auto', 'cpu')}, trainer.mixed_precision="
-            f"auto: {resolve_mixed_precision('auto', 'cpu')}",
-            "precision paths: fp32 and bf16 both tested explicitly; bf16 is "
-            + ("native here" if native else "emulated here (slow)")]
+    return [
+        f"cpu: {cpu_model()} ({os.cpu_count()} logical cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads)",
+        "cpu bf16: "
+        + ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in flags.items())
+        + f" -> model.dtype=auto: {resolve_dtype('auto', 'cpu')}, trainer.mixed_precision="
+        f"auto: {resolve_mixed_precision('auto', 'cpu')}",
+        "precision paths: fp32 and bf16 both tested explicitly; bf16 is "
+        + ("native here" if native else "emulated here (slow)"),
+    ]
 
 
 def compose_train_config(overrides: list[str]):

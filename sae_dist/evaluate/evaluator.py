@@ -50,8 +50,9 @@ No autocast: the clean pass and the replays run the same layers in the model's d
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -84,17 +85,14 @@ MAX_BATCH_TOKENS = 4096
 SmolLM2, 3.7 GB for Qwen3)."""
 
 
-
-
-
-
-
-
-
 @torch.no_grad()
-def mean_activations(model: nn.Module, hookpoints: list[Hookpoint], batches: Sequence[TokenBatch],
-                     device: torch.device, outlier_factor: Optional[float]
-                     ) -> dict[Hookpoint, Tensor]:
+def mean_activations(
+    model: nn.Module,
+    hookpoints: list[Hookpoint],
+    batches: Sequence[TokenBatch],
+    device: torch.device,
+    outlier_factor: float | None,
+) -> dict[Hookpoint, Tensor]:
     """Mean activation [d_model] (float64) of each hookpoint over the positions the token policy
     keeps in `batches` (a fresh `PositionFilter`, so the same positions as `evaluate_saes`; one
     extra pass, stopped after the last layer needed)."""
@@ -117,8 +115,7 @@ def split_batches(batches: Sequence[TokenBatch], max_tokens: int) -> list[TokenB
     out = []
     for b in batches:
         rows = max(1, max_tokens // b.input_ids.shape[1])
-        out += [TokenBatch(i, m) for i, m in zip(b.input_ids.split(rows),
-                                                  b.train_mask.split(rows))]
+        out += [TokenBatch(i, m) for i, m in zip(b.input_ids.split(rows), b.train_mask.split(rows))]
     return out
 
 
@@ -137,12 +134,20 @@ class _View:
 
 
 @torch.no_grad()
-def evaluate_saes(model: nn.Module, saes: dict[Hookpoint, SAELike], batches: Sequence[TokenBatch],
-                  device: torch.device, *, outlier_factor: Optional[float],
-                  model_level: bool = True, ce_mean: bool = False,
-                  max_variants: int = 8, logit_chunk: int = 256,
-                  max_batch_tokens: int = MAX_BATCH_TOKENS,
-                  all_tokens: bool = False) -> dict[str, dict[str, Any]]:
+def evaluate_saes(
+    model: nn.Module,
+    saes: dict[Hookpoint, SAELike],
+    batches: Sequence[TokenBatch],
+    device: torch.device,
+    *,
+    outlier_factor: float | None,
+    model_level: bool = True,
+    ce_mean: bool = False,
+    max_variants: int = 8,
+    logit_chunk: int = 256,
+    max_batch_tokens: int = MAX_BATCH_TOKENS,
+    all_tokens: bool = False,
+) -> dict[str, dict[str, Any]]:
     """Reconstruction (and with `model_level` the model-level) metrics of every SAE over the
     held-out `batches`; keyed by hookpoint name, in the order of `saes`. An SAE may be a plain
     function x [n, d] -> x_hat [n, d] (sparsity metrics are then None). Batches are split to at
@@ -162,14 +167,23 @@ def evaluate_saes(model: nn.Module, saes: dict[Hookpoint, SAELike], batches: Seq
     hps = list(saes)
     batches = split_batches(batches, max_batch_tokens)
 
-    views = [_View(every, {hp: ReconstructionAccumulator(_d_in(sae, model),
-                                                        getattr(sae, "d_sae", None))
-                           for hp, sae in saes.items()},
-                   {hp: ModelLevelAccumulator() for hp in hps})
-             for every in ([False, True] if all_tokens else [False])]
+    views = [
+        _View(
+            every,
+            {
+                hp: ReconstructionAccumulator(_d_in(sae, model), getattr(sae, "d_sae", None))
+                for hp, sae in saes.items()
+            },
+            {hp: ModelLevelAccumulator() for hp in hps},
+        )
+        for every in ([False, True] if all_tokens else [False])
+    ]
     policy = PositionFilter([hp.name for hp in hps], outlier_factor)
-    means = (mean_activations(model, hps, batches, device, outlier_factor)
-             if model_level and ce_mean else {})
+    means = (
+        mean_activations(model, hps, batches, device, outlier_factor)
+        if model_level and ce_mean
+        else {}
+    )
     excluded = 0
     for batch in tqdm(batches, desc="eval", unit="batch", leave=False):
         ids, mask = batch.input_ids.to(device), batch.train_mask.to(device)
@@ -190,9 +204,17 @@ def evaluate_saes(model: nn.Module, saes: dict[Hookpoint, SAELike], batches: Seq
                 x_hats[hp], latents = reconstruct(sae, x)
                 v.recon[hp].update(x, x_hats[hp], latents)
             if model_level:
-                _model_level_batch(model, clean, scorer, positions, x_hats,
-                                   {} if v.every_position else means, v.ce, max_variants,
-                                   max_batch_tokens)
+                _model_level_batch(
+                    model,
+                    clean,
+                    scorer,
+                    positions,
+                    x_hats,
+                    {} if v.every_position else means,
+                    v.ce,
+                    max_variants,
+                    max_batch_tokens,
+                )
     results = {}
     for hp in hps:
         res: dict[str, Any] = {}
@@ -220,44 +242,61 @@ def _hidden_size(model: nn.Module) -> int:
     return config.hidden_size
 
 
-def _model_level_batch(model: nn.Module, clean, scorer: NextTokenScorer, splice: Tensor,
-                       x_hats: dict[Hookpoint, Tensor], means: dict[Hookpoint, Tensor],
-                       acc: dict[Hookpoint, ModelLevelAccumulator], max_variants: int,
-                       max_batch_tokens: int = MAX_BATCH_TOKENS) -> None:
+def _model_level_batch(
+    model: nn.Module,
+    clean,
+    scorer: NextTokenScorer,
+    splice: Tensor,
+    x_hats: dict[Hookpoint, Tensor],
+    means: dict[Hookpoint, Tensor],
+    acc: dict[Hookpoint, ModelLevelAccumulator],
+    max_variants: int,
+    max_batch_tokens: int = MAX_BATCH_TOKENS,
+) -> None:
     """Score one batch: clean CE, then per start layer the SAE / zero / mean splices at the
     positions `splice` [B, T] of every hookpoint of that layer, batched `max_variants` at a
     time (on CPU also at most `max_batch_tokens` positions per replay: larger batches are
     slower per token there)."""
     variants: dict[int, list[tuple[Hookpoint, str, Any]]] = {}
     d_model = _hidden_size(model)
-    per_replay = max_variants if splice.device.type != "cpu" else max(1, min(
-        max_variants, max_batch_tokens // splice.numel()))
+    per_replay = (
+        max_variants
+        if splice.device.type != "cpu"
+        else max(1, min(max_variants, max_batch_tokens // splice.numel()))
+    )
     rows = scorer.sel.nonzero(as_tuple=True)[0]
     for hp, x_hat in x_hats.items():
         acc[hp].add_clean(scorer.ce_clean, rows)
         kinds = [("spliced", x_hat), ("zero", x_hat.new_zeros(d_model))]
         kinds += [("mean", means[hp])] if hp in means else []
-        variants.setdefault(hp.layer, []).extend((hp, k, masked_edit(splice, v))
-                                                 for k, v in kinds)
+        variants.setdefault(hp.layer, []).extend((hp, k, masked_edit(splice, v)) for k, v in kinds)
     for layer, vs in sorted(variants.items()):
         for i in range(0, len(vs), per_replay):
-            group = vs[i:i + per_replay]
+            group = vs[i : i + per_replay]
             finals = replay_from(model, clean, layer, [{hp: edit} for hp, _, edit in group])
             for (hp, kind, _), final in zip(group, finals):
                 ce, kl = scorer.score(final, with_kl=kind == "spliced")
                 acc[hp].add(kind, ce, kl)
 
 
-def eval_context(suite: str, model: ModelConfig, data: Any, batches: Sequence[TokenBatch],
-                 **extra: Any) -> dict[str, Any]:
+def eval_context(
+    suite: str, model: ModelConfig, data: Any, batches: Sequence[TokenBatch], **extra: Any
+) -> dict[str, Any]:
     """What a per-SAE JSON records besides the metrics: suite, model and data configs, split,
     the token policy (named), splice and CE positions, and the sequences and tokens the
     evaluation read."""
-    return {"suite": suite, "model": asdict(model), "data": asdict(data), "split": "eval",
-            "token_policy": data.policy.describe(),
-            "splice_positions": SPLICE_POSITIONS, "ce_positions": CE_POSITIONS,
-            "sequences": sum(len(b.input_ids) for b in batches),
-            "lm_tokens": sum(b.input_ids.numel() for b in batches), **extra}
+    return {
+        "suite": suite,
+        "model": asdict(model),
+        "data": asdict(data),
+        "split": "eval",
+        "token_policy": data.policy.describe(),
+        "splice_positions": SPLICE_POSITIONS,
+        "ce_positions": CE_POSITIONS,
+        "sequences": sum(len(b.input_ids) for b in batches),
+        "lm_tokens": sum(b.input_ids.numel() for b in batches),
+        **extra,
+    }
 
 
 def scalar_metrics(res: dict[str, Any]) -> dict[str, Any]:
@@ -266,13 +305,6 @@ def scalar_metrics(res: dict[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------- loading a suite
-
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------------- the run

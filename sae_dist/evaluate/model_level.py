@@ -34,8 +34,9 @@ untouched.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -81,8 +82,9 @@ class CleanPass:
 
 
 @torch.no_grad()
-def clean_pass(model: nn.Module, input_ids: Tensor, hookpoints: list[Hookpoint],
-               start_layers: list[int]) -> CleanPass:
+def clean_pass(
+    model: nn.Module, input_ids: Tensor, hookpoints: list[Hookpoint], start_layers: list[int]
+) -> CleanPass:
     """Run the decoder stack once (no LM head) and record activations, layer inputs and kwargs."""
     layers = decoder_layers(model)
     acts: dict[Hookpoint, Tensor] = {}
@@ -98,10 +100,13 @@ def clean_pass(model: nn.Module, input_ids: Tensor, hookpoints: list[Hookpoint],
             if i in start_layers:
                 inputs[i] = (args[0] if args else kw["hidden_states"]).detach()
             kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
+
         return hook
 
-    handles = [layers[i].register_forward_pre_hook(pre(i), with_kwargs=True)
-               for i in range(first, len(layers))]
+    handles = [
+        layers[i].register_forward_pre_hook(pre(i), with_kwargs=True)
+        for i in range(first, len(layers))
+    ]
     try:
         with hooks(model, {hp: store(hp) for hp in hookpoints}):
             out = decoder_stack(model)(input_ids=input_ids, use_cache=False)
@@ -126,8 +131,9 @@ Edit = Callable[[Tensor], None]
 
 
 @torch.no_grad()
-def replay_from(model: nn.Module, clean: CleanPass, start: int,
-                variants: list[dict[Hookpoint, Edit]]) -> Tensor:
+def replay_from(
+    model: nn.Module, clean: CleanPass, start: int, variants: list[dict[Hookpoint, Edit]]
+) -> Tensor:
     """Final-normed hidden states [n_variants, B, T, d] of the spliced passes `variants`, all run
     as one batch from layer `start` (every hookpoint in `variants` must be at a layer >=
     `start`; layers before `start` are taken from the clean pass)."""
@@ -144,8 +150,9 @@ def replay_from(model: nn.Module, clean: CleanPass, start: int,
         def fn(act: Tensor) -> Tensor:
             out = act.clone()
             for v, edit in edits:
-                edit(out[v * batch:(v + 1) * batch])
+                edit(out[v * batch : (v + 1) * batch])
             return out
+
         return fn
 
     h = h0.repeat(n, *([1] * (h0.dim() - 1)))
@@ -162,9 +169,14 @@ def replay_from(model: nn.Module, clean: CleanPass, start: int,
 def masked_edit(mask: Tensor, values: Tensor) -> Edit:
     """In-place splice setting the activation at the True positions of mask [B, T] to
     values [n, d] (one row per True position, row-major) or [d] (the same vector everywhere)."""
+
     def edit(view: Tensor) -> None:
-        view[mask] = values.to(view.dtype) if values.dim() == 2 else \
-            values.to(view.dtype).expand(int(mask.sum()), -1)
+        view[mask] = (
+            values.to(view.dtype)
+            if values.dim() == 2
+            else values.to(view.dtype).expand(int(mask.sum()), -1)
+        )
+
     return edit
 
 
@@ -194,12 +206,14 @@ class NextTokenScorer:
     traffic): that work costs about 0.4x the LM head matmul instead of about 1x.
     """
 
-    def __init__(self, model: nn.Module, final: Tensor, sel: Tensor, targets: Tensor,
-                 chunk: int = 256):
+    def __init__(
+        self, model: nn.Module, final: Tensor, sel: Tensor, targets: Tensor, chunk: int = 256
+    ):
         self.head, self.sel, self.chunk = unembedding(model), sel, chunk
         vocab = self.head.weight.shape[0]
-        self.slice = (chunk if final.device.type != "cpu" else
-                      max(1, min(chunk, CPU_SLICE_ELEMS // vocab)))
+        self.slice = (
+            chunk if final.device.type != "cpu" else max(1, min(chunk, CPU_SLICE_ELEMS // vocab))
+        )
         self.targets = [u for t in targets.split(chunk) for u in t.split(self.slice)]
         self.z_clean, self.p_clean, self.lse_clean, self.psum_clean, ce = [], [], [], [], []
         for z, t in zip(self._logits(final), self.targets):
@@ -224,7 +238,7 @@ class NextTokenScorer:
             yield from z.split(self.slice)
 
     @torch.no_grad()
-    def score(self, final: Tensor, with_kl: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    def score(self, final: Tensor, with_kl: bool = True) -> tuple[Tensor, Tensor | None]:
         """final [B, T, d] of a spliced pass -> per-position (CE, KL(p_clean || p_spliced) or
         None without `with_kl`), float64 [n] each."""
         ce, kl = [], []
@@ -258,14 +272,17 @@ class ModelLevelAccumulator:
     """
 
     n: int = 0
-    sums: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl"), 0.0))
+    sums: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl"), 0.0
+        )
+    )
     has_mean: bool = False
     seq_delta: list[Tensor] = field(default_factory=list)
     """float64 [rows] per batch: sum of spliced - clean CE over each row's CE positions."""
     seq_positions: list[Tensor] = field(default_factory=list)
     """float64 [rows] per batch: CE positions of each row."""
-    batch: Optional[tuple[Tensor, Tensor]] = None
+    batch: tuple[Tensor, Tensor] | None = None
     """(clean CE [n] float64, row index [n] int64) of the batch being scored."""
 
     def add_clean(self, ce_clean: Tensor, rows: Tensor) -> None:
@@ -275,7 +292,7 @@ class ModelLevelAccumulator:
         self.sums["ce_clean"] += float(ce_clean.sum())
         self.batch = (ce_clean.double(), rows)
 
-    def add(self, kind: str, ce: Tensor, kl: Optional[Tensor] = None) -> None:
+    def add(self, kind: str, ce: Tensor, kl: Tensor | None = None) -> None:
         """CE (and for kind 'spliced' the KL) per position [n] of the batch of `add_clean`."""
         self.sums[f"ce_{kind}"] += float(ce.sum())
         self.has_mean |= kind == "mean"
@@ -299,12 +316,16 @@ class ModelLevelAccumulator:
         if self.n == 0:
             raise ValueError("no evaluation position passed the mask")
         m = {k: v / self.n for k, v in self.sums.items()}
-        out = {"ce_clean": m["ce_clean"], "ce_spliced": m["ce_spliced"], "ce_zero": m["ce_zero"],
-               "delta_loss": m["ce_spliced"] - m["ce_clean"],
-               "delta_loss_se": cluster_se(**self.by_sequence()),
-               "loss_recovered": _ratio(m["ce_zero"] - m["ce_spliced"],
-                                        m["ce_zero"] - m["ce_clean"]),
-               "kl": m["kl"], "ce_tokens": self.n}
+        out = {
+            "ce_clean": m["ce_clean"],
+            "ce_spliced": m["ce_spliced"],
+            "ce_zero": m["ce_zero"],
+            "delta_loss": m["ce_spliced"] - m["ce_clean"],
+            "delta_loss_se": cluster_se(**self.by_sequence()),
+            "loss_recovered": _ratio(m["ce_zero"] - m["ce_spliced"], m["ce_zero"] - m["ce_clean"]),
+            "kl": m["kl"],
+            "ce_tokens": self.n,
+        }
         if self.has_mean:
             out["ce_mean"] = m["ce_mean"]
         return out

@@ -7,19 +7,43 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from sae_dist.hookpoints import SITES, Hookpoint
 
 REPORT_COLUMNS = ("fvu", "l0", "dead_frac", "cosine", "tokens")
-RECON_METRICS = ("fvu", "explained_variance", "mse", "cosine", "l0", "dead_frac", "dense_frac",
-                 "dense_l0")
-MODEL_METRICS = ("ce_clean", "ce_spliced", "ce_zero", "delta_loss", "delta_loss_se",
-                 "loss_recovered", "kl")
+RECON_METRICS = (
+    "fvu",
+    "explained_variance",
+    "mse",
+    "cosine",
+    "l0",
+    "dead_frac",
+    "dense_frac",
+    "dense_l0",
+)
+MODEL_METRICS = (
+    "ce_clean",
+    "ce_spliced",
+    "ce_zero",
+    "delta_loss",
+    "delta_loss_se",
+    "loss_recovered",
+    "kl",
+)
 EVAL_METRICS = RECON_METRICS + MODEL_METRICS
 """The metric names of DESIGN.md section 8 (and delta_loss_se), the keys of every per-SAE JSON."""
-EVAL_COLUMNS = ("fvu", "l0", "dead_frac", "cosine", "delta_loss", "delta_loss_se", "loss_recovered",
-                "kl", "tokens")
+EVAL_COLUMNS = (
+    "fvu",
+    "l0",
+    "dead_frac",
+    "cosine",
+    "delta_loss",
+    "delta_loss_se",
+    "loss_recovered",
+    "kl",
+    "tokens",
+)
 """Columns of the end-of-training report table."""
 ALL_TOKEN_COLUMNS = ("fvu_all", "delta_loss_all", "kl_all", "tokens_all")
 """All-token figures (eval.all_tokens) shown in the suite table when present."""
@@ -33,11 +57,11 @@ def _cell(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def markdown_table(results: dict[str, dict[str, Any]],
-                   columns: tuple[str, ...] = REPORT_COLUMNS) -> str:
+def markdown_table(
+    results: dict[str, dict[str, Any]], columns: tuple[str, ...] = REPORT_COLUMNS
+) -> str:
     """One row per hookpoint, one column per metric (missing or None values show as –)."""
-    lines = ["| hookpoint | " + " | ".join(columns) + " |",
-             "|---|" + "---:|" * len(columns)]
+    lines = ["| hookpoint | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for hp, res in results.items():
         lines.append(f"| {hp} | " + " | ".join(_cell(res.get(c)) for c in columns) + " |")
     return "\n".join(lines)
@@ -56,8 +80,12 @@ def plot_training_curves(metrics_jsonl: Path, png: Path, metric: str = "fvu") ->
     for hp, points in sorted(series.items()):
         xs, ys = zip(*points)
         ax.plot(xs, ys, label=hp, linestyle="-" if hp.endswith("resid") else "--")
-    ax.set(xlabel="training tokens per SAE", ylabel=f"training-batch {metric}", yscale="log",
-           title=f"{metric} during training")
+    ax.set(
+        xlabel="training tokens per SAE",
+        ylabel=f"training-batch {metric}",
+        yscale="log",
+        title=f"{metric} during training",
+    )
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -77,6 +105,7 @@ def pyplot():
 
 # ------------------------------------------------------------------------- suite evaluation
 
+
 def _layer_site(name: str) -> tuple[int, str]:
     hp = Hookpoint.parse(name)
     return hp.layer, hp.site
@@ -84,9 +113,11 @@ def _layer_site(name: str) -> tuple[int, str]:
 
 def _sorted(results: dict[str, dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     """Results ordered by layer, then site in SITES order."""
+
     def key(item):
         layer, site = _layer_site(item[0])
         return layer, SITES.index(site) if site in SITES else len(SITES)
+
     return sorted(results.items(), key=key)
 
 
@@ -97,14 +128,20 @@ def pivot_table(results: dict[str, dict[str, Any]], metric: str) -> str:
     sites = [s for s in SITES if any(site == s for _, site in cells)]
     lines = [f"| {metric} | " + " | ".join(sites) + " |", "|---:|" + "---:|" * len(sites)]
     for layer in layers:
-        lines.append(f"| layer {layer} | " + " | ".join(
-            _cell(cells[(layer, s)]) if (layer, s) in cells else "" for s in sites) + " |")
+        lines.append(
+            f"| layer {layer} | "
+            + " | ".join(_cell(cells[(layer, s)]) if (layer, s) in cells else "" for s in sites)
+            + " |"
+        )
     return "\n".join(lines)
 
 
-def write_eval_outputs(results: dict[str, dict[str, Any]], out_dir: Path,
-                       context: dict[str, Any],
-                       sae_info: Optional[dict[str, dict[str, Any]]] = None) -> dict[str, Any]:
+def write_eval_outputs(
+    results: dict[str, dict[str, Any]],
+    out_dir: Path,
+    context: dict[str, Any],
+    sae_info: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """Write `saes/<hookpoint>.json` (metrics + context: config, model, data, token counts),
     `suite_table.md`, `suite_table.csv` and the plots; returns their paths
     ({"jsons", "table_md", "table_csv", "plots"})."""
@@ -113,24 +150,35 @@ def write_eval_outputs(results: dict[str, dict[str, Any]], out_dir: Path,
     jsons = []
     for hp, res in _sorted(results):
         layer, site = _layer_site(hp)
-        doc = {"hookpoint": hp, "layer": layer, "site": site,
-               **{m: res.get(m) for m in EVAL_METRICS},
-               **{k: v for k, v in res.items() if k not in EVAL_METRICS},
-               "sae": (sae_info or {}).get(hp), **context}
+        doc = {
+            "hookpoint": hp,
+            "layer": layer,
+            "site": site,
+            **{m: res.get(m) for m in EVAL_METRICS},
+            **{k: v for k, v in res.items() if k not in EVAL_METRICS},
+            "sae": (sae_info or {}).get(hp),
+            **context,
+        }
         path = out_dir / "saes" / f"{hp}.json"
         path.write_text(json.dumps(doc, indent=2))
         jsons.append(path)
     columns = [m for m in EVAL_METRICS if any(r.get(m) is not None for r in results.values())]
-    columns += [c for c in ("ce_mean", "tokens", "ce_tokens", "excluded", *ALL_TOKEN_COLUMNS)
-                if any(c in r for r in results.values())]
+    columns += [
+        c
+        for c in ("ce_mean", "tokens", "ce_tokens", "excluded", *ALL_TOKEN_COLUMNS)
+        if any(c in r for r in results.values())
+    ]
     table_csv = out_dir / "suite_table.csv"
     with open(table_csv, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["hookpoint", "layer", "site", *columns])
         for hp, res in _sorted(results):
             writer.writerow([hp, *_layer_site(hp), *(res.get(c) for c in columns)])
-    pivots = "\n\n".join(pivot_table(results, m) for m in PIVOT_METRICS
-                         if any(r.get(m) is not None for r in results.values()))
+    pivots = "\n\n".join(
+        pivot_table(results, m)
+        for m in PIVOT_METRICS
+        if any(r.get(m) is not None for r in results.values())
+    )
     table_md = out_dir / "suite_table.md"
     table_md.write_text(
         f"# Suite evaluation: {context.get('suite', '')}\n\n"
@@ -139,9 +187,12 @@ def write_eval_outputs(results: dict[str, dict[str, Any]], out_dir: Path,
         f"{_cell(next(iter(results.values())).get('tokens'))} tokens; token policy: "
         f"{context.get('token_policy', '?')} (`excluded`: positions left out and unspliced; "
         f"`*_all`: every position of the position set).\n\n"
-        f"{markdown_table(dict(_sorted(results)), tuple(columns))}\n\n{pivots}\n")
-    plots = [plot_metrics_by_layer(results, out_dir / "metrics_by_layer.png"),
-             plot_tradeoff(results, out_dir / "l0_tradeoff.png")]
+        f"{markdown_table(dict(_sorted(results)), tuple(columns))}\n\n{pivots}\n"
+    )
+    plots = [
+        plot_metrics_by_layer(results, out_dir / "metrics_by_layer.png"),
+        plot_tradeoff(results, out_dir / "l0_tradeoff.png"),
+    ]
     if any(r.get("latent_freq_hist") for r in results.values()):
         plots.append(plot_latent_frequency(results, out_dir / "latent_frequency.png"))
     return {"jsons": jsons, "table_md": table_md, "table_csv": table_csv, "plots": plots}
@@ -153,8 +204,9 @@ def _auto_log(ax, values: list[float]) -> None:
         ax.set_yscale("log")
 
 
-def _by_site(results: dict[str, dict[str, Any]], metric: str
-             ) -> dict[str, tuple[list[int], list[float]]]:
+def _by_site(
+    results: dict[str, dict[str, Any]], metric: str
+) -> dict[str, tuple[list[int], list[float]]]:
     """{site: (layers, values)} for the SAEs that have `metric`."""
     out: dict[str, tuple[list[int], list[float]]] = {}
     for hp, res in _sorted(results):
@@ -181,7 +233,7 @@ def plot_metrics_by_layer(results: dict[str, dict[str, Any]], png: Path) -> Path
         ax.set(title=metric, xlabel="layer")
         _auto_log(ax, [v for _, values in series.values() for v in values])
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     axes.flat[0].legend()
     fig.tight_layout()
@@ -194,23 +246,29 @@ def plot_tradeoff(results: dict[str, dict[str, Any]], png: Path) -> Path:
     """The sparsity/fidelity trade-off: L0 against FVU and against delta loss, one marker per
     site, each point labelled with its layer."""
     plt = pyplot()
-    panels = [m for m in ("fvu", "delta_loss") if any(r.get(m) is not None
-                                                      for r in results.values())]
+    panels = [
+        m for m in ("fvu", "delta_loss") if any(r.get(m) is not None for r in results.values())
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, metric in zip(axes.flat, panels):
         all_y: list[float] = []
         for marker, site in zip("osD^", SITES):
-            pts = [(r["l0"], r[metric], _layer_site(hp)[0]) for hp, r in results.items()
-                   if _layer_site(hp)[1] == site and r.get("l0") is not None
-                   and r.get(metric) is not None]
+            pts = [
+                (r["l0"], r[metric], _layer_site(hp)[0])
+                for hp, r in results.items()
+                if _layer_site(hp)[1] == site
+                and r.get("l0") is not None
+                and r.get(metric) is not None
+            ]
             if not pts:
                 continue
             xs, ys, layers = zip(*pts)
             ax.scatter(xs, ys, marker=marker, label=site)
             all_y.extend(ys)
             for x, y, layer in pts:
-                ax.annotate(str(layer), (x, y), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
+                ax.annotate(
+                    str(layer), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
         ax.set(xlabel="L0 (active latents per token)", ylabel=metric, title=f"L0 vs {metric}")
         _auto_log(ax, all_y)
         ax.grid(alpha=0.3)
@@ -235,10 +293,17 @@ def plot_latent_frequency(results: dict[str, dict[str, Any]], png: Path) -> Path
             edges, counts = hist["log10_freq_edges"], hist["counts"]
             total = sum(counts) + hist["dead"]
             centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:])]
-            ax.plot(centers, [c / total for c in counts], marker=".",
-                    label=f"layer {_layer_site(hp)[0]} (dead {hist['dead'] / total:.1%})")
-        ax.set(title=f"{site}: latent frequency", xlabel="log10 fraction of tokens active",
-               ylabel="fraction of latents")
+            ax.plot(
+                centers,
+                [c / total for c in counts],
+                marker=".",
+                label=f"layer {_layer_site(hp)[0]} (dead {hist['dead'] / total:.1%})",
+            )
+        ax.set(
+            title=f"{site}: latent frequency",
+            xlabel="log10 fraction of tokens active",
+            ylabel="fraction of latents",
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

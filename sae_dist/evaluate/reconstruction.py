@@ -5,8 +5,9 @@ frequencies behind the dead and dense fractions and the frequency histogram."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ Reconstructor = Callable[[Tensor], Tensor]
 """Any x [n, d_in] -> x_hat [n, d_in]; sparsity metrics are None for such a plain function."""
 
 
-SAELike = Union[SparseAutoencoder, Reconstructor]
+SAELike = SparseAutoencoder | Reconstructor
 
 
 def frequency_metrics(freq: Tensor) -> dict[str, float]:
@@ -35,11 +36,14 @@ def frequency_metrics(freq: Tensor) -> dict[str, float]:
     DENSE_THRESHOLD of tokens) and dense_l0 (mean number of those dense latents active per
     token, latents per token)."""
     dense = freq > DENSE_THRESHOLD
-    return {"dead_frac": float((freq == 0).double().mean()),
-            "dense_frac": float(dense.double().mean()), "dense_l0": float(freq[dense].sum())}
+    return {
+        "dead_frac": float((freq == 0).double().mean()),
+        "dense_frac": float(dense.double().mean()),
+        "dense_l0": float(freq[dense].sum()),
+    }
 
 
-def reconstruct(sae: SAELike, x: Tensor) -> tuple[Tensor, Optional[Latents]]:
+def reconstruct(sae: SAELike, x: Tensor) -> tuple[Tensor, Latents | None]:
     """x [n, d_in] float32 -> (x_hat [n, d_in], latents or None for a plain function)."""
     if isinstance(sae, SparseAutoencoder):
         latents = sae.encode(x.to(sae.W_dec.dtype))
@@ -53,23 +57,24 @@ class ReconstructionAccumulator:
     taken around a shift (the first batch's mean) so the variance does not cancel."""
 
     d_in: int
-    d_sae: Optional[int] = None
+    d_sae: int | None = None
     n: int = 0
     sum_sq_err: float = 0.0
     sum_cos: float = 0.0
     sum_l0: float = 0.0
-    shift: Optional[Tensor] = None
+    shift: Tensor | None = None
     sum_dx: Tensor = field(init=False)
     sum_sq_dx: float = 0.0
-    fire_counts: Optional[Tensor] = field(init=False)
+    fire_counts: Tensor | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.sum_dx = torch.zeros(self.d_in, dtype=torch.float64)
-        self.fire_counts = None if self.d_sae is None else torch.zeros(self.d_sae,
-                                                                       dtype=torch.int64)
+        self.fire_counts = (
+            None if self.d_sae is None else torch.zeros(self.d_sae, dtype=torch.int64)
+        )
 
     @torch.no_grad()
-    def update(self, x: Tensor, x_hat: Tensor, latents: Optional[Latents] = None) -> None:
+    def update(self, x: Tensor, x_hat: Tensor, latents: Latents | None = None) -> None:
         """x, x_hat [n, d_in] for the tokens that pass the train mask; latents of those tokens."""
         if x.shape[0] == 0:
             return
@@ -86,15 +91,18 @@ class ReconstructionAccumulator:
             self.sum_l0 += float(latents.l0().double().sum())
             self.fire_counts += latents.fire_counts().cpu()
 
-    def frequency_histogram(self) -> Optional[dict[str, Any]]:
+    def frequency_histogram(self) -> dict[str, Any] | None:
         """{"log10_freq_edges", "counts" (latents per bin), "dead"} or None without latents."""
         if self.fire_counts is None:
             return None
         freq = self.fire_counts.double() / self.n
         alive = freq[freq > 0].log10().clamp(HIST_EDGES[0], HIST_EDGES[-1])
         counts = torch.histogram(alive, torch.tensor(HIST_EDGES, dtype=torch.float64)).hist
-        return {"log10_freq_edges": HIST_EDGES, "counts": [int(c) for c in counts],
-                "dead": int((freq == 0).sum())}
+        return {
+            "log10_freq_edges": HIST_EDGES,
+            "counts": [int(c) for c in counts],
+            "dead": int((freq == 0).sum()),
+        }
 
     def result(self) -> dict[str, Any]:
         if self.n == 0:
@@ -102,14 +110,19 @@ class ReconstructionAccumulator:
         mean_dx = self.sum_dx / self.n
         total_var = self.sum_sq_dx - self.n * float(mean_dx.pow(2).sum())
         fvu = self.sum_sq_err / total_var if total_var > 0 else math.nan
-        out: dict[str, Any] = {"fvu": fvu, "explained_variance": 1 - fvu,
-                               "mse": self.sum_sq_err / self.n / self.d_in,
-                               "cosine": self.sum_cos / self.n,
-                               "l0": None, "dead_frac": None, "dense_frac": None, "dense_l0": None,
-                               "tokens": self.n}
+        out: dict[str, Any] = {
+            "fvu": fvu,
+            "explained_variance": 1 - fvu,
+            "mse": self.sum_sq_err / self.n / self.d_in,
+            "cosine": self.sum_cos / self.n,
+            "l0": None,
+            "dead_frac": None,
+            "dense_frac": None,
+            "dense_l0": None,
+            "tokens": self.n,
+        }
         if self.fire_counts is not None:
-            out.update(l0=self.sum_l0 / self.n,
-                       **frequency_metrics(self.fire_counts.double() / self.n))
+            out.update(
+                l0=self.sum_l0 / self.n, **frequency_metrics(self.fire_counts.double() / self.n)
+            )
         return out
-
-

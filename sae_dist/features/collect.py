@@ -9,8 +9,9 @@ report (DESIGN.md section 9b).
 Tokens. The held-out split of the data config (every `holdout_every`-th document), streamed in
 batches and never held: a token is scored iff the token policy keeps it (`data.policy`: in the
 train mask and not an outlier, sae_dist.policy), exactly the tokens `sae_dist.evaluate`
-reconstructs (special and chat control tokens, BOS and outliers never reach an SAE). A feature fires at a token when its activation is > 0. Positions are global:
-p = row * context_size + column over the stream of packed rows.
+reconstructs (special and chat control tokens, BOS and outliers never reach an SAE). A feature
+fires at a token when its activation is > 0. Positions are global: p = row * context_size +
+column over the stream of packed rows.
 
 Per feature, with memory fixed by d_sae and the config, never by the token count:
 - top-N: the N firings with the largest activation (ties in any order). Kept as fixed-size
@@ -36,8 +37,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -148,8 +150,9 @@ class KeptExamples:
     def tensors(self) -> list[Tensor]:
         return [self.priority, self.value, self.position, self.tokens, self.acts]
 
-    def merge(self, priority: Tensor, firings: Firings, position_offset: int,
-              windows: WindowFn) -> None:
+    def merge(
+        self, priority: Tensor, firings: Firings, position_offset: int, windows: WindowFn
+    ) -> None:
         """Join a batch's firings (priority [E], larger first) to the kept ones; only firings
         that beat their feature's last kept one are ranked."""
         d_sae = self.priority.shape[0]
@@ -198,8 +201,14 @@ def histogram_edges(cfg: FeaturesConfig) -> Tensor:
 class FeatureStats:
     """Every per-feature statistic of one SAE, updated batch by batch (module docstring)."""
 
-    def __init__(self, d_sae: int, vocab_size: int, context_size: int, cfg: FeaturesConfig,
-                 explain_tokens: int):
+    def __init__(
+        self,
+        d_sae: int,
+        vocab_size: int,
+        context_size: int,
+        cfg: FeaturesConfig,
+        explain_tokens: int,
+    ):
         self.cfg, self.d_sae, self.T = cfg, d_sae, context_size
         window = cfg.window_before + 1 + cfg.window_after
         self.top = KeptExamples(d_sae, cfg.top_n, window, torch.float64)
@@ -208,8 +217,9 @@ class FeatureStats:
         self.hist = torch.zeros(d_sae, len(self.edges) - 1, dtype=torch.int64)
         self.fires = torch.zeros(d_sae, dtype=torch.int64)
         self.tokens = 0
-        self.scorer = TokenSetScorer(d_sae, vocab_size, explain_tokens, cfg.explain_max_set,
-                                     cfg.explain_candidates)
+        self.scorer = TokenSetScorer(
+            d_sae, vocab_size, explain_tokens, cfg.explain_max_set, cfg.explain_candidates
+        )
 
     @torch.no_grad()
     def update(self, ids: Tensor, mask: Tensor, latents: Latents, first_row: int) -> None:
@@ -220,8 +230,9 @@ class FeatureStats:
         offset = first_row * self.T
         windows = BatchWindows(ids, ev, self.d_sae, self.cfg.window_before, self.cfg.window_after)
         self.top.merge(ev.value.double(), ev, offset, windows)
-        self.sample.merge(-event_keys(ev.position + offset, ev.feature, self.cfg.seed), ev,
-                          offset, windows)
+        self.sample.merge(
+            -event_keys(ev.position + offset, ev.feature, self.cfg.seed), ev, offset, windows
+        )
         self._histogram(ev)
         self.tokens += len(scored_pos)
         self.scorer.update(ids.flatten()[scored_pos], ev.scored_index, ev.feature)
@@ -253,13 +264,15 @@ class FeatureStats:
         bins = self.cfg.quantile_bins
         size, extra = m // bins, m % bins
         big = extra * (size + 1)
-        group = torch.where(j < big, j // (size + 1).clamp_min(1),
-                            extra + (j - big) // size.clamp_min(1))
+        group = torch.where(
+            j < big, j // (size + 1).clamp_min(1), extra + (j - big) // size.clamp_min(1)
+        )
         valid = j < m
         return order.masked_fill(~valid, -1), group.masked_fill(~valid, -1)
 
 
 # --------------------------------------------------------------------------- logit lens
+
 
 @dataclass
 class LogitLens:
@@ -296,10 +309,17 @@ def final_norm_gain(model: nn.Module) -> Tensor:
 
 # ------------------------------------------------------------------------ the streaming pass
 
+
 @torch.no_grad()
-def collect(model: nn.Module, saes: dict[Hookpoint, SparseAutoencoder],
-            stats: dict[Hookpoint, FeatureStats], batches: Iterator[TokenBatch], n_tokens: int,
-            device: torch.device, outlier_factor: Optional[float]) -> int:
+def collect(
+    model: nn.Module,
+    saes: dict[Hookpoint, SparseAutoencoder],
+    stats: dict[Hookpoint, FeatureStats],
+    batches: Iterator[TokenBatch],
+    n_tokens: int,
+    device: torch.device,
+    outlier_factor: float | None,
+) -> int:
     """Stream `batches` through the model (stopping after the last layer needed) and every SAE,
     updating `stats` at the positions the token policy keeps (a fresh `PositionFilter` with
     `outlier_factor` over the suite's hookpoints, as in evaluation). Returns the number of LM
@@ -334,5 +354,3 @@ class HookpointFeatures:
     scores: TokenSetScores
     summary: dict[str, Any]
     llm_explanations: dict[int, str]
-
-

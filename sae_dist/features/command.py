@@ -42,9 +42,19 @@ log = logging.getLogger(__name__)
 def validate_features(cfg: FeaturesRunConfig) -> None:
     """Range checks before anything is loaded; ConfigError names key, value, allowed range."""
     f = cfg.features
-    positive = ("tokens", "batch_seqs", "top_n", "quantile_bins", "per_bin", "logit_k",
-                "hist_bins_per_decade", "explain_max_tokens", "explain_max_set",
-                "explain_candidates", "features_per_file")
+    positive = (
+        "tokens",
+        "batch_seqs",
+        "top_n",
+        "quantile_bins",
+        "per_bin",
+        "logit_k",
+        "hist_bins_per_decade",
+        "explain_max_tokens",
+        "explain_max_set",
+        "explain_candidates",
+        "features_per_file",
+    )
     for key in positive:
         if getattr(f, key) < 1:
             raise ConfigError(f"features.{key}", getattr(f, key), ">= 1")
@@ -63,8 +73,9 @@ def validate_features(cfg: FeaturesRunConfig) -> None:
     if not Path(cfg.suite).exists():
         raise ConfigError("suite", cfg.suite, "an existing suite directory or SAE folder")
     if f.steering is not None and not Path(f.steering).exists():
-        raise ConfigError("features.steering", f.steering,
-                          "a steering output folder or its intervention.json")
+        raise ConfigError(
+            "features.steering", f.steering, "a steering output folder or its intervention.json"
+        )
 
 
 def explain_tokens(cfg: FeaturesConfig) -> int:
@@ -72,16 +83,18 @@ def explain_tokens(cfg: FeaturesConfig) -> int:
     return max(1, min(round(cfg.tokens * cfg.explain_fraction), cfg.explain_max_tokens))
 
 
-
-
-def summarise(stats: FeatureStats, scores: TokenSetScores, cfg: FeaturesConfig
-              ) -> dict[str, Any]:
+def summarise(stats: FeatureStats, scores: TokenSetScores, cfg: FeaturesConfig) -> dict[str, Any]:
     """Per-SAE figures: tokens, live/dead features, and the F1 distribution."""
     live = int((stats.fires > 0).sum())
-    return {"d_sae": stats.d_sae, "tokens": stats.tokens, "live": live,
-            "dead": stats.d_sae - live, "explain_tokens": scores.explain_tokens,
-            "heldout_tokens": scores.heldout_tokens,
-            **f1_summary(scores.f1, cfg.token_level_f1)}
+    return {
+        "d_sae": stats.d_sae,
+        "tokens": stats.tokens,
+        "live": live,
+        "dead": stats.d_sae - live,
+        "explain_tokens": scores.explain_tokens,
+        "heldout_tokens": scores.heldout_tokens,
+        **f1_summary(scores.f1, cfg.token_level_f1),
+    }
 
 
 def run_features(cfg: FeaturesRunConfig) -> dict[str, dict[str, Any]]:
@@ -96,29 +109,54 @@ def run_features(cfg: FeaturesRunConfig) -> dict[str, dict[str, Any]]:
     folders = suite.folders
     model, tokenizer = load_model(cfg.model, device)
     vocab = unembedding(model).weight.shape[0]
-    stats = {hp: FeatureStats(sae.d_sae, vocab, cfg.data.context_size, f, explain_tokens(f))
-             for hp, sae in saes.items()}
+    stats = {
+        hp: FeatureStats(sae.d_sae, vocab, cfg.data.context_size, f, explain_tokens(f))
+        for hp, sae in saes.items()
+    }
     stream = TokenStream(cfg.data, tokenizer, "eval", seed=f.seed)
-    lm_tokens = collect(model, saes, stats, stream.batches_until(f.tokens, f.batch_seqs),
-                        f.tokens, device, cfg.data.policy.outlier_factor)
+    lm_tokens = collect(
+        model,
+        saes,
+        stats,
+        stream.batches_until(f.tokens, f.batch_seqs),
+        f.tokens,
+        device,
+        cfg.data.policy.outlier_factor,
+    )
     W_U, gain = unembedding(model).weight.detach(), final_norm_gain(model)
     results = []
     for hp, sae in saes.items():
         scores = stats[hp].scorer.result()
         lens = logit_lens(sae.W_dec.detach(), gain, W_U, f.logit_k)
-        results.append(HookpointFeatures(hp.name, str(folders[hp.name]), stats[hp], lens, scores,
-                                         summarise(stats[hp], scores, f), {}))
+        results.append(
+            HookpointFeatures(
+                hp.name,
+                str(folders[hp.name]),
+                stats[hp],
+                lens,
+                scores,
+                summarise(stats[hp], scores, f),
+                {},
+            )
+        )
     _llm_explanations(results, tokenizer, f)
     seconds = time.perf_counter() - start
-    info = {"suite": str(cfg.suite), "model": cfg.model.name, "lm_tokens": lm_tokens,
-            "seconds_to_scores": seconds, "features": asdict(f), "data": asdict(cfg.data)}
+    info = {
+        "suite": str(cfg.suite),
+        "model": cfg.model.name,
+        "lm_tokens": lm_tokens,
+        "seconds_to_scores": seconds,
+        "features": asdict(f),
+        "data": asdict(cfg.data),
+    }
     steering = load_steering(Path(f.steering)) if f.steering else None
     sizes = write_report(Path(cfg.out_dir), results, tokenizer, info, Path(cfg.suite), steering)
     seconds = time.perf_counter() - start
     summaries = {r.hookpoint: r.summary for r in results}
     figures = {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "report_bytes": sizes}
-    (Path(cfg.out_dir) / "features.json").write_text(json.dumps(
-        {"info": info, **figures, "summaries": summaries}, indent=2))
+    (Path(cfg.out_dir) / "features.json").write_text(
+        json.dumps({"info": info, **figures, "summaries": summaries}, indent=2)
+    )
     _print_summary(summaries, sizes, cfg, seconds)
     return summaries
 
@@ -136,8 +174,11 @@ def _llm_explanations(results: list[HookpointFeatures], tokenizer, cfg: Features
     explainer = OpenAIExplainer(cfg.explainer)
     for r in results:
         fires = r.stats.fires
-        chosen = [int(i) for i in fires.argsort(descending=True)[:cfg.explainer.max_features]
-                  if fires[i] > 0]
+        chosen = [
+            int(i)
+            for i in fires.argsort(descending=True)[: cfg.explainer.max_features]
+            if fires[i] > 0
+        ]
         for feature in tqdm(chosen, desc=f"explain {r.hookpoint}", leave=False):
             contexts = []
             for slot in range(r.stats.top.n):
@@ -145,8 +186,7 @@ def _llm_explanations(results: list[HookpointFeatures], tokenizer, cfg: Features
                     break
                 toks = r.stats.top.tokens[feature, slot].tolist()
                 texts = token_texts(tokenizer, [t for t in toks if t >= 0])
-                acts = [a for t, a in zip(toks, r.stats.top.acts[feature, slot].tolist())
-                        if t >= 0]
+                acts = [a for t, a in zip(toks, r.stats.top.acts[feature, slot].tolist()) if t >= 0]
                 contexts.append(list(zip(texts, acts)))
             try:
                 r.llm_explanations[feature] = explainer.explain(contexts)
@@ -154,11 +194,17 @@ def _llm_explanations(results: list[HookpointFeatures], tokenizer, cfg: Features
                 log.warning("explainer failed for %s feature %d: %s", r.hookpoint, feature, e)
 
 
-def _print_summary(summaries: dict[str, dict[str, Any]], sizes: dict[str, int],
-                   cfg: FeaturesRunConfig, seconds: float) -> None:
+def _print_summary(
+    summaries: dict[str, dict[str, Any]],
+    sizes: dict[str, int],
+    cfg: FeaturesRunConfig,
+    seconds: float,
+) -> None:
 
     n = sum(s["d_sae"] for s in summaries.values())
-    print(f"\n{interpretability_table(summaries, cfg.features.token_level_f1)}\n\n"
-          f"{len(summaries)} SAEs, {n} features, {seconds:.1f} s, peak RSS "
-          f"{peak_rss_bytes() / 2**20:.0f} MiB; report {sizes['total']} bytes "
-          f"({sizes['per_feature']} bytes per feature): {Path(cfg.out_dir) / 'index.html'}")
+    print(
+        f"\n{interpretability_table(summaries, cfg.features.token_level_f1)}\n\n"
+        f"{len(summaries)} SAEs, {n} features, {seconds:.1f} s, peak RSS "
+        f"{peak_rss_bytes() / 2**20:.0f} MiB; report {sizes['total']} bytes "
+        f"({sizes['per_feature']} bytes per feature): {Path(cfg.out_dir) / 'index.html'}"
+    )

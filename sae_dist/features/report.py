@@ -26,7 +26,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -49,12 +49,13 @@ MAX_RESULT_CHARS = 200_000
 
 # ------------------------------------------------------------------------------ encoding
 
-def _num(x: float) -> Optional[float]:
+
+def _num(x: float) -> float | None:
     """4 significant digits; None for NaN / inf."""
     return float(f"{x:.4g}") if math.isfinite(x) else None
 
 
-def encode_examples(kept: KeptExamples, scale: Tensor, width: int) -> list[list[Optional[list]]]:
+def encode_examples(kept: KeptExamples, scale: Tensor, width: int) -> list[list[list | None]]:
     """Per feature and slot: [centre activation, token ids b64, activations b64], or None for
     an empty slot. Token ids as little-endian unsigned ints of `width` bytes (-1 as all ones).
     Activations sparsely, as byte pairs (window offset, q) for the tokens where the feature is
@@ -73,8 +74,15 @@ def encode_examples(kept: KeptExamples, scale: Tensor, width: int) -> list[list[
         on = qs > 0
         return b64(np.stack([offsets[on], qs[on]], 1).tobytes()).decode()
 
-    return [[[_num(values[f][s]), b64(raw[f, s].tobytes()).decode(), sparse(q[f, s])]
-             if filled[f][s] else None for s in range(kept.n)] for f in range(len(values))]
+    return [
+        [
+            [_num(values[f][s]), b64(raw[f, s].tobytes()).decode(), sparse(q[f, s])]
+            if filled[f][s]
+            else None
+            for s in range(kept.n)
+        ]
+        for f in range(len(values))
+    ]
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
@@ -83,6 +91,7 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ steering
+
 
 @dataclass
 class SteeringRecord:
@@ -105,7 +114,7 @@ class SteeringRecord:
         return out
 
 
-def _intervention(raw: Any) -> Optional[dict[str, Any]]:
+def _intervention(raw: Any) -> dict[str, Any] | None:
     """A checked copy of one intervention.json entry, or None when it is unusable."""
     if not isinstance(raw, dict) or not isinstance(raw.get("hookpoint"), str):
         return None
@@ -130,8 +139,12 @@ def load_steering(path: Path) -> SteeringRecord:
     items = raw if isinstance(raw, list) else [raw]
     interventions = [x for x in map(_intervention, items) if x is not None]
     if len(interventions) < len(items):
-        log.warning("steering: %d of %d entries of %s are unusable",
-                    len(items) - len(interventions), len(items), file)
+        log.warning(
+            "steering: %d of %d entries of %s are unusable",
+            len(items) - len(interventions),
+            len(items),
+            file,
+        )
     steering = SteeringRecord(str(file), interventions)
     for name in RESULT_FILES:
         if (folder / name).is_file():
@@ -153,23 +166,28 @@ def _read_json(path: Path) -> Any:
 
 # ---------------------------------------------------------------------------- the data
 
+
 @dataclass
 class EncodedFeatures:
     """One SAE's per-feature data, encoded once for all its batch files."""
 
-    top: list[list[Optional[list]]]
-    sample: list[list[Optional[list]]]
+    top: list[list[list | None]]
+    sample: list[list[list | None]]
     order: list[list[int]]
     """Per feature, the sample slots by ascending activation (-1 = none)."""
     group: list[list[int]]
     """Per feature, the quantile bin of each entry of `order`."""
 
     @classmethod
-    def of(cls, r: HookpointFeatures, width: int) -> "EncodedFeatures":
+    def of(cls, r: HookpointFeatures, width: int) -> EncodedFeatures:
         scale = r.stats.top.value[:, 0]
         order, group = r.stats.quantile_groups()
-        return cls(encode_examples(r.stats.top, scale, width),
-                   encode_examples(r.stats.sample, scale, width), order.tolist(), group.tolist())
+        return cls(
+            encode_examples(r.stats.top, scale, width),
+            encode_examples(r.stats.sample, scale, width),
+            order.tolist(),
+            group.tolist(),
+        )
 
 
 def feature_record(r: HookpointFeatures, f: int, enc: EncodedFeatures) -> dict[str, Any]:
@@ -178,34 +196,42 @@ def feature_record(r: HookpointFeatures, f: int, enc: EncodedFeatures) -> dict[s
     hist = st.hist[f]
     nz = hist.nonzero().squeeze(1)
     rec: dict[str, Any] = {
-        "i": f, "n": int(st.fires[f]),
+        "i": f,
+        "n": int(st.fires[f]),
         "top": [e for e in enc.top[f] if e is not None],
-        "q": [[g] + cast(list, enc.sample[f][s])  # order names filled slots only (s >= 0)
-              for s, g in zip(enc.order[f], enc.group[f]) if s >= 0],
-        "h": [int(nz[0]), *hist[nz[0]:nz[-1] + 1].tolist()] if len(nz) else [],
+        "q": [
+            [g] + cast(list, enc.sample[f][s])  # order names filled slots only (s >= 0)
+            for s, g in zip(enc.order[f], enc.group[f])
+            if s >= 0
+        ],
+        "h": [int(nz[0]), *hist[nz[0] : nz[-1] + 1].tolist()] if len(nz) else [],
         "lp": [lens.top_ids[f].tolist(), [_num(v) for v in lens.top_values[f].tolist()]],
         "ln": [lens.bottom_ids[f].tolist(), [_num(v) for v in lens.bottom_values[f].tolist()]],
         "ex": [int(t) for t in sc.sets[f] if t >= 0],
-        "f1": _num(float(sc.f1[f])), "p": _num(float(sc.precision[f])),
-        "r": _num(float(sc.recall[f])), "f1e": _num(float(sc.f1_explain[f])),
+        "f1": _num(float(sc.f1[f])),
+        "p": _num(float(sc.precision[f])),
+        "r": _num(float(sc.recall[f])),
+        "f1e": _num(float(sc.f1_explain[f])),
     }
     if f in r.llm_explanations:
         rec["llm"] = r.llm_explanations[f]
     return rec
 
 
-def feature_list(r: HookpointFeatures, steering: Optional[SteeringRecord]) -> dict[str, Any]:
+def feature_list(r: HookpointFeatures, steering: SteeringRecord | None) -> dict[str, Any]:
     """Columns of the hookpoint's feature list (index = feature id)."""
     st, sc = r.stats, r.scores
     freq = st.fires.double() / max(st.tokens, 1)
     top_tok = st.top.tokens[:, 0, st.cfg.window_before].tolist()
     marks = steering.marks(r.hookpoint) if steering else {}
-    return {"freq": [_num(x) for x in freq.tolist()],
-            "max": [_num(x) for x in st.top.value[:, 0].tolist()],
-            "f1": [_num(x) for x in sc.f1.tolist()],
-            "ex": [[int(t) for t in row if t >= 0] for row in sc.sets],
-            "top": top_tok,
-            "steer": {str(k): v for k, v in marks.items()}}
+    return {
+        "freq": [_num(x) for x in freq.tolist()],
+        "max": [_num(x) for x in st.top.value[:, 0].tolist()],
+        "f1": [_num(x) for x in sc.f1.tolist()],
+        "ex": [[int(t) for t in row if t >= 0] for row in sc.sets],
+        "top": top_tok,
+        "steer": {str(k): v for k, v in marks.items()},
+    }
 
 
 def _used_ids(results: list[HookpointFeatures]) -> set[int]:
@@ -230,12 +256,17 @@ def _js(path: Path, call: str, *args: Any) -> int:
 
 def interpretability_table(summaries: dict[str, dict[str, Any]], threshold: float) -> str:
     """Markdown: per hookpoint the held-out F1 quartiles and the token-level count."""
-    lines = [f"| hookpoint | features | live | scored | F1 q25 | F1 median | F1 q75 | "
-             f"F1 >= {threshold:g} |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| hookpoint | features | live | scored | F1 q25 | F1 median | F1 q75 | "
+        f"F1 >= {threshold:g} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for hp, s in summaries.items():
         q = [f"{s[k]:.3f}" if k in s else "–" for k in ("f1_q25", "f1_median", "f1_q75")]
-        lines.append(f"| {hp} | {s['d_sae']} | {s['live']} | {s['scored']} | {' | '.join(q)} | "
-                     f"{s['token_level']} |")
+        lines.append(
+            f"| {hp} | {s['d_sae']} | {s['live']} | {s['scored']} | {' | '.join(q)} | "
+            f"{s['token_level']} |"
+        )
     return "\n".join(lines)
 
 
@@ -243,14 +274,26 @@ def _suite_metrics(suite: Path) -> dict[str, dict[str, Any]]:
     """Scalar metrics per hookpoint from suite.json (empty for an SAE folder)."""
     if not (suite / "suite.json").is_file():
         return {}
-    return {e["hookpoint"]: {k: v for k, v in e.items() if k not in ("hookpoint", "path")
-                             and isinstance(v, (int, float)) and not isinstance(v, bool)}
-            for e in read_suite_index(suite)["saes"]}
+    return {
+        e["hookpoint"]: {
+            k: v
+            for k, v in e.items()
+            if k not in ("hookpoint", "path")
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+        }
+        for e in read_suite_index(suite)["saes"]
+    }
 
 
-def write_report(out_dir: Path, results: list[HookpointFeatures], tokenizer,
-                 info: dict[str, Any], suite: Path, steering: Optional[SteeringRecord] = None
-                 ) -> dict[str, int]:
+def write_report(
+    out_dir: Path,
+    results: list[HookpointFeatures],
+    tokenizer,
+    info: dict[str, Any],
+    suite: Path,
+    steering: SteeringRecord | None = None,
+) -> dict[str, int]:
     """Write the report folder; returns byte counts: total, features (the per-feature batch
     files), lists, vocab."""
     out_dir = Path(out_dir)
@@ -269,29 +312,49 @@ def write_report(out_dir: Path, results: list[HookpointFeatures], tokenizer,
     hookpoints = []
     for r in results:
         enc = EncodedFeatures.of(r, width)
-        sizes["lists"] += _js(data / r.hookpoint / "list.js", "list", r.hookpoint,
-                              feature_list(r, steering))
+        sizes["lists"] += _js(
+            data / r.hookpoint / "list.js", "list", r.hookpoint, feature_list(r, steering)
+        )
         for b in range(math.ceil(r.stats.d_sae / per_file)):
-            recs = [feature_record(r, f, enc)
-                    for f in range(b * per_file, min(r.stats.d_sae, (b + 1) * per_file))]
+            recs = [
+                feature_record(r, f, enc)
+                for f in range(b * per_file, min(r.stats.d_sae, (b + 1) * per_file))
+            ]
             sizes["features"] += _js(data / r.hookpoint / f"{b}.js", "batch", r.hookpoint, b, recs)
-        hookpoints.append({"name": r.hookpoint, "folder": r.folder, "summary": r.summary,
-                           "metrics": metrics.get(r.hookpoint, {})})
+        hookpoints.append(
+            {
+                "name": r.hookpoint,
+                "folder": r.folder,
+                "summary": r.summary,
+                "metrics": metrics.get(r.hookpoint, {}),
+            }
+        )
     ids = sorted(_used_ids(results))
     specials = sorted(special_token_ids(tokenizer) & set(ids))
-    sizes["vocab"] = _js(data / "vocab.js", "vocab",
-                         {"ids": ids, "text": token_texts(tokenizer, ids), "special": specials})
+    sizes["vocab"] = _js(
+        data / "vocab.js",
+        "vocab",
+        {"ids": ids, "text": token_texts(tokenizer, ids), "special": specials},
+    )
     edges = results[0].stats.edges.tolist()
-    suite_data = {"info": {k: v for k, v in info.items() if k != "data"}, "hookpoints": hookpoints,
-                  "hist_edges": [_num(e) for e in edges], "token_width": width,
-                  "window_before": info["features"]["window_before"],
-                  "per_file": per_file,
-                  "steering": None if steering is None else {
-                      "source": steering.source, "interventions": steering.interventions,
-                      "results": steering.results, "tables": steering.tables}}
+    suite_data = {
+        "info": {k: v for k, v in info.items() if k != "data"},
+        "hookpoints": hookpoints,
+        "hist_edges": [_num(e) for e in edges],
+        "token_width": width,
+        "window_before": info["features"]["window_before"],
+        "per_file": per_file,
+        "steering": None
+        if steering is None
+        else {
+            "source": steering.source,
+            "interventions": steering.interventions,
+            "results": steering.results,
+            "tables": steering.tables,
+        },
+    }
     _js(data / "suite.js", "suite", suite_data)
-    files = [out_dir / "index.html", *(out_dir / "assets").iterdir(),
-             *data.rglob("*.js")]
+    files = [out_dir / "index.html", *(out_dir / "assets").iterdir(), *data.rglob("*.js")]
     sizes["total"] = sum(p.stat().st_size for p in files)
     sizes["per_feature"] = sizes["total"] // max(1, sum(r.stats.d_sae for r in results))
     return sizes

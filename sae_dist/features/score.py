@@ -25,7 +25,7 @@ import math
 import os
 import urllib.request
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -74,8 +74,9 @@ def rank_within_groups(group: Tensor, priority: Tensor, n_groups: int) -> tuple[
     return order, rank
 
 
-def fit_token_sets(pair_keys: Tensor, token_counts: Tensor, d_sae: int, max_set: int,
-                   n_candidates: int) -> tuple[Tensor, Tensor]:
+def fit_token_sets(
+    pair_keys: Tensor, token_counts: Tensor, d_sae: int, max_set: int, n_candidates: int
+) -> tuple[Tensor, Tensor]:
     """Greedy token-set explanations from the explanation part.
 
     pair_keys: int64 [E], one per firing, feature * V + token id; token_counts: int64 [V]
@@ -99,8 +100,9 @@ def fit_token_sets(pair_keys: Tensor, token_counts: Tensor, d_sae: int, max_set:
     return sets, torch.where(fires > 0, f1, torch.full_like(f1, math.nan))
 
 
-def _greedy(cand: Tensor, cand_tp: Tensor, cand_n: Tensor, fires: Tensor, max_set: int
-            ) -> tuple[Tensor, Tensor]:
+def _greedy(
+    cand: Tensor, cand_tp: Tensor, cand_n: Tensor, fires: Tensor, max_set: int
+) -> tuple[Tensor, Tensor]:
     """Grow every feature's set one candidate at a time while F1 rises. cand [F, C] token ids
     (-1 = none), cand_tp / cand_n [F, C] firings on / occurrences of that token, fires [F].
     Returns (sets [F, max_set], F1 [F])."""
@@ -130,15 +132,21 @@ class TokenSetScorer:
     """Streams (token ids, firings) of one SAE: the first `explain_tokens` scored tokens find the
     explanations, every later token measures them."""
 
-    def __init__(self, d_sae: int, vocab_size: int, explain_tokens: int, max_set: int = 5,
-                 n_candidates: int = 64):
+    def __init__(
+        self,
+        d_sae: int,
+        vocab_size: int,
+        explain_tokens: int,
+        max_set: int = 5,
+        n_candidates: int = 64,
+    ):
         self.d_sae, self.vocab = d_sae, vocab_size
         self.explain_tokens, self.max_set, self.n_candidates = explain_tokens, max_set, n_candidates
         self.seen_explain = 0
         self._pairs: list[Tensor] = []
         self.counts_explain = torch.zeros(vocab_size, dtype=torch.int64)
-        self.sets: Optional[Tensor] = None
-        self.f1_explain: Optional[Tensor] = None
+        self.sets: Tensor | None = None
+        self.f1_explain: Tensor | None = None
         self.heldout_tokens = 0
         self.counts_heldout = torch.zeros(vocab_size, dtype=torch.int64)
         self.fires_heldout = torch.zeros(d_sae, dtype=torch.int64)
@@ -165,8 +173,9 @@ class TokenSetScorer:
         if self.sets is not None:
             return
         keys = torch.cat(self._pairs) if self._pairs else torch.zeros(0, dtype=torch.int64)
-        self.sets, self.f1_explain = fit_token_sets(keys, self.counts_explain, self.d_sae,
-                                                    self.max_set, self.n_candidates)
+        self.sets, self.f1_explain = fit_token_sets(
+            keys, self.counts_explain, self.d_sae, self.max_set, self.n_candidates
+        )
         self._pairs = []
 
     def _measure(self, token_ids: Tensor, ev_token: Tensor, ev_feature: Tensor) -> None:
@@ -179,8 +188,14 @@ class TokenSetScorer:
 
     def nbytes(self) -> int:
         """Bytes of state held (the explanation part's firings included)."""
-        tensors = [*self._pairs, self.counts_explain, self.counts_heldout, self.fires_heldout,
-                   self.tp_heldout, *(t for t in (self.sets, self.f1_explain) if t is not None)]
+        tensors = [
+            *self._pairs,
+            self.counts_explain,
+            self.counts_heldout,
+            self.fires_heldout,
+            self.tp_heldout,
+            *(t for t in (self.sets, self.f1_explain) if t is not None),
+        ]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def result(self) -> TokenSetScores:
@@ -192,9 +207,15 @@ class TokenSetScorer:
         valid = sets >= 0
         predicted = (self.counts_heldout[sets.clamp_min(0)] * valid).sum(1)
         tp, fires = self.tp_heldout, self.fires_heldout
-        return TokenSetScores(sets, f1_explain, _ratio(2 * tp, fires + predicted),
-                              _ratio(tp, predicted), _ratio(tp, fires), self.seen_explain,
-                              self.heldout_tokens)
+        return TokenSetScores(
+            sets,
+            f1_explain,
+            _ratio(2 * tp, fires + predicted),
+            _ratio(tp, predicted),
+            _ratio(tp, fires),
+            self.seen_explain,
+            self.heldout_tokens,
+        )
 
 
 def f1_summary(f1: Tensor, threshold: float) -> dict[str, float | int]:
@@ -204,10 +225,15 @@ def f1_summary(f1: Tensor, threshold: float) -> dict[str, float | int]:
     if len(x) == 0:
         return {"scored": 0, "token_level": 0}
     q = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
-    return {"scored": len(x), "f1_q25": float(q[0]), "f1_median": float(q[1]),
-            "f1_q75": float(q[2]), "f1_mean": float(x.mean()),
-            "token_level": int((x >= threshold).sum()),
-            "token_level_frac": float((x >= threshold).double().mean())}
+    return {
+        "scored": len(x),
+        "f1_q25": float(q[0]),
+        "f1_median": float(q[1]),
+        "f1_q75": float(q[2]),
+        "f1_mean": float(x.mean()),
+        "token_level": int((x >= threshold).sum()),
+        "token_level_frac": float((x >= threshold).double().mean()),
+    }
 
 
 # ----------------------------------------------------------------------- LLM explanations
@@ -222,9 +248,11 @@ class Explainer(Protocol):
     def explain(self, contexts: list[Context]) -> str: ...
 
 
-PROMPT = ("Below are text excerpts on which one neuron of a language model activates. Tokens "
-          "where it is active are marked as <<token>> (activation in brackets). In at most 15 "
-          "words, say what the neuron detects. Answer with the explanation only.\n\n{examples}")
+PROMPT = (
+    "Below are text excerpts on which one neuron of a language model activates. Tokens "
+    "where it is active are marked as <<token>> (activation in brackets). In at most 15 "
+    "words, say what the neuron detects. Answer with the explanation only.\n\n{examples}"
+)
 
 
 def explainer_prompt(contexts: list[Context], max_examples: int = 10) -> str:
@@ -243,16 +271,23 @@ class OpenAIExplainer:
         self.cfg = cfg
 
     def explain(self, contexts: list[Context]) -> str:
-        body = {"model": self.cfg.model, "temperature": 0, "max_tokens": 60,
-                "messages": [{"role": "user", "content": explainer_prompt(contexts)}]}
+        body = {
+            "model": self.cfg.model,
+            "temperature": 0,
+            "max_tokens": 60,
+            "messages": [{"role": "user", "content": explainer_prompt(contexts)}],
+        }
         headers = {"Content-Type": "application/json"}
         endpoint = self.cfg.endpoint
         assert endpoint is not None  # an explainer is made only for a configured endpoint
         key = os.environ.get(self.cfg.api_key_env)
         if key:
             headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(f"{endpoint.rstrip('/')}/chat/completions",
-                                         data=json.dumps(body).encode(), headers=headers)
+        request = urllib.request.Request(
+            f"{endpoint.rstrip('/')}/chat/completions",
+            data=json.dumps(body).encode(),
+            headers=headers,
+        )
         with urllib.request.urlopen(request, timeout=self.cfg.timeout_s) as response:
             reply = json.loads(response.read())
         return str(reply["choices"][0]["message"]["content"]).strip()

@@ -20,16 +20,33 @@ from sae_dist.sae.relu import ReLUSAE
 from sae_dist.sae.topk import TopKSAE
 
 SAELENS_ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
-    "topk": TopKSAE, "jumprelu": JumpReLUSAE, "standard": ReLUSAE}
+    "topk": TopKSAE,
+    "jumprelu": JumpReLUSAE,
+    "standard": ReLUSAE,
+}
 """SAELens v6 `architecture` -> the class that loads it (BatchTopK SAEs export as jumprelu)."""
 
-__all__ = ["SAELENS_ARCHITECTURES", "SAE_REGISTRY", "BatchTopKSAE", "JumpReLUSAE", "Latents",
-           "ReLUSAE", "SAEOutput", "SparseAutoencoder", "TopKSAE", "build_sae", "load_sparsify",
-           "register", "sae_from_saelens", "sae_from_sparsify"]
+__all__ = [
+    "SAELENS_ARCHITECTURES",
+    "SAE_REGISTRY",
+    "BatchTopKSAE",
+    "JumpReLUSAE",
+    "Latents",
+    "ReLUSAE",
+    "SAEOutput",
+    "SparseAutoencoder",
+    "TopKSAE",
+    "build_sae",
+    "load_sparsify",
+    "register",
+    "sae_from_saelens",
+    "sae_from_sparsify",
+]
 
 
-def _lookup(table: dict[str, type[SparseAutoencoder]], name: str,
-            key: str) -> type[SparseAutoencoder]:
+def _lookup(
+    table: dict[str, type[SparseAutoencoder]], name: str, key: str
+) -> type[SparseAutoencoder]:
     """Architecture lookup that names the allowed architectures on failure."""
     if name not in table:
         raise ConfigError(key, name, ", ".join(sorted(table)))

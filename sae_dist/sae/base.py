@@ -16,9 +16,10 @@ Shapes: B tokens, d_in activation width, d_sae latents, k active latents per tok
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, ClassVar, TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +28,7 @@ from sae_dist.config import SAEConfig, sae_config
 from sae_dist.distributed import LOCAL, BatchGroup
 from sae_dist.sae.sparse_ops import Entries, GatheredPreActs
 
-SAE_REGISTRY: dict[str, type["SparseAutoencoder"]] = {}
+SAE_REGISTRY: dict[str, type[SparseAutoencoder]] = {}
 """Architecture name (`SAEConfig.architecture`, SAELens `architecture`) -> class."""
 
 S = TypeVar("S", bound="SparseAutoencoder")
@@ -107,8 +108,9 @@ def fvu(x: Tensor, x_hat: Tensor, group: BatchGroup = LOCAL) -> Tensor:
     return group.sum((x - x_hat).pow(2).sum()) / total_variance(x, group)
 
 
-def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-6,
-                     group: BatchGroup = LOCAL) -> Tensor:
+def geometric_median(
+    x: Tensor, iters: int = 100, tol: float = 1e-6, group: BatchGroup = LOCAL
+) -> Tensor:
     """Point minimising the summed Euclidean distance to the rows of x [N, d] (over the global
     batch) -> [d] (Weiszfeld's algorithm, started at the mean)."""
     median = batch_mean(x, group)
@@ -183,8 +185,9 @@ class SparseAutoencoder(nn.Module):
         graph only where the architecture differentiates through it densely."""
         raise NotImplementedError
 
-    def _activate(self, x: Tensor, pre: Tensor, indices: Tensor,
-                  keep: Tensor | None = None) -> Tensor:
+    def _activate(
+        self, x: Tensor, pre: Tensor, indices: Tensor, keep: Tensor | None = None
+    ) -> Tensor:
         """relu(pre) gathered at indices int64 [B, j], zero where `keep` [B, j] is False ->
         [B, j], differentiable in the weights."""
         if not self.sparse:
@@ -193,8 +196,11 @@ class SparseAutoencoder(nn.Module):
         pre_top = pre.detach().gather(1, indices)
         if keep is not None:
             pre_top = pre_top.masked_fill(~keep, 0)
-        return torch.relu(GatheredPreActs.apply(x, self.W_enc, self.b_enc, self.b_dec, pre_top,
-                                                Entries.of(indices, keep)))
+        return torch.relu(
+            GatheredPreActs.apply(
+                x, self.W_enc, self.b_enc, self.b_dec, pre_top, Entries.of(indices, keep)
+            )
+        )
 
     def encode(self, x: Tensor) -> Latents:
         """x [B, d_in] -> latents."""
@@ -212,8 +218,9 @@ class SparseAutoencoder(nn.Module):
         """latents -> x_hat [B, d_in] (includes + b_dec)."""
         return self._decode_latents(latents) + self.b_dec
 
-    def aux_losses(self, x: Tensor, x_hat: Tensor, latents: Latents, pre: Tensor,
-                   dead_mask: Tensor | None) -> dict[str, Tensor]:
+    def aux_losses(
+        self, x: Tensor, x_hat: Tensor, latents: Latents, pre: Tensor, dead_mask: Tensor | None
+    ) -> dict[str, Tensor]:
         """Weighted architecture-specific loss terms (none by default)."""
         return {}
 
@@ -267,7 +274,7 @@ class SparseAutoencoder(nn.Module):
 
     # --- export ----------------------------------------------------------------------------
 
-    def folded(self, scale: float) -> "SparseAutoencoder":
+    def folded(self, scale: float) -> SparseAutoencoder:
         """Copy that takes raw activations x when this SAE was trained on x * scale. The
         decoder rows stay unit-norm and the latents come out in raw units: every
         pre-activation, latent and threshold is 1/scale of the trained one (b_enc, b_dec and
@@ -288,26 +295,38 @@ class SparseAutoencoder(nn.Module):
 
     def saelens_tensors(self) -> dict[str, Tensor]:
         """SAELens v6 weights: name -> contiguous CPU copy (W_enc, b_enc, W_dec, b_dec, ...)."""
-        return {name: p.detach().cpu().clone(memory_format=torch.contiguous_format)
-                for name, p in self.named_parameters()}
+        return {
+            name: p.detach().cpu().clone(memory_format=torch.contiguous_format)
+            for name, p in self.named_parameters()
+        }
 
     def saelens_cfg(self) -> dict:
         """SAELens v6 cfg keys describing this SAE (metadata is added by the checkpoint code)."""
-        cfg = {"architecture": self.saelens_architecture, "d_in": self.d_in, "d_sae": self.d_sae,
-               "dtype": "float32", "apply_b_dec_to_input": True,
-               "normalize_activations": "none", "reshape_activations": "none"}
+        cfg = {
+            "architecture": self.saelens_architecture,
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "dtype": "float32",
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+        }
         cfg.update({name: getattr(self.cfg, name) for name in self.saelens_fields})
         return cfg
 
     @classmethod
-    def from_saelens(cls, tensors: dict[str, Tensor], cfg: dict) -> "SparseAutoencoder":
+    def from_saelens(cls, tensors: dict[str, Tensor], cfg: dict) -> SparseAutoencoder:
         """Inverse of `saelens_tensors` / `saelens_cfg` (CPU, float32)."""
-        expected = {"apply_b_dec_to_input": True, "normalize_activations": "none",
-                    "reshape_activations": "none"}
+        expected = {
+            "apply_b_dec_to_input": True,
+            "normalize_activations": "none",
+            "reshape_activations": "none",
+        }
         for key, value in expected.items():
             if cfg.get(key, value) != value:
-                raise ValueError(f"SAELens cfg {key}={cfg[key]!r} is not supported; "
-                                 f"expected {value!r}")
+                raise ValueError(
+                    f"SAELens cfg {key}={cfg[key]!r} is not supported; expected {value!r}"
+                )
         fields = {name: cfg[name] for name in cls.saelens_fields}
         sae_cfg = sae_config(cls.architecture, d_sae=int(cfg["d_sae"]), **fields)
         sae = cls(sae_cfg, int(cfg["d_in"]))
@@ -320,10 +339,14 @@ class SparseAutoencoder(nn.Module):
         dtype) into the parameters."""
         params = dict(self.named_parameters())
         if set(tensors) != set(params):
-            raise ValueError(f"SAELens tensors {sorted(tensors)} do not match the "
-                             f"{self.architecture} parameters {sorted(params)}")
+            raise ValueError(
+                f"SAELens tensors {sorted(tensors)} do not match the "
+                f"{self.architecture} parameters {sorted(params)}"
+            )
         for name, p in params.items():
             if tensors[name].shape != p.shape:
-                raise ValueError(f"SAELens tensor {name} has shape {tuple(tensors[name].shape)}; "
-                                 f"expected {tuple(p.shape)}")
+                raise ValueError(
+                    f"SAELens tensor {name} has shape {tuple(tensors[name].shape)}; "
+                    f"expected {tuple(p.shape)}"
+                )
             p.copy_(tensors[name])

@@ -27,8 +27,9 @@ from sae_dist.sae.topk import TopKSAE
 SPARSIFY_WEIGHTS = "sae.safetensors"
 
 
-def normalize_saelens(tensors: dict[str, Tensor], cfg: dict[str, Any]
-                      ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def normalize_saelens(
+    tensors: dict[str, Tensor], cfg: dict[str, Any]
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """SAELens v6 tensors and cfg as any tool writes them -> float32 tensors and a cfg with
     apply_b_dec_to_input true and normalize_activations "none" (same encode/decode outputs)."""
     tensors = {name: t.float() for name, t in tensors.items()}
@@ -47,13 +48,20 @@ def sae_from_sparsify(tensors: dict[str, Tensor], cfg: dict[str, Any]) -> TopKSA
     if cfg.get("transcode") or cfg.get("skip_connection") or "W_skip" in tensors:
         raise ValueError("sparsify transcoders and skip connections are not supported")
     if cfg.get("activation", "topk") != "topk":
-        raise ValueError(f"sparsify activation {cfg['activation']!r} is not supported; "
-                         "expected 'topk'")
+        raise ValueError(
+            f"sparsify activation {cfg['activation']!r} is not supported; expected 'topk'"
+        )
     weight = tensors["encoder.weight"].float()
     d_sae, d_in = weight.shape
     sae = TopKSAE(TopKConfig(d_sae=d_sae, k=int(cfg["k"])), d_in)
-    sae.load_saelens_tensors({"W_enc": weight.t(), "b_enc": tensors["encoder.bias"],
-                              "W_dec": tensors["W_dec"], "b_dec": tensors["b_dec"]})
+    sae.load_saelens_tensors(
+        {
+            "W_enc": weight.t(),
+            "b_enc": tensors["encoder.bias"],
+            "W_dec": tensors["W_dec"],
+            "b_dec": tensors["b_dec"],
+        }
+    )
     return sae
 
 

@@ -86,8 +86,9 @@ class StepFn(torch.autograd.Function):
             return (pre > threshold).to(pre.dtype)
         values, cols = pre._values(), pre._indices()[1]
         steps = (values > threshold[cols]).to(values.dtype)
-        return torch.sparse_coo_tensor(pre._indices(), steps, pre.shape, is_coalesced=True,
-                                       check_invariants=False)
+        return torch.sparse_coo_tensor(
+            pre._indices(), steps, pre.shape, is_coalesced=True, check_invariants=False
+        )
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
@@ -100,7 +101,8 @@ class StepFn(torch.autograd.Function):
         grad_at = grad.sparse_mask(pre)._values() if grad.is_sparse else grad[rows, cols]
         kernel = rectangle((pre._values() - threshold[cols]) / eps)
         grad_threshold = torch.zeros_like(threshold).index_add_(
-            0, cols, (-(kernel * grad_at) / eps).to(threshold.dtype))
+            0, cols, (-(kernel * grad_at) / eps).to(threshold.dtype)
+        )
         return None, grad_threshold, None
 
 
@@ -126,8 +128,11 @@ class JumpReLUSAE(SparseAutoencoder):
     @property
     def in_topk_warmup(self) -> bool:
         """Training with `target_l0`, within the first `topk_warmup_frac`: the SAE is a TopK."""
-        return (self.training and self.cfg.target_l0 is not None
-                and self.progress < self.cfg.topk_warmup_frac)
+        return (
+            self.training
+            and self.cfg.target_l0 is not None
+            and self.progress < self.cfg.topk_warmup_frac
+        )
 
     @torch.no_grad()
     def init_from_batch(self, x: Tensor) -> None:
@@ -148,8 +153,7 @@ class JumpReLUSAE(SparseAutoencoder):
         weights = [p for name, p in self.named_parameters() if name != "log_threshold"]
         lr_mult = self.cfg.threshold_lr_mult
         assert lr_mult is not None  # resolved by JumpReLUConfig.__post_init__
-        return [{"params": weights, "lr": lr},
-                {"params": [self.log_threshold], "lr": lr * lr_mult}]
+        return [{"params": weights, "lr": lr}, {"params": [self.log_threshold], "lr": lr * lr_mult}]
 
     @torch.no_grad()
     def after_step(self, out: SAEOutput) -> None:
@@ -168,7 +172,8 @@ class JumpReLUSAE(SparseAutoencoder):
             return
         group = self.batch_group
         l0 = group.sum(out.latents.l0().sum()) / group.sum(
-            out.latents.values.new_tensor(float(out.latents.values.shape[0])))
+            out.latents.values.new_tensor(float(out.latents.values.shape[0]))
+        )
         miss = math.log(max(float(l0), 0.5) / target)
         self.log_threshold.add_(self.cfg.l0_adapt_rate * min(1.0, max(-1.0, miss)))
 
@@ -203,11 +208,13 @@ class JumpReLUSAE(SparseAutoencoder):
             rows, cols = (pre > lowest.detach()).nonzero(as_tuple=True)
             near = pre[rows, cols]
             indices, pre_at, live = pad_rows(rows, cols, near, pre.shape[0], float("-inf"))
-        pre_at = GatheredPreActs.apply(x, self.W_enc, self.b_enc, self.b_dec, pre_at,
-                                       Entries.of(indices, live))
+        pre_at = GatheredPreActs.apply(
+            x, self.W_enc, self.b_enc, self.b_dec, pre_at, Entries.of(indices, live)
+        )
         values = JumpReLUFn.apply(pre_at, threshold[indices], self.cfg.bandwidth)
-        near_pre = torch.sparse_coo_tensor(torch.stack([rows, cols]), near, pre.shape,
-                                           is_coalesced=True, check_invariants=False)
+        near_pre = torch.sparse_coo_tensor(
+            torch.stack([rows, cols]), near, pre.shape, is_coalesced=True, check_invariants=False
+        )
         return Latents(values, indices, self.d_sae, live), near_pre
 
     def _encode_topk(self, x: Tensor) -> tuple[Latents, Tensor]:
@@ -225,8 +232,9 @@ class JumpReLUSAE(SparseAutoencoder):
         self.warmup_threshold = nth_largest(pre.detach(), n, self.batch_group)
         return Latents(self._activate(x, pre, indices), indices, self.d_sae), pre
 
-    def aux_losses(self, x: Tensor, x_hat: Tensor, latents: Latents, pre: Tensor,
-                   dead_mask: Tensor | None) -> dict[str, Tensor]:
+    def aux_losses(
+        self, x: Tensor, x_hat: Tensor, latents: Latents, pre: Tensor, dead_mask: Tensor | None
+    ) -> dict[str, Tensor]:
         """{"l0": warm-up * l0_coef * mean_tokens L0}, the L0 counted through `StepFn` so
         that the thresholds (only they) get its gradient. With `target_l0` there is no warm-up:
         the thresholds start at the target and the controller (`after_step`) holds it. During

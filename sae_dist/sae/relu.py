@@ -27,8 +27,9 @@ class ReLUSAE(SparseAutoencoder):
         pre = self.pre_acts(x)
         return Latents(torch.relu(pre), None, self.d_sae), pre
 
-    def aux_losses(self, x: Tensor, x_hat: Tensor, latents: Latents, pre: Tensor,
-                   dead_mask: Tensor | None) -> dict[str, Tensor]:
+    def aux_losses(
+        self, x: Tensor, x_hat: Tensor, latents: Latents, pre: Tensor, dead_mask: Tensor | None
+    ) -> dict[str, Tensor]:
         """{"l1": warm-up * l1_coef * decoder-norm-weighted L1 / RMS centred norm of x}."""
         norms = torch.linalg.vector_norm(self.W_dec, dim=1)
         weighted = latents.values.to(norms.dtype) @ norms

@@ -31,7 +31,7 @@ class Entries:
     live: Tensor | None
 
     @classmethod
-    def of(cls, indices: Tensor, live: Tensor | None = None) -> "Entries":
+    def of(cls, indices: Tensor, live: Tensor | None = None) -> Entries:
         """The entries of indices int64 [B, j] where `live` [B, j] is True (None: all)."""
         n_rows, j = indices.shape
         if live is None:
@@ -40,8 +40,9 @@ class Entries:
         else:
             counts = live.sum(1)
             latent = indices[live]
-        row = torch.repeat_interleave(torch.arange(n_rows, device=indices.device), counts,
-                                      output_size=latent.numel())
+        row = torch.repeat_interleave(
+            torch.arange(n_rows, device=indices.device), counts, output_size=latent.numel()
+        )
         return cls(latent, row, torch.cumsum(counts, 0) - counts, live)
 
     def take(self, values: Tensor) -> Tensor:
@@ -51,8 +52,13 @@ class Entries:
     def bag_sum(self, values: Tensor, table: Tensor) -> Tensor:
         """[B, d] = per token, the sum of its entries' values [B, j] times table[latent] [d]
         (`embedding_bag`, differentiable in both)."""
-        return F.embedding_bag(self.latent, table, self.offsets, mode="sum",
-                               per_sample_weights=self.take(values).to(table.dtype))
+        return F.embedding_bag(
+            self.latent,
+            table,
+            self.offsets,
+            mode="sum",
+            per_sample_weights=self.take(values).to(table.dtype),
+        )
 
 
 def scatter_outer(entries: Entries, coeffs: Tensor, rows: Tensor, d_sae: int) -> Tensor:
@@ -71,13 +77,13 @@ def scatter_outer(entries: Entries, coeffs: Tensor, rows: Tensor, d_sae: int) ->
     vals = coeffs[order].to(rows.dtype)
     with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process
         warnings.simplefilter("ignore", UserWarning)
-        s = torch.sparse_csr_tensor(crow, col, vals, (d_sae, rows.shape[0]),
-                                    check_invariants=False)
+        s = torch.sparse_csr_tensor(crow, col, vals, (d_sae, rows.shape[0]), check_invariants=False)
     return s @ rows
 
 
-def pad_rows(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int,
-             fill: float) -> tuple[Tensor, Tensor, Tensor]:
+def pad_rows(
+    rows: Tensor, cols: Tensor, values: Tensor, n_rows: int, fill: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Ragged (row, column, value) entries, sorted by row, as per-row lists padded to the
     longest: (indices int64 [n_rows, m], values [n_rows, m], live bool [n_rows, m]), m = max
     entries of a row (>= 1); padding has column 0, value `fill` and live False."""
@@ -105,8 +111,15 @@ class GatheredPreActs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
-                pre_at: Tensor, entries: Entries) -> Tensor:
+    def forward(
+        ctx,
+        x: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        b_dec: Tensor,
+        pre_at: Tensor,
+        entries: Entries,
+    ) -> Tensor:
         ctx.save_for_backward(x, W_enc, b_dec)
         ctx.entries = entries
         return pre_at.clone()
@@ -115,13 +128,20 @@ class GatheredPreActs(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, W_enc, b_dec = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):  # grads in the parameters' dtype
-            grads = _encoder_grads(x, W_enc, b_dec, ctx.entries, ctx.entries.take(grad),
-                                   ctx.needs_input_grad[:4])
+            grads = _encoder_grads(
+                x, W_enc, b_dec, ctx.entries, ctx.entries.take(grad), ctx.needs_input_grad[:4]
+            )
         return *grads, None, None
 
 
-def _encoder_grads(x: Tensor, W_enc: Tensor, b_dec: Tensor, entries: Entries, grad: Tensor,
-                   needed: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+def _encoder_grads(
+    x: Tensor,
+    W_enc: Tensor,
+    b_dec: Tensor,
+    entries: Entries,
+    grad: Tensor,
+    needed: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:
     """Gradients (x, W_enc, b_enc, b_dec) of `GatheredPreActs`, None where not `needed`.
 
     With g [n] the gradient of the pre-activations at the entries: b_enc: index_add of g;
@@ -140,8 +160,9 @@ def _encoder_grads(x: Tensor, W_enc: Tensor, b_dec: Tensor, entries: Entries, gr
         assert grad_b_enc is not None  # computed above whenever need_bdec
         grad_b_dec = -(W_enc @ grad_b_enc)
     if need_x:
-        grad_x = F.embedding_bag(entries.latent, W_enc.t(), entries.offsets,
-                                 per_sample_weights=g, mode="sum").to(x.dtype)
+        grad_x = F.embedding_bag(
+            entries.latent, W_enc.t(), entries.offsets, per_sample_weights=g, mode="sum"
+        ).to(x.dtype)
     return grad_x, grad_w, grad_b_enc if need_benc else None, grad_b_dec
 
 
@@ -164,6 +185,5 @@ def nth_largest(pre: Tensor, n: int, group: BatchGroup = LOCAL) -> Tensor:
     threshold = threshold_of(top.flatten())
     saturated = (top.min(1).values >= threshold) & (top.shape[1] < d_sae)
     if int(group.max(saturated.any().long())):
-        threshold = threshold_of(torch.cat([top[~saturated].flatten(),
-                                            pre[saturated].flatten()]))
+        threshold = threshold_of(torch.cat([top[~saturated].flatten(), pre[saturated].flatten()]))
     return threshold

@@ -47,8 +47,9 @@ class TopKSAE(SparseAutoencoder):
         values = self._activate(x, pre, indices, keep)
         return Latents(values, indices, self.d_sae, keep), pre
 
-    def aux_losses(self, x: Tensor, x_hat: Tensor, latents: Latents, pre: Tensor,
-                   dead_mask: Tensor | None) -> dict[str, Tensor]:
+    def aux_losses(
+        self, x: Tensor, x_hat: Tensor, latents: Latents, pre: Tensor, dead_mask: Tensor | None
+    ) -> dict[str, Tensor]:
         """{"auxk": auxk_coef * AuxK} when some latent is dead, else {}.
 
         AuxK: the top k_aux dead latents (by pre-activation) reconstruct the residual

@@ -34,8 +34,7 @@ def apply_intervention_file(cfg: SteerRunConfig) -> dict[str, str]:
     if not cfg.prompt:
         raise ConfigError("prompt", cfg.prompt, 'a non-empty prompt="..." to steer')
     specs = load_interventions(Path(cfg.intervention))
-    folders = [s.sae for s in specs if s.sae] + [s.gate.sae for s in specs if s.gate and
-                                                   s.gate.sae]
+    folders = [s.sae for s in specs if s.sae] + [s.gate.sae for s in specs if s.gate and s.gate.sae]
     if cfg.model is None and not folders:
         raise ConfigError("model", None, "model=<name>: the intervention file names no SAE")
     model_cfg = cfg.model or model_config_of_sae(Path(folders[0]))
@@ -48,11 +47,14 @@ def apply_intervention_file(cfg: SteerRunConfig) -> dict[str, str]:
     n = cfg.max_new_tokens
     plain = generate(model, tokenizer, [cfg.prompt], (), n, desc="unsteered")[0].text
     steered = generate(model, tokenizer, [cfg.prompt], ivs, n, desc="steered")[0].text
-    what = "; ".join(f"{s.mode} {s.features or 'direction'} at {s.hookpoint}, alpha "
-                     f"{s.alpha:g}, {s.positions}" + (f", gated at {s.gate.hookpoint}" if s.gate
-                                                      else "") for s in specs)
-    print(f"prompt: {cfg.prompt}\n\n--- unsteered ---\n{plain}\n\n--- steered ({what}) ---\n"
-          f"{steered}")
+    what = "; ".join(
+        f"{s.mode} {s.features or 'direction'} at {s.hookpoint}, alpha "
+        f"{s.alpha:g}, {s.positions}" + (f", gated at {s.gate.hookpoint}" if s.gate else "")
+        for s in specs
+    )
+    print(
+        f"prompt: {cfg.prompt}\n\n--- unsteered ---\n{plain}\n\n--- steered ({what}) ---\n{steered}"
+    )
     return {"unsteered": plain, "steered": steered}
 
 
@@ -69,10 +71,13 @@ def apply_generation_settings(cfg: SteerRunConfig) -> None:
 def run(cfg: SteerRunConfig):
     """Apply an intervention file to a prompt; the refusal case study has its own command."""
     if cfg.task == "refusal":
-        raise UserError("experiment=refusal: the refusal case study has its own command, "
-                        "`python -m sae_dist.studies.refusal [suite=<path>] out_dir=<path>`")
+        raise UserError(
+            "experiment=refusal: the refusal case study has its own command, "
+            "`python -m sae_dist.studies.refusal [suite=<path>] out_dir=<path>`"
+        )
     apply_generation_settings(cfg)
     if cfg.intervention:
         return apply_intervention_file(cfg)
-    raise ConfigError("intervention", cfg.intervention, 'intervention=<intervention.json> '
-                      'prompt="..."')
+    raise ConfigError(
+        "intervention", cfg.intervention, 'intervention=<intervention.json> prompt="..."'
+    )

@@ -19,8 +19,8 @@ al. 2024), in activation units.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -52,16 +52,17 @@ class ContrastTokens:
         """The text up to and including the token of activation `row`, that token in [[ ]]."""
         seq, pos = self.where[row]
         ids = self.sequences[seq]
-        left = tokenizer.decode(ids[max(0, pos - before):pos])
-        return f"{left}[[{tokenizer.decode(ids[pos:pos + 1])}]]".replace("\n", "\\n")
+        left = tokenizer.decode(ids[max(0, pos - before) : pos])
+        return f"{left}[[{tokenizer.decode(ids[pos : pos + 1])}]]".replace("\n", "\\n")
 
 
 def eoi_length(tokenizer) -> int:
     """Number of end-of-instruction tokens: the template's tokens after a user message's content
     when the assistant header is appended."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], tokenize=False,
-                                         add_generation_prompt=True)
-    suffix = text[text.index(_MARK) + len(_MARK):]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=True
+    )
+    suffix = text[text.index(_MARK) + len(_MARK) :]
     return len(tokenizer(suffix, add_special_tokens=False)["input_ids"])
 
 
@@ -78,9 +79,15 @@ def _pad(rows: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[Tensor
 
 
 @torch.no_grad()
-def collect(model: nn.Module, hookpoints: list[Hookpoint], sequences: list[list[int]],
-            positions: list[list[int]], pad_id: int, batch_size: int = 16,
-            desc: str = "activations") -> ContrastTokens:
+def collect(
+    model: nn.Module,
+    hookpoints: list[Hookpoint],
+    sequences: list[list[int]],
+    positions: list[list[int]],
+    pad_id: int,
+    batch_size: int = 16,
+    desc: str = "activations",
+) -> ContrastTokens:
     """Activations at `positions[i]` (indices into `sequences[i]`) of every sequence, run in
     right-padded batches with their attention mask, stopping after the last layer needed."""
     device = next(model.parameters()).device
@@ -98,8 +105,14 @@ def collect(model: nn.Module, hookpoints: list[Hookpoint], sequences: list[list[
     return ContrastTokens({hp: torch.cat(a) for hp, a in acts.items()}, sequences, where)
 
 
-def prompt_tokens(model: nn.Module, tokenizer, prompts: Sequence[str], hookpoints: list[Hookpoint],
-                  batch_size: int = 16, desc: str = "prompt tokens") -> ContrastTokens:
+def prompt_tokens(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    hookpoints: list[Hookpoint],
+    batch_size: int = 16,
+    desc: str = "prompt tokens",
+) -> ContrastTokens:
     """Activations at the end-of-instruction tokens of each prompt (one user turn rendered with
     the chat template and the assistant header): `eoi_length` rows per prompt."""
 
@@ -109,26 +122,35 @@ def prompt_tokens(model: nn.Module, tokenizer, prompts: Sequence[str], hookpoint
     return collect(model, hookpoints, seqs, positions, _pad_id(tokenizer), batch_size, desc)
 
 
-def response_tokens(model: nn.Module, tokenizer, pairs: Sequence[tuple[str, str]],
-                    hookpoints: list[Hookpoint], n_tokens: int, batch_size: int = 16,
-                    desc: str = "response tokens") -> ContrastTokens:
+def response_tokens(
+    model: nn.Module,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    hookpoints: list[Hookpoint],
+    n_tokens: int,
+    batch_size: int = 16,
+    desc: str = "response tokens",
+) -> ContrastTokens:
     """Activations at the first `n_tokens` content tokens of the assistant message of each
     (user, assistant) pair, rendered as a two-turn chat (pairs the template cannot render, or
     with no assistant token, are skipped with a log line)."""
     seqs, positions = [], []
     for user, assistant in pairs:
-        rendered = chat_content_spans([{"role": "user", "content": user},
-                                       {"role": "assistant", "content": assistant}],
-                                      tokenizer, assistant_only=True)
+        rendered = chat_content_spans(
+            [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}],
+            tokenizer,
+            assistant_only=True,
+        )
         if rendered is None or not rendered[1]:
             continue
         text, spans = rendered
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        (lo, hi), = spans
-        inside = [t for t, (a, b) in enumerate(enc["offset_mapping"]) if a >= lo and b <= hi
-                  and b > a]
+        ((lo, hi),) = spans
+        inside = [
+            t for t, (a, b) in enumerate(enc["offset_mapping"]) if a >= lo and b <= hi and b > a
+        ]
         if inside:
-            seqs.append(enc["input_ids"][:inside[min(n_tokens, len(inside)) - 1] + 1])
+            seqs.append(enc["input_ids"][: inside[min(n_tokens, len(inside)) - 1] + 1])
             positions.append(inside[:n_tokens])
     if len(seqs) < len(pairs):
         log.info("%s: %d of %d pairs skipped (template)", desc, len(pairs) - len(seqs), len(pairs))
@@ -141,11 +163,15 @@ def _pad_id(tokenizer) -> int:
 
 # ----------------------------------------------------------------------------------- scores
 
+
 @torch.no_grad()
 def latents_dense(sae: SparseAutoencoder, x: Tensor, chunk: int = 1024) -> Tensor:
     """Dense latents float32 [n, d_sae] of activations x [n, d_in]."""
-    return torch.cat([sae.encode(c.to(sae.W_dec.dtype)).dense().float()
-                      for c in x.split(chunk)]) if len(x) else x.new_zeros(0, sae.d_sae)
+    return (
+        torch.cat([sae.encode(c.to(sae.W_dec.dtype)).dense().float() for c in x.split(chunk)])
+        if len(x)
+        else x.new_zeros(0, sae.d_sae)
+    )
 
 
 def auroc(pos: Tensor, neg: Tensor, chunk: int = 512) -> Tensor:
@@ -156,7 +182,7 @@ def auroc(pos: Tensor, neg: Tensor, chunk: int = 512) -> Tensor:
         raise ValueError(f"auroc needs both sets non-empty (got {n_pos} and {n_neg} rows)")
     out = []
     for cols in range(0, pos.shape[1], chunk):
-        x = torch.cat([pos[:, cols:cols + chunk], neg[:, cols:cols + chunk]]).t().contiguous()
+        x = torch.cat([pos[:, cols : cols + chunk], neg[:, cols : cols + chunk]]).t().contiguous()
         s = x.sort(dim=1).values
         lo = torch.searchsorted(s, x, right=False)
         hi = torch.searchsorted(s, x, right=True)
@@ -181,24 +207,31 @@ class FeatureScores:
         features larger on the positive set (mean_diff > 0) rank before the rest."""
         if by not in ("auroc", "mean_diff"):
             raise ValueError(f"rank_by={by!r}; allowed: auroc, mean_diff")
-        first, second = ((self.auroc, self.mean_diff) if by == "auroc"
-                         else (self.mean_diff, self.auroc))
+        first, second = (
+            (self.auroc, self.mean_diff) if by == "auroc" else (self.mean_diff, self.auroc)
+        )
         order = torch.argsort(second.double(), descending=True, stable=True)
         order = order[torch.argsort(first.double()[order], descending=True, stable=True)]
         positive = self.mean_diff[order] > 0
         return torch.cat([order[positive], order[~positive]])
 
     def row(self, f: int) -> dict[str, float]:
-        return {"feature": int(f), **{k: float(getattr(self, k)[f]) for k in (
-            "auroc", "mean_diff", "mean_pos", "mean_neg", "freq_pos", "freq_neg")}}
+        return {
+            "feature": int(f),
+            **{
+                k: float(getattr(self, k)[f])
+                for k in ("auroc", "mean_diff", "mean_pos", "mean_neg", "freq_pos", "freq_neg")
+            },
+        }
 
 
 def score_features(sae: SparseAutoencoder, pos: Tensor, neg: Tensor) -> FeatureScores:
     """Scores of every feature of `sae` between activations pos [n_pos, d] and neg [n_neg, d]."""
     zp, zn = latents_dense(sae, pos), latents_dense(sae, neg)
     mp, mn = zp.double().mean(0), zn.double().mean(0)
-    return FeatureScores(mp, mn, mp - mn, auroc(zp, zn), (zp > 0).double().mean(0),
-                         (zn > 0).double().mean(0))
+    return FeatureScores(
+        mp, mn, mp - mn, auroc(zp, zn), (zp > 0).double().mean(0), (zn > 0).double().mean(0)
+    )
 
 
 def diff_in_means(pos: Tensor, neg: Tensor) -> Tensor:
@@ -206,8 +239,14 @@ def diff_in_means(pos: Tensor, neg: Tensor) -> Tensor:
     return (pos.double().mean(0) - neg.double().mean(0)).float()
 
 
-def top_contexts(sae: SparseAutoencoder, feature: int, sets: dict[str, ContrastTokens],
-                 hp: Hookpoint, tokenizer, n: int = 5) -> list[dict]:
+def top_contexts(
+    sae: SparseAutoencoder,
+    feature: int,
+    sets: dict[str, ContrastTokens],
+    hp: Hookpoint,
+    tokenizer,
+    n: int = 5,
+) -> list[dict]:
     """The `n` tokens of `sets` (label -> tokens) where `feature` is largest, with their set,
     activation and text context."""
     found = []
@@ -216,5 +255,7 @@ def top_contexts(sae: SparseAutoencoder, feature: int, sets: dict[str, ContrastT
         vals, rows = z.topk(min(n, len(z)))
         found += [(float(v), label, toks, int(r)) for v, r in zip(vals, rows) if v > 0]
     found.sort(key=lambda t: -t[0])
-    return [{"activation": v, "set": label, "context": toks.context(tokenizer, r)}
-            for v, label, toks, r in found[:n]]
+    return [
+        {"activation": v, "set": label, "context": toks.context(tokenizer, r)}
+        for v, label, toks, r in found[:n]
+    ]

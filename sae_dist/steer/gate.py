@@ -25,9 +25,9 @@ before its gate.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -50,11 +50,11 @@ class Gate:
     """In score units (the SAE's latent units times the weights, or activation units along u)."""
     reduce: str = "max"
     invert: bool = False
-    sae: Optional[SparseAutoencoder] = None
+    sae: SparseAutoencoder | None = None
     features: list[int] = field(default_factory=list)
-    weights: Optional[Tensor] = None
+    weights: Tensor | None = None
     """float32 [len(features)]: w_f."""
-    direction: Optional[Tensor] = None
+    direction: Tensor | None = None
     """float32 [d_model]: u."""
 
     @property
@@ -146,7 +146,7 @@ def direction_gate(
 
 
 def prompt_positions(
-    valid: Optional[Tensor], start: int, prompt_len: int, batch: int, seq: int, device: torch.device
+    valid: Tensor | None, start: int, prompt_len: int, batch: int, seq: int, device: torch.device
 ) -> Tensor:
     """bool [B, T]: the positions of a forward pass a gate reads (module docstring). valid
     [B, T] marks non-pad tokens (None: all); start is the pass's first absolute position."""
@@ -174,11 +174,11 @@ class GateSpec:
     threshold: float
     reduce: str = "max"
     invert: bool = False
-    sae: Optional[str] = None
+    sae: str | None = None
     """SAE folder (SAELens layout) whose features are read; null for a direction gate."""
     features: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
-    direction: Optional[list[float]] = None
+    direction: list[float] | None = None
     """u [d_model] for a direction gate (null for a features gate)."""
 
     def build(self, n_layers: int, device: str | torch.device = "cpu") -> Gate:

@@ -5,8 +5,8 @@ scores and decisions come back with each generation."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,9 +37,15 @@ class Generation:
 def render_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of each prompt as one user turn in the model's chat template, with the
     assistant header appended (the template's default system prompt included)."""
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True,
-                                          add_generation_prompt=True, return_dict=False)
-            for p in prompts]
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}],
+            tokenize=True,
+            add_generation_prompt=True,
+            return_dict=False,
+        )
+        for p in prompts
+    ]
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -48,8 +54,8 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
     ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     mask = torch.zeros(len(rows), width, dtype=torch.int64)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.int64)
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.int64)
+        mask[i, width - len(r) :] = 1
     return ids, mask
 
 
@@ -61,10 +67,17 @@ def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer, prompts: Sequence[str],
-             interventions: Sequence[Intervention] = (), max_new_tokens: int = 48,
-             batch_size: int = 32, use_cache: bool = True, desc: str = "generate",
-             gates: Sequence[Gate] = ()) -> list[Generation]:
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    interventions: Sequence[Intervention] = (),
+    max_new_tokens: int = 48,
+    batch_size: int = 32,
+    use_cache: bool = True,
+    desc: str = "generate",
+    gates: Sequence[Gate] = (),
+) -> list[Generation]:
     """Greedy completions of each prompt (one user turn) under `interventions`, in batches of
     `batch_size` left-padded prompts of similar length; results in the order of `prompts`.
     `gates` are read (not acted on) besides the interventions' own."""
@@ -73,23 +86,33 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str],
     eos = _eos_ids(model, tokenizer)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(rendered[i]))
-    out: list[Optional[Generation]] = [None] * len(prompts)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    out: list[Generation | None] = [None] * len(prompts)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc=desc, unit="batch", leave=False):
         ids, mask = left_pad([rendered[i] for i in batch], pad)
         ids, mask = ids.to(device), mask.to(device)
         with steer(model, interventions, prompt_len=ids.shape[1], gates=gates) as steering:
-            seqs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                  max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                  use_cache=use_cache, temperature=None, top_p=None, top_k=None)
+            seqs = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                use_cache=use_cache,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
         readings = steering.readings()
         for row, i in enumerate(batch):
-            new = seqs[row, ids.shape[1]:].tolist()
+            new = seqs[row, ids.shape[1] :].tolist()
             cut = next((j for j, t in enumerate(new) if t in eos), len(new))
-            out[i] = Generation(prompts[i], tokenizer.decode(new[:cut], skip_special_tokens=True),
-                                new[:cut], rendered[i],
-                                [float(r.scores[row]) for r in readings],
-                                [bool(r.open[row]) for r in readings])
+            out[i] = Generation(
+                prompts[i],
+                tokenizer.decode(new[:cut], skip_special_tokens=True),
+                new[:cut],
+                rendered[i],
+                [float(r.scores[row]) for r in readings],
+                [bool(r.open[row]) for r in readings],
+            )
     return out  # type: ignore[return-value]
-
-

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Protocol, Sequence
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -46,6 +47,7 @@ STEER_POSITIONS = ("all", "prompt", "generated")
 
 
 # ------------------------------------------------------------------------------ interventions
+
 
 class GateReading(Protocol):
     """What a gate read on the prompt pass (`steer.gate.GateReading`)."""
@@ -77,15 +79,15 @@ class Intervention:
     hookpoint: Hookpoint
     mode: str
     positions: str = "all"
-    vector: Optional[Tensor] = None
+    vector: Tensor | None = None
     """add: the vector [d_model] added at every selected position (activation units)."""
-    sae: Optional[SparseAutoencoder] = None
+    sae: SparseAutoencoder | None = None
     """clamp: the SAE that encodes the activation (raw activations in, as saved on disk)."""
     features: list[int] = field(default_factory=list)
     """Feature ids (clamp: clamped; add_features: summed), for reports."""
-    values: Optional[Tensor] = None
+    values: Tensor | None = None
     """clamp: float32 [n_features], the latent value each feature is clamped to."""
-    gate: Optional[Gate] = None
+    gate: Gate | None = None
     """When set, the edit acts on its positions of the rows whose gate opened on the prompt pass,
     and nowhere else (`steer.gate`)."""
 
@@ -131,18 +133,25 @@ def decoder_direction(sae: SparseAutoencoder, features: Sequence[int]) -> Tensor
     return (rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).sum(0)
 
 
-def add_features(hp: Hookpoint, sae: SparseAutoencoder, features: Sequence[int], alpha: float,
-                 positions: str = "all") -> Intervention:
+def add_features(
+    hp: Hookpoint,
+    sae: SparseAutoencoder,
+    features: Sequence[int],
+    alpha: float,
+    positions: str = "all",
+) -> Intervention:
     """x' = x + alpha * sum_f W_dec[f] / ||W_dec[f]|| at `positions` (alpha in activation
     units)."""
     _check_positions(positions)
     feats = check_features(sae, features, hp)
-    return Intervention(hp, "add", positions, vector=alpha * decoder_direction(sae, feats),
-                        features=feats)
+    return Intervention(
+        hp, "add", positions, vector=alpha * decoder_direction(sae, feats), features=feats
+    )
 
 
-def add_direction(hp: Hookpoint, direction: Tensor, alpha: float = 1.0,
-                  positions: str = "all") -> Intervention:
+def add_direction(
+    hp: Hookpoint, direction: Tensor, alpha: float = 1.0, positions: str = "all"
+) -> Intervention:
     """x' = x + alpha * direction at `positions`; direction [d_model] in activation units."""
     _check_positions(positions)
     if direction.dim() != 1:
@@ -150,8 +159,13 @@ def add_direction(hp: Hookpoint, direction: Tensor, alpha: float = 1.0,
     return Intervention(hp, "add", positions, vector=alpha * direction.detach().float())
 
 
-def clamp_features(hp: Hookpoint, sae: SparseAutoencoder, features: Sequence[int],
-                   values: float | Sequence[float], positions: str = "all") -> Intervention:
+def clamp_features(
+    hp: Hookpoint,
+    sae: SparseAutoencoder,
+    features: Sequence[int],
+    values: float | Sequence[float],
+    positions: str = "all",
+) -> Intervention:
     """Set each feature's contribution to c_f * d_f (one float c for all, or one per feature;
     activation units, d_f the unit decoder direction) at `positions`, keeping the SAE's error
     term: x' = x + sum_f (c_f / ||W_dec[f]|| - z_f(x)) W_dec[f]."""
@@ -166,8 +180,9 @@ def clamp_features(hp: Hookpoint, sae: SparseAutoencoder, features: Sequence[int
     return Intervention(hp, "clamp", positions, sae=sae, features=feats, values=vals / norms)
 
 
-def check_interventions(model: nn.Module, interventions: Sequence[Intervention],
-                        gates: Sequence[Gate] = ()) -> None:
+def check_interventions(
+    model: nn.Module, interventions: Sequence[Intervention], gates: Sequence[Gate] = ()
+) -> None:
     """Raise ConfigError when an intervention or gate cannot apply to `model`: hookpoint out of
     range, a vector / SAE of another width than the model's hidden size, or a gated edit of
     prompt positions whose gate reads later in the network than the edit."""
@@ -176,18 +191,31 @@ def check_interventions(model: nn.Module, interventions: Sequence[Intervention],
         hp = Hookpoint.parse(iv.hookpoint.name, n_layers, key="hookpoint")
         width = iv.vector.shape[-1] if iv.mode == "add" else iv.sae.d_in
         if width != d_model:
-            raise ConfigError("intervention", f"{iv.mode} at {hp} of width {width}",
-                              f"width {d_model} (the model's hidden size)")
-        if (iv.gate is not None and iv.positions != "generated"
-                and run_order(iv.gate.hookpoint) > run_order(iv.hookpoint)):
-            raise ConfigError("gate.hookpoint", iv.gate.hookpoint.name, f"a hookpoint no later "
-                              f"than the edit at {iv.hookpoint} (it edits prompt positions: "
-                              "positions=generated lifts this)")
+            raise ConfigError(
+                "intervention",
+                f"{iv.mode} at {hp} of width {width}",
+                f"width {d_model} (the model's hidden size)",
+            )
+        if (
+            iv.gate is not None
+            and iv.positions != "generated"
+            and run_order(iv.gate.hookpoint) > run_order(iv.hookpoint)
+        ):
+            raise ConfigError(
+                "gate.hookpoint",
+                iv.gate.hookpoint.name,
+                f"a hookpoint no later "
+                f"than the edit at {iv.hookpoint} (it edits prompt positions: "
+                "positions=generated lifts this)",
+            )
     for gate in _gates(interventions, gates):
         hp = Hookpoint.parse(gate.hookpoint.name, n_layers, key="gate.hookpoint")
         if gate.width != d_model:
-            raise ConfigError("gate", f"gate at {hp} of width {gate.width}",
-                              f"width {d_model} (the model's hidden size)")
+            raise ConfigError(
+                "gate",
+                f"gate at {hp} of width {gate.width}",
+                f"width {d_model} (the model's hidden size)",
+            )
 
 
 def run_order(hp: Hookpoint) -> tuple[int, int]:
@@ -206,14 +234,19 @@ def _gates(interventions: Sequence[Intervention], gates: Sequence[Gate]) -> list
 
 # ----------------------------------------------------------------------------------- hooks
 
+
 class Steering:
     """Handle of an active `steer` block. `prompt_len` (absolute positions < prompt_len are the
     prompt, the rest generated; with left padding the padded prompt length) may be set or
     changed between forward passes. Gates read on the first pass that starts at position 0 and
     keep their decision until `reset_gates` (call it before a new batch of prompts)."""
 
-    def __init__(self, interventions: Sequence[Intervention], prompt_len: Optional[int],
-                 gates: Sequence[Gate] = ()):
+    def __init__(
+        self,
+        interventions: Sequence[Intervention],
+        prompt_len: int | None,
+        gates: Sequence[Gate] = (),
+    ):
         self.interventions = list(interventions)
         self.prompt_len = prompt_len
         self.positions = ForwardPositions()
@@ -221,7 +254,7 @@ class Steering:
         """Every gate read: the interventions' own (first seen first), then the extra ones."""
         self._readings: dict[int, GateReading] = {}
 
-    def readings(self) -> list[Optional[GateReading]]:
+    def readings(self) -> list[GateReading | None]:
         """What each gate of `gates` read on the prompt pass (None before it)."""
         return [self._readings.get(id(g)) for g in self.gates]
 
@@ -243,24 +276,33 @@ class Steering:
         """bool [B, 1]: the rows whose gate of `iv` opened."""
         reading = self._readings.get(id(iv.gate))
         if reading is None:
-            raise RuntimeError(f"the gate at {iv.gate.hookpoint} has not read the prompt when "
-                               f"the intervention at {iv.hookpoint} needs it: run a prompt-only "
-                               "pass first (generate does)")
+            raise RuntimeError(
+                f"the gate at {iv.gate.hookpoint} has not read the prompt when "
+                f"the intervention at {iv.hookpoint} needs it: run a prompt-only "
+                "pass first (generate does)"
+            )
         if reading.open.shape[0] != batch:
-            raise RuntimeError(f"the gate read {reading.open.shape[0]} prompts, this pass has "
-                               f"{batch} rows: call Steering.reset_gates() for a new batch")
+            raise RuntimeError(
+                f"the gate read {reading.open.shape[0]} prompts, this pass has "
+                f"{batch} rows: call Steering.reset_gates() for a new batch"
+            )
         return reading.open.to(device)[:, None]
 
     def mask(self, positions: str, batch: int, seq: int, device: torch.device) -> Tensor:
         """bool [B, T]: the tokens of the current forward pass an intervention edits."""
         pos = self.positions
-        keep = (pos.valid.to(device) if pos.valid is not None
-                else torch.ones(batch, seq, dtype=torch.bool, device=device))
+        keep = (
+            pos.valid.to(device)
+            if pos.valid is not None
+            else torch.ones(batch, seq, dtype=torch.bool, device=device)
+        )
         if positions == "all":
             return keep
         if self.prompt_len is None:
-            raise ValueError(f"positions={positions!r} needs the prompt length: pass prompt_len "
-                             "to steer() or set Steering.prompt_len")
+            raise ValueError(
+                f"positions={positions!r} needs the prompt length: pass prompt_len "
+                "to steer() or set Steering.prompt_len"
+            )
         absolute = pos.start + torch.arange(seq, device=device)
         in_prompt = absolute < self.prompt_len
         return keep & (in_prompt if positions == "prompt" else ~in_prompt)[None, :]
@@ -268,6 +310,7 @@ class Steering:
     def hook(self, hp: Hookpoint, ivs: list[Intervention]) -> HookFn:
         """The forward-hook function at `hp`: its unread gates read the activation, then `ivs`
         (the hookpoint's interventions) apply in order."""
+
         def fn(act: Tensor) -> Tensor:
             self._read_gates(hp, act)
             out = act
@@ -281,12 +324,17 @@ class Steering:
                     out = out.clone()
                     out[sel] = out[sel] + iv.delta(out[sel])
             return out
+
         return fn
 
 
 @contextlib.contextmanager
-def steer(model: nn.Module, interventions: Sequence[Intervention],
-          prompt_len: Optional[int] = None, gates: Sequence[Gate] = ()) -> Iterator[Steering]:
+def steer(
+    model: nn.Module,
+    interventions: Sequence[Intervention],
+    prompt_len: int | None = None,
+    gates: Sequence[Gate] = (),
+) -> Iterator[Steering]:
     """Apply `interventions` to every forward pass of `model` in the block (plain calls or
     `generate`, with or without KV cache); all hooks are removed on exit. Checks them first.
     `gates` are read on the prompt pass besides the interventions' own (`Steering.readings`)."""
@@ -295,8 +343,10 @@ def steer(model: nn.Module, interventions: Sequence[Intervention],
     by_hp: dict[Hookpoint, list[Intervention]] = {g.hookpoint: [] for g in steering.gates}
     for iv in interventions:
         by_hp.setdefault(iv.hookpoint, []).append(iv)
-    with track_positions(model) as positions, \
-            hooks(model, {hp: steering.hook(hp, ivs) for hp, ivs in by_hp.items()}):
+    with (
+        track_positions(model) as positions,
+        hooks(model, {hp: steering.hook(hp, ivs) for hp, ivs in by_hp.items()}),
+    ):
         steering.positions = positions
         yield steering
 
@@ -304,21 +354,7 @@ def steer(model: nn.Module, interventions: Sequence[Intervention],
 # ------------------------------------------------------------------------------ generation
 
 
-
-
-
-
-
-
-
-
-
 # ---------------------------------------------------------------------- intervention.json
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------- entry point

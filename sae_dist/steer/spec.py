@@ -14,9 +14,9 @@ the edit act on the generated positions of the prompts whose gate opens, and now
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -37,7 +37,7 @@ from sae_dist.steer.interventions import (
 class InterventionSpec:
     """One entry of intervention.json: enough to re-apply the edit with any code."""
 
-    sae: Optional[str]
+    sae: str | None
     """Path of the SAE folder (SAELens layout); null for a direction."""
     hookpoint: str
     """`layers.{i}.{site}`."""
@@ -49,9 +49,9 @@ class InterventionSpec:
     saved on disk)."""
     mode: str = "add"
     positions: str = "all"
-    direction: Optional[list[float]] = None
+    direction: list[float] | None = None
     """u [d_model] of a direction edit (add only), instead of an SAE's features."""
-    gate: Optional[GateSpec] = None
+    gate: GateSpec | None = None
     """The condition on the prompt; null: always on."""
 
     def __post_init__(self):
@@ -64,9 +64,11 @@ class InterventionSpec:
             raise ConfigError("intervention.mode", self.mode, ", ".join(MODES))
         hp = Hookpoint.parse(self.hookpoint, n_layers)
         if (self.sae is None) == (self.direction is None):
-            raise ConfigError("intervention", f"sae={self.sae}, direction="
-                              f"{'[...]' if self.direction else None}", "exactly one of sae "
-                              "(with features) or direction")
+            raise ConfigError(
+                "intervention",
+                f"sae={self.sae}, direction={'[...]' if self.direction else None}",
+                "exactly one of sae (with features) or direction",
+            )
         if self.direction is not None:
             if self.mode != "add":
                 raise ConfigError("intervention.mode", self.mode, "add (for a direction)")
@@ -90,5 +92,9 @@ def load_interventions(path: Path) -> list[InterventionSpec]:
         items = raw if isinstance(raw, list) else [raw]
         return [InterventionSpec(**item) for item in items]
     except (OSError, json.JSONDecodeError, TypeError) as e:
-        raise ConfigError("intervention", str(path), "a JSON list of {sae, hookpoint, features, "
-                          f"alpha, mode, positions[, direction, gate]}} objects ({e})") from e
+        raise ConfigError(
+            "intervention",
+            str(path),
+            "a JSON list of {sae, hookpoint, features, "
+            f"alpha, mode, positions[, direction, gate]}} objects ({e})",
+        ) from e

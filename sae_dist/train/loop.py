@@ -72,43 +72,81 @@ class TrainingRun:
         """Build everything; `cfg.out_dir` is already the same on every process."""
         self.cfg, t = cfg, cfg.train
         self.out_dir = Path(cfg.out_dir)
-        shards = (t.data_shards or (t.resume and saved_data_shards(self.checkpoint_dir))
-                  or topology.world)
+        shards = (
+            t.data_shards or (t.resume and saved_data_shards(self.checkpoint_dir)) or topology.world
+        )
         self.topology = Topology(topology.rank, topology.world, shards)
         self.accelerator = make_accelerator(cfg, self.topology.world)
         self.device = self.accelerator.device
         self.hookpoints = grid_hookpoints(cfg.sites, cfg.model.n_layers)
         self.model, self.tokenizer = load_model(cfg.model, self.device)
-        streams = {v: SequencePool(TokenStream(cfg.data, self.tokenizer, "train", v, shards,
-                                               t.seed), t.sequence_pool // shards, t.seed)
-                   for v in self.topology.shards}
-        self.producer = ActivationProducer(self.model, self.hookpoints,
-                                           cfg.data.policy.outlier_factor, self.device, streams,
-                                           t.forward_batch_seqs // shards)
+        streams = {
+            v: SequencePool(
+                TokenStream(cfg.data, self.tokenizer, "train", v, shards, t.seed),
+                t.sequence_pool // shards,
+                t.seed,
+            )
+            for v in self.topology.shards
+        }
+        self.producer = ActivationProducer(
+            self.model,
+            self.hookpoints,
+            cfg.data.policy.outlier_factor,
+            self.device,
+            streams,
+            t.forward_batch_seqs // shards,
+        )
         self.sharded = cfg.trainer.kind == TrainerKind.sharded
         if self.sharded and self.topology.world > len(self.hookpoints):
-            raise ConfigError("trainer.kind", "sharded", f"at most {len(self.hookpoints)} "
-                              f"processes for {len(self.hookpoints)} hookpoints (it has "
-                              f"{self.topology.world}); use trainer=ddp")
+            raise ConfigError(
+                "trainer.kind",
+                "sharded",
+                f"at most {len(self.hookpoints)} "
+                f"processes for {len(self.hookpoints)} hookpoints (it has "
+                f"{self.topology.world}); use trainer=ddp",
+            )
         d_sae = cfg.sae.latents(cfg.model.d_model)
-        self.owners = (assign_hookpoints({hp.name: d_sae * cfg.model.d_model
-                                          for hp in self.hookpoints}, self.topology.world)
-                       if self.sharded else {hp.name: self.topology.rank for hp in self.hookpoints})
+        self.owners = (
+            assign_hookpoints(
+                {hp.name: d_sae * cfg.model.d_model for hp in self.hookpoints}, self.topology.world
+            )
+            if self.sharded
+            else {hp.name: self.topology.rank for hp in self.hookpoints}
+        )
         owned = [hp for hp in self.hookpoints if self.owners[hp.name] == self.topology.rank]
-        self.trainer = SuiteTrainer(owned, cfg, cfg.model.d_model, self.accelerator,
-                                    self.topology.world)
+        self.trainer = SuiteTrainer(
+            owned, cfg, cfg.model.d_model, self.accelerator, self.topology.world
+        )
         buffer_shards = range(shards) if self.sharded else self.topology.shards
-        self.buffers = {hp.name: {v: ShuffleBuffer(
-            t.buffer_batches * t.batch_size // shards, t.batch_size // shards,
-            torch.Generator().manual_seed(t.seed * 1000 + i + 100_003 * v))
-            for v in buffer_shards} for i, hp in enumerate(self.hookpoints) if hp in owned}
+        self.buffers = {
+            hp.name: {
+                v: ShuffleBuffer(
+                    t.buffer_batches * t.batch_size // shards,
+                    t.batch_size // shards,
+                    torch.Generator().manual_seed(t.seed * 1000 + i + 100_003 * v),
+                )
+                for v in buffer_shards
+            }
+            for i, hp in enumerate(self.hookpoints)
+            if hp in owned
+        }
         self.forward_batches = 0
         self.logger: RunLogger | None = None
         """Opened by `open_logger` once the run knows whether it resumed (main process)."""
-        log.info("process %d/%d trains %d of %d SAEs (d_sae=%d, %s; %s) on data shards %s of "
-                 "%d, for %d tokens each", self.topology.rank, self.topology.world, len(owned),
-                 len(self.hookpoints), d_sae, cfg.sae, cfg.trainer.kind.value,
-                 self.topology.shards, shards, t.tokens)
+        log.info(
+            "process %d/%d trains %d of %d SAEs (d_sae=%d, %s; %s) on data shards %s of "
+            "%d, for %d tokens each",
+            self.topology.rank,
+            self.topology.world,
+            len(owned),
+            len(self.hookpoints),
+            d_sae,
+            cfg.sae,
+            cfg.trainer.kind.value,
+            self.topology.shards,
+            shards,
+            t.tokens,
+        )
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -138,16 +176,20 @@ class TrainingRun:
     def ready_steps(self) -> int:
         """Steps every SAE of this process (all processes under data parallelism) can take now:
         each needs a ready batch in each of its shard buffers."""
-        local = min((b.available() for per_shard in self.buffers.values()
-                     for b in per_shard.values()), default=0)
+        local = min(
+            (b.available() for per_shard in self.buffers.values() for b in per_shard.values()),
+            default=0,
+        )
         local = min(local, self.trainer.n_steps - self.trainer.step_count)
         return all_min(local, self.multiprocess and not self.sharded)
 
     def next_batches(self) -> dict[str, torch.Tensor]:
         """{hookpoint: this process's part of the global batch}: one batch per shard buffer,
         concatenated in shard order."""
-        return {name: torch.cat([per_shard[v].pop() for v in sorted(per_shard)])
-                for name, per_shard in self.buffers.items()}
+        return {
+            name: torch.cat([per_shard[v].pop() for v in sorted(per_shard)])
+            for name, per_shard in self.buffers.items()
+        }
 
     def all_done(self) -> bool:
         return bool(all_min(int(self.trainer.done), self.multiprocess))
@@ -178,10 +220,17 @@ class TrainingRun:
         stats = sum_counts({"p": asdict(self.producer.stats)}, self.multiprocess)["p"]
         if topo.is_main:
             save_run_config(tmp, training_shape(self.cfg))
-            save_part(tmp, "run.pt", {"forward_batches": self.forward_batches,
-                                      "data_shards": topo.data_shards, "world": topo.world,
-                                      "kind": self.cfg.trainer.kind.value,
-                                      "producer_stats": stats})
+            save_part(
+                tmp,
+                "run.pt",
+                {
+                    "forward_batches": self.forward_batches,
+                    "data_shards": topo.data_shards,
+                    "world": topo.world,
+                    "kind": self.cfg.trainer.kind.value,
+                    "producer_stats": stats,
+                },
+            )
         commit_checkpoint(tmp, self.checkpoint_dir, topo.is_main, barrier)
 
     def restore(self) -> bool:
@@ -192,9 +241,13 @@ class TrainingRun:
         ckpt, topo = self.checkpoint_dir, self.topology
         run = load_part(ckpt, "run.pt")
         if self.trainer.zero_stage and (run["world"], run["kind"]) != (
-                topo.world, self.cfg.trainer.kind.value):
-            raise CheckpointError(f"{ckpt} was written by trainer={run['kind']} on "
-                                  f"{run['world']} processes; DeepSpeed resumes only as it was")
+            topo.world,
+            self.cfg.trainer.kind.value,
+        ):
+            raise CheckpointError(
+                f"{ckpt} was written by trainer={run['kind']} on "
+                f"{run['world']} processes; DeepSpeed resumes only as it was"
+            )
         for v in topo.shards:
             self.producer.load_state_dict(v, load_part(ckpt, f"shards/{v}.pt"))
         for name, per_shard in self.buffers.items():
@@ -208,17 +261,25 @@ class TrainingRun:
         self.forward_batches = run["forward_batches"]
         if topo.is_main:
             self.producer.stats = ProducerStats(**run["producer_stats"])
-        log.info("resumed from %s after %d forward batches (%d tokens per SAE)", ckpt,
-                 self.forward_batches, self.tokens_trained())
+        log.info(
+            "resumed from %s after %d forward batches (%d tokens per SAE)",
+            ckpt,
+            self.forward_batches,
+            self.tokens_trained(),
+        )
         return True
 
     def open_logger(self, resumed: bool) -> None:
         """The run's logger (main process): a resumed run continues its history and W&B run
         from the checkpoint's step."""
         if self.topology.is_main:
-            self.logger = RunLogger(self.cfg.logger, self.out_dir, asdict(self.cfg),
-                                    name=self.out_dir.name,
-                                    resume_step=self.tokens_trained() if resumed else None)
+            self.logger = RunLogger(
+                self.cfg.logger,
+                self.out_dir,
+                asdict(self.cfg),
+                name=self.out_dir.name,
+                resume_step=self.tokens_trained() if resumed else None,
+            )
 
 
 def make_accelerator(cfg: TrainRunConfig, world: int) -> Accelerator:
@@ -227,35 +288,47 @@ def make_accelerator(cfg: TrainRunConfig, world: int) -> Accelerator:
     trainer = cfg.trainer
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=trainer.timeout_s))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    kwargs = {"mixed_precision": resolve_mixed_precision(trainer.mixed_precision, device),
-              "kwargs_handlers": [timeout],
-              # one LR step per optimizer step, whatever the process count
-              "step_scheduler_with_optimizer": False,
-              "cpu": not torch.cuda.is_available() and not trainer.kind.zero_stage}
+    kwargs = {
+        "mixed_precision": resolve_mixed_precision(trainer.mixed_precision, device),
+        "kwargs_handlers": [timeout],
+        # one LR step per optimizer step, whatever the process count
+        "step_scheduler_with_optimizer": False,
+        "cpu": not torch.cuda.is_available() and not trainer.kind.zero_stage,
+    }
     if trainer.kind.zero_stage:
-        plugin = DeepSpeedPlugin(hf_ds_config=trainer.deepspeed_config,
-                                 zero_stage=trainer.kind.zero_stage,
-                                 gradient_clipping=cfg.train.grad_clip,
-                                 zero3_init_flag=False)  # the LM is not partitioned
+        plugin = DeepSpeedPlugin(
+            hf_ds_config=trainer.deepspeed_config,
+            zero_stage=trainer.kind.zero_stage,
+            gradient_clipping=cfg.train.grad_clip,
+            zero3_init_flag=False,
+        )  # the LM is not partitioned
         # DeepSpeed's own batch bookkeeping: one "sample" (a whole local batch) per process
-        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=1, train_batch_size=world,
-                                       gradient_accumulation_steps=1)
+        plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=1, train_batch_size=world, gradient_accumulation_steps=1
+        )
         kwargs["deepspeed_plugin"] = plugin
     accelerator = Accelerator(**kwargs)
     if trainer.kind == TrainerKind.ddp and world > 1 and accelerator.num_processes != world:
-        raise RuntimeError(f"trainer=ddp with {world} processes, but accelerate set up "
-                           f"{accelerator.num_processes}")
+        raise RuntimeError(
+            f"trainer=ddp with {world} processes, but accelerate set up {accelerator.num_processes}"
+        )
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if trainer.kind.zero_stage and not deepspeed:
-        raise ConfigError("trainer", trainer.kind.value,
-                          "a launch with DeepSpeed enabled, which accelerate did not enable "
-                          "(`accelerate launch --cpu` disables it): launch with `accelerate "
-                          "launch --use_deepspeed --num_processes N` or torchrun (on CPU with "
-                          "DS_ACCELERATOR=cpu)")
+        raise ConfigError(
+            "trainer",
+            trainer.kind.value,
+            "a launch with DeepSpeed enabled, which accelerate did not enable "
+            "(`accelerate launch --cpu` disables it): launch with `accelerate "
+            "launch --use_deepspeed --num_processes N` or torchrun (on CPU with "
+            "DS_ACCELERATOR=cpu)",
+        )
     if trainer.kind != TrainerKind.single and world == 1:
-        log.warning("trainer=%s in a single process (`accelerate launch --cpu` starts one "
-                    "process without MPI: on CPU use `accelerate launch --multi_gpu "
-                    "--num_processes N` or torchrun, which run gloo)", trainer.kind.value)
+        log.warning(
+            "trainer=%s in a single process (`accelerate launch --cpu` starts one "
+            "process without MPI: on CPU use `accelerate launch --multi_gpu "
+            "--num_processes N` or torchrun, which run gloo)",
+            trainer.kind.value,
+        )
     return accelerator
 
 
@@ -277,9 +350,11 @@ def train(cfg: TrainRunConfig) -> dict[str, dict[str, float]]:
             if is_complete(Path(cfg.out_dir)):
                 if not topology.is_main:
                     return {}
-                print(f"The run in {cfg.out_dir} is complete (suite: "
-                      f"{Path(cfg.out_dir) / 'suite'}); nothing to do. To train again: "
-                      "train.resume=false (replaces it) or another out_dir.")
+                print(
+                    f"The run in {cfg.out_dir} is complete (suite: "
+                    f"{Path(cfg.out_dir) / 'suite'}); nothing to do. To train again: "
+                    "train.resume=false (replaces it) or another out_dir."
+                )
                 return completed_results(Path(cfg.out_dir))
         run = TrainingRun(cfg, topology)
         scope.own(run.accelerator)
@@ -296,17 +371,24 @@ def train_loop(run: TrainingRun, stop: StopSignals) -> None:
     batches and after the last step; on a stop signal a checkpoint, then RequeueExit."""
     t, is_main = run.cfg.train, run.topology.is_main
     start, start_tokens = time.perf_counter(), run.producer.stats.train_tokens
-    bar = tqdm(total=run.trainer.n_steps * t.batch_size, initial=run.tokens_trained(),
-               unit="tok", desc="train SAEs (tokens per SAE)", disable=not is_main)
+    bar = tqdm(
+        total=run.trainer.n_steps * t.batch_size,
+        initial=run.tokens_trained(),
+        unit="tok",
+        desc="train SAEs (tokens per SAE)",
+        disable=not is_main,
+    )
     metrics: dict[str, dict[str, torch.Tensor]] = {}
     while not run.all_done():
         batches = run.producer.next_batches()
         if not all_min(int(batches is not None), run.multiprocess):
             run.save()
-            raise DataError(f"data.source={run.cfg.data.source!r} ran out after "
-                            f"{run.tokens_trained()} of {run.trainer.n_steps * t.batch_size} "
-                            "training tokens per SAE (checkpoint saved): use more data or "
-                            "a smaller train.tokens in a new out_dir")
+            raise DataError(
+                f"data.source={run.cfg.data.source!r} ran out after "
+                f"{run.tokens_trained()} of {run.trainer.n_steps * t.batch_size} "
+                "training tokens per SAE (checkpoint saved): use more data or "
+                "a smaller train.tokens in a new out_dir"
+            )
         run.distribute(run.producer.activations(batches))
         steps_before = run.trainer.step_count
         for _ in range(run.ready_steps()):
@@ -336,19 +418,33 @@ def finish(run: TrainingRun) -> dict[str, dict[str, float]]:
     if not run.topology.is_main:
         return {}
     saes = {hp: trained[hp.name][0].eval() for hp in run.hookpoints}
-    training = {hp.name: {**trained[hp.name][1],
-                          "outliers_dropped": dropped["outliers"][hp.name]}
-                for hp in run.hookpoints}
-    info = suite_info(run.cfg, run.tokens_trained(), {"processes": run.topology.world,
-                                                      "data_shards": run.topology.data_shards},
-                      evaluated=bool(run.cfg.train.eval_tokens))
-    return write_suite(run.cfg, saes, training, run.model, run.tokenizer, run.device,
-                       run.logger, info)
+    training = {
+        hp.name: {**trained[hp.name][1], "outliers_dropped": dropped["outliers"][hp.name]}
+        for hp in run.hookpoints
+    }
+    info = suite_info(
+        run.cfg,
+        run.tokens_trained(),
+        {"processes": run.topology.world, "data_shards": run.topology.data_shards},
+        evaluated=bool(run.cfg.train.eval_tokens),
+    )
+    return write_suite(
+        run.cfg, saes, training, run.model, run.tokenizer, run.device, run.logger, info
+    )
 
 
-NOT_SHAPING = ("train.log_every", "train.checkpoint_every", "train.eval_tokens",
-               "train.resume", "train.data_shards", "trainer.kind", "trainer.timeout_s",
-               "trainer.deepspeed_config", "model.cache_dir", "out_dir")
+NOT_SHAPING = (
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.eval_tokens",
+    "train.resume",
+    "train.data_shards",
+    "trainer.kind",
+    "trainer.timeout_s",
+    "trainer.deepspeed_config",
+    "model.cache_dir",
+    "out_dir",
+)
 """Keys that do not change what a run trains (its data shards and trainer kind are checked
 apart, against the checkpoint's run.pt), so a resume may change them; logger.* neither."""
 
@@ -373,27 +469,41 @@ def write_train_stats(run: TrainingRun, seconds: float, start_tokens: int) -> No
     """`train_stats.json` (main process): training wall time, LM tokens (passing the mask) per
     second over all processes, and per process its peak resident memory and SAE memory."""
     rank = run.topology.rank
-    mine = {f"process{rank}/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            **{f"process{rank}/{k}": v for k, v in run.trainer.memory_mb().items()}}
+    mine = {
+        f"process{rank}/peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **{f"process{rank}/{k}": v for k, v in run.trainer.memory_mb().items()},
+    }
     if torch.cuda.is_available():
         mine[f"process{rank}/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     per_process = gather_dicts(mine, run.multiprocess)
-    tokens = sum_counts({"t": {"n": run.producer.stats.train_tokens - start_tokens}},
-                        run.multiprocess)["t"]["n"]
+    tokens = sum_counts(
+        {"t": {"n": run.producer.stats.train_tokens - start_tokens}}, run.multiprocess
+    )["t"]["n"]
     if not run.topology.is_main:
         return
-    stats = {"trainer": run.cfg.trainer.kind.value, "processes": run.topology.world,
-             "data_shards": run.topology.data_shards, "saes": len(run.hookpoints),
-             "train_seconds": seconds, "lm_train_tokens_per_s": tokens / seconds,
-             "sae_tokens_trained": run.tokens_trained(), **per_process}
+    stats = {
+        "trainer": run.cfg.trainer.kind.value,
+        "processes": run.topology.world,
+        "data_shards": run.topology.data_shards,
+        "saes": len(run.hookpoints),
+        "train_seconds": seconds,
+        "lm_train_tokens_per_s": tokens / seconds,
+        "sae_tokens_trained": run.tokens_trained(),
+        **per_process,
+    }
     (run.out_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
     run.logger.summary(stats)
-    log.info("training: %.1f s, %.0f LM tokens/s over %d processes", seconds,
-             tokens / seconds, run.topology.world)
+    log.info(
+        "training: %.1f s, %.0f LM tokens/s over %d processes",
+        seconds,
+        tokens / seconds,
+        run.topology.world,
+    )
 
 
-def log_metrics(run: TrainingRun, metrics: dict[str, dict[str, torch.Tensor]],
-                tok_per_s: float) -> None:
+def log_metrics(
+    run: TrainingRun, metrics: dict[str, dict[str, torch.Tensor]], tok_per_s: float
+) -> None:
     """Log the last step's metrics of every SAE, the drop counts and the LM tokens/s summed
     over processes (a collective; the main process writes)."""
     local = {f"{hp}/{k}": float(v) for hp, m in metrics.items() for k, v in m.items()}
@@ -402,8 +512,9 @@ def log_metrics(run: TrainingRun, metrics: dict[str, dict[str, torch.Tensor]],
     rate = sum_counts({"t": {"tok_s": tok_per_s}}, run.multiprocess)["t"]["tok_s"]
     if run.logger is None or not merged:
         return
-    merged.update({f"{hp}/{kind}_dropped": n for kind, per_hp in dropped.items()
-                   for hp, n in per_hp.items()})
+    merged.update(
+        {f"{hp}/{kind}_dropped": n for kind, per_hp in dropped.items() for hp, n in per_hp.items()}
+    )
     merged["tokens_per_s"] = rate
     run.logger.log(merged, step=run.tokens_trained())
 
@@ -416,8 +527,10 @@ def collect_saes(run: TrainingRun) -> dict[str, tuple[SparseAutoencoder, dict[st
     hookpoint sharding each owner writes its SAEs to `<out_dir>/.trained/` for the main
     process to read (a shared file system, as for checkpoints)."""
     saes = run.trainer.folded_saes()
-    info = {name: dict(zip(TRAINING_METADATA, (run.tokens_trained(), run.trainer.scales[name])))
-            for name in saes}
+    info = {
+        name: dict(zip(TRAINING_METADATA, (run.tokens_trained(), run.trainer.scales[name])))
+        for name in saes
+    }
     if not run.sharded or run.topology.world == 1:
         return {n: (saes[n], info[n]) for n in saes} if run.topology.is_main else {}
     staging = run.out_dir / ".trained"

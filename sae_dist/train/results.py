@@ -32,20 +32,33 @@ SAVED_METRICS = ("fvu", "l0", "dead_frac", "delta_loss", "delta_loss_se", "loss_
 
 def sae_metadata(cfg: TrainRunConfig, hp: Hookpoint) -> dict[str, Any]:
     """The SAELens metadata keys of a trained SAE that do not depend on its training."""
-    return {"model_name": cfg.model.path or cfg.model.name, "hook_name": hp.saelens_hook_name,
-            "hookpoint": hp.name, "site": hp.site, "layer": hp.layer,
-            "context_size": cfg.data.context_size, "dataset_path": cfg.data.source,
-            "prepend_bos": cfg.data.prepend_bos, "exclude_special_tokens": True}
+    return {
+        "model_name": cfg.model.path or cfg.model.name,
+        "hook_name": hp.saelens_hook_name,
+        "hookpoint": hp.name,
+        "site": hp.site,
+        "layer": hp.layer,
+        "context_size": cfg.data.context_size,
+        "dataset_path": cfg.data.source,
+        "prepend_bos": cfg.data.prepend_bos,
+        "exclude_special_tokens": True,
+    }
 
 
-def suite_info(cfg: TrainRunConfig, training_tokens: int, topology_info: dict[str, Any],
-               evaluated: bool) -> dict[str, Any]:
+def suite_info(
+    cfg: TrainRunConfig, training_tokens: int, topology_info: dict[str, Any], evaluated: bool
+) -> dict[str, Any]:
     """Run-level keys of suite.json."""
-    return {"model": cfg.model.name, "architecture": cfg.sae.architecture,
-            "training_tokens": training_tokens, "trainer": cfg.trainer.kind.value,
-            **topology_info, "evaluated": evaluated,
-            "token_policy": cfg.data.policy.describe(),
-            "train_config": json.loads(json.dumps(asdict(cfg), default=_json_value))}
+    return {
+        "model": cfg.model.name,
+        "architecture": cfg.sae.architecture,
+        "training_tokens": training_tokens,
+        "trainer": cfg.trainer.kind.value,
+        **topology_info,
+        "evaluated": evaluated,
+        "token_policy": cfg.data.policy.describe(),
+        "train_config": json.loads(json.dumps(asdict(cfg), default=_json_value)),
+    }
 
 
 def _json_value(value: Any) -> Any:
@@ -61,13 +74,22 @@ def is_complete(out_dir: Path) -> bool:
 def completed_results(out_dir: Path) -> dict[str, dict[str, Any]]:
     """{hookpoint: held-out metrics} of a finished run, as its suite.json records them."""
     index = read_suite_index(Path(out_dir) / "suite")
-    return {e["hookpoint"]: {k: v for k, v in e.items() if k not in ("hookpoint", "path")}
-            for e in index["saes"]}
+    return {
+        e["hookpoint"]: {k: v for k, v in e.items() if k not in ("hookpoint", "path")}
+        for e in index["saes"]
+    }
 
 
-def write_suite(cfg: TrainRunConfig, saes: dict[Hookpoint, SparseAutoencoder],
-                training: dict[str, dict[str, Any]], model: nn.Module, tokenizer, device,
-                logger: RunLogger, info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def write_suite(
+    cfg: TrainRunConfig,
+    saes: dict[Hookpoint, SparseAutoencoder],
+    training: dict[str, dict[str, Any]],
+    model: nn.Module,
+    tokenizer,
+    device,
+    logger: RunLogger,
+    info: dict[str, Any],
+) -> dict[str, dict[str, Any]]:
     """Evaluate (unless train.eval_tokens=0), save every SAE with its metadata, then suite.json,
     the report and the W&B outputs; returns the held-out metrics per hookpoint.
 
@@ -76,36 +98,43 @@ def write_suite(cfg: TrainRunConfig, saes: dict[Hookpoint, SparseAutoencoder],
     results: dict[str, dict[str, Any]] = {}
     if cfg.train.eval_tokens:
         stream = TokenStream(cfg.data, tokenizer, "eval", seed=cfg.train.seed)
-        batches = list(stream.batches_until(cfg.train.eval_tokens,
-                                            cfg.train.forward_batch_seqs))
+        batches = list(stream.batches_until(cfg.train.eval_tokens, cfg.train.forward_batch_seqs))
         if not batches:
-            raise DataError(f"data.source={cfg.data.source!r} has no held-out batch of "
-                            f"{cfg.train.forward_batch_seqs} sequences (every "
-                            f"{cfg.data.holdout_every}-th document is held out): use more data "
-                            "or train.eval_tokens=0 (the suite is then saved unevaluated)")
-        results = evaluate_saes(model, saes, batches, device,
-                                outlier_factor=cfg.data.policy.outlier_factor)
-        write_eval_outputs(results, out_dir / "eval",
-                           eval_context(str(suite_dir), cfg.model, cfg.data, batches))
+            raise DataError(
+                f"data.source={cfg.data.source!r} has no held-out batch of "
+                f"{cfg.train.forward_batch_seqs} sequences (every "
+                f"{cfg.data.holdout_every}-th document is held out): use more data "
+                "or train.eval_tokens=0 (the suite is then saved unevaluated)"
+            )
+        results = evaluate_saes(
+            model, saes, batches, device, outlier_factor=cfg.data.policy.outlier_factor
+        )
+        write_eval_outputs(
+            results, out_dir / "eval", eval_context(str(suite_dir), cfg.model, cfg.data, batches)
+        )
     entries = []
     for hp, sae in saes.items():
         res = scalar_metrics(results[hp.name]) if results else {}
-        metadata = {**sae_metadata(cfg, hp), **training[hp.name],
-                    **({"eval_tokens": res["tokens"]} if res else {}),
-                    **{k: res[k] for k in SAVED_METRICS if k in res}}
+        metadata = {
+            **sae_metadata(cfg, hp),
+            **training[hp.name],
+            **({"eval_tokens": res["tokens"]} if res else {}),
+            **{k: res[k] for k in SAVED_METRICS if k in res},
+        }
         save_sae(sae, suite_dir / hp.name, metadata)
         logger.log_sae_artifact(suite_dir / hp.name, f"sae-{hp.name}", metadata)
         entries.append({"hookpoint": hp.name, "path": hp.name, **res})
     report = write_report(cfg, results, logger)
     logger.finish()
     write_suite_index(suite_dir, entries, {**info, "evaluated": bool(results)})
-    print(f"\n{report}\nSAE suite written to {suite_dir}\nW&B run: {logger.location}\n"
-          f"Report: {out_dir / 'report.md'}")
+    print(
+        f"\n{report}\nSAE suite written to {suite_dir}\nW&B run: {logger.location}\n"
+        f"Report: {out_dir / 'report.md'}"
+    )
     return {name: scalar_metrics(r) for name, r in results.items()}
 
 
-def write_report(cfg: TrainRunConfig, results: dict[str, dict[str, Any]],
-                 logger: RunLogger) -> str:
+def write_report(cfg: TrainRunConfig, results: dict[str, dict[str, Any]], logger: RunLogger) -> str:
     """report.md (held-out table with its token count, links) and the training curve; the
     table, curve and evaluation plots also go to W&B. Returns the table text."""
     out_dir = Path(cfg.out_dir)
@@ -113,10 +142,12 @@ def write_report(cfg: TrainRunConfig, results: dict[str, dict[str, Any]],
     logger.log_images({"train/fvu_curve": curve})
     if results:
         first = next(iter(results.values()))
-        table = (f"Held-out metrics, token policy {cfg.data.policy.describe()} (the policy "
-                 f"of training): {first['tokens']} tokens, {first['excluded']} outlier "
-                 f"positions left out and unspliced; every SAE spliced alone:\n\n"
-                 f"{markdown_table(results, EVAL_COLUMNS)}")
+        table = (
+            f"Held-out metrics, token policy {cfg.data.policy.describe()} (the policy "
+            f"of training): {first['tokens']} tokens, {first['excluded']} outlier "
+            f"positions left out and unspliced; every SAE spliced alone:\n\n"
+            f"{markdown_table(results, EVAL_COLUMNS)}"
+        )
         logger.log_table("eval/results", results, EVAL_COLUMNS)
         logger.log_images({f"eval/{p.stem}": p for p in sorted((out_dir / "eval").glob("*.png"))})
     else:
@@ -124,5 +155,6 @@ def write_report(cfg: TrainRunConfig, results: dict[str, dict[str, Any]],
     (out_dir / "report.md").write_text(
         f"# Training report: {cfg.model.name}\n\n{table}\n\nSuite: `{out_dir / 'suite'}`\n"
         f"W&B: `{logger.location}`\nTraining curves: `{curve}`\n"
-        f"Evaluation (per-SAE JSON, layer x site tables, plots): `{out_dir / 'eval'}`\n")
+        f"Evaluation (per-SAE JSON, layer x site tables, plots): `{out_dir / 'eval'}`\n"
+    )
     return table

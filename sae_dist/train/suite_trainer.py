@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -55,8 +56,7 @@ class SAESuite(nn.Module):
     def __getitem__(self, name: str) -> SparseAutoencoder:
         return self.saes[name.replace(".", "/")]
 
-    def forward(self, batches: dict[str, Tensor], dead: dict[str, Tensor]
-                ) -> dict[str, SAEOutput]:
+    def forward(self, batches: dict[str, Tensor], dead: dict[str, Tensor]) -> dict[str, SAEOutput]:
         """batches {name: x [B, d_in]}, dead {name: bool [d_sae]} -> {name: SAEOutput}."""
         return {n: self[n](batches[n], dead_mask=dead[n]) for n in self.names}
 
@@ -71,8 +71,14 @@ class SuiteTrainer:
     across processes. The module is handed to accelerate at the first step, after the
     data-dependent initialisation, so that DeepSpeed's partitions start from it."""
 
-    def __init__(self, hookpoints: list[Hookpoint], cfg: TrainRunConfig, d_in: int,
-                 accelerator: Accelerator, world: int = 1):
+    def __init__(
+        self,
+        hookpoints: list[Hookpoint],
+        cfg: TrainRunConfig,
+        d_in: int,
+        accelerator: Accelerator,
+        world: int = 1,
+    ):
         t = cfg.train
         self.cfg, self.accelerator = cfg, accelerator
         self.data_parallel = cfg.trainer.kind.data_parallel
@@ -85,19 +91,25 @@ class SuiteTrainer:
             sae.project_decoder_grads()
         self.suite = SAESuite(saes).to(accelerator.device)
         self.n_steps = max(1, t.tokens // t.batch_size)
-        lr = t.lr if t.lr is not None else 2e-4 / math.sqrt(self.suite[hookpoints[0].name].d_sae
-                                                              / 2**14)
-        groups = [g for hp in hookpoints
-                  for g in self.suite[hp.name].param_groups(lr * cfg.sae.lr_mult)]
+        lr = (
+            t.lr
+            if t.lr is not None
+            else 2e-4 / math.sqrt(self.suite[hookpoints[0].name].d_sae / 2**14)
+        )
+        groups = [
+            g for hp in hookpoints for g in self.suite[hp.name].param_groups(lr * cfg.sae.lr_mult)
+        ]
         self.optimizer = torch.optim.Adam(groups, lr=lr, betas=tuple(t.adam_betas), fused=True)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(
-            s, self.n_steps, t.lr_warmup_frac, t.lr_decay_frac))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.n_steps, t.lr_warmup_frac, t.lr_decay_frac)
+        )
         self.engine: nn.Module | None = None
         self.scales: dict[str, float | None] = dict.fromkeys(self.hookpoints)
         self.step_count = 0
-        self.tokens_since_fired = {n: torch.zeros(s.d_sae, dtype=torch.long,
-                                                  device=accelerator.device)
-                                   for n, s in saes.items()}
+        self.tokens_since_fired = {
+            n: torch.zeros(s.d_sae, dtype=torch.long, device=accelerator.device)
+            for n, s in saes.items()
+        }
 
     @property
     def names(self) -> list[str]:
@@ -121,7 +133,8 @@ class SuiteTrainer:
         for name, x in batches.items():
             if self.scales[name] is None:
                 mean_sq = self.group.sum(x.pow(2).sum()) / self.group.sum(
-                    x.new_tensor(float(x.shape[0])))
+                    x.new_tensor(float(x.shape[0]))
+                )
                 self.scales[name] = math.sqrt(x.shape[1] / float(mean_sq))
                 self.sae(name).init_from_batch(x * self.scales[name])
 
@@ -132,7 +145,8 @@ class SuiteTrainer:
             self.engine = self.suite
             return
         self.engine, self.optimizer, self.scheduler = self.accelerator.prepare(
-            self.suite, self.optimizer, self.scheduler)
+            self.suite, self.optimizer, self.scheduler
+        )
 
     def step(self, batches: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
         """One optimizer step of every SAE on its batch {name: raw activations [B, d_in]} (this
@@ -161,17 +175,21 @@ class SuiteTrainer:
         self.step_count += 1
         return metrics
 
-    def _update_counters(self, name: str, out: SAEOutput, dead: Tensor, n_local: int
-                         ) -> dict[str, Tensor]:
+    def _update_counters(
+        self, name: str, out: SAEOutput, dead: Tensor, n_local: int
+    ) -> dict[str, Tensor]:
         fired = self.group.sum(out.latents.fire_counts()) > 0
         n = self.group.sum(torch.tensor(float(n_local)))
         counter = self.tokens_since_fired[name]
         counter += int(n)
         counter[fired] = 0
-        return {"loss": sum(out.losses.values()).detach(), "fvu": out.losses["fvu"].detach(),
-                "l0": self.group.sum(out.latents.l0().sum().detach()) / n,
-                "dead_frac": dead.float().mean(),
-                "lr": torch.tensor(self.scheduler.get_last_lr()[0])}
+        return {
+            "loss": sum(out.losses.values()).detach(),
+            "fvu": out.losses["fvu"].detach(),
+            "l0": self.group.sum(out.latents.l0().sum().detach()) / n,
+            "dead_frac": dead.float().mean(),
+            "lr": torch.tensor(self.scheduler.get_last_lr()[0]),
+        }
 
     @torch.no_grad()
     def _after_step(self, outs: dict[str, SAEOutput]) -> None:
@@ -196,9 +214,11 @@ class SuiteTrainer:
             return
         import deepspeed  # only under ZeRO: its import takes seconds and probes the accelerator
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
         params = [getattr(sae, name) for name in sae.edited_parameters]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0,
-                                               enabled=self.zero_stage == 3):
+        with deepspeed.zero.GatheredParameters(
+            params, modifier_rank=0, enabled=self.zero_stage == 3
+        ):
             module = [p.data for p in params]
             for p in params:
                 p.data = safe_get_full_fp32_param(p).to(p.device)
@@ -212,8 +232,11 @@ class SuiteTrainer:
         """The SAEs for raw activations (input scales folded into the weights), on CPU. A
         collective under ZeRO-3 (parameters gathered): call it on every process; there the
         other processes get {} (DeepSpeed gathers the weights on the main process only)."""
-        state = (self.accelerator.get_state_dict(self.engine) if self.engine is not None
-                 else self.suite.state_dict())
+        state = (
+            self.accelerator.get_state_dict(self.engine)
+            if self.engine is not None
+            else self.suite.state_dict()
+        )
         if state is None:
             return {}
         out = {}
@@ -221,8 +244,9 @@ class SuiteTrainer:
             sae = self.sae(name)
             prefix = f"saes.{name.replace('.', '/')}."
             copy = build_sae(self.cfg.sae, sae.d_in)
-            copy.load_state_dict({k[len(prefix):]: v.cpu() for k, v in state.items()
-                                  if k.startswith(prefix)})
+            copy.load_state_dict(
+                {k[len(prefix) :]: v.cpu() for k, v in state.items() if k.startswith(prefix)}
+            )
             out[name] = copy.folded(self.scales[name] or 1.0)
         return out
 
@@ -232,12 +256,23 @@ class SuiteTrainer:
         """One SAE's resumable state: weights, Adam state by parameter name (absent under
         DeepSpeed, which saves its own partitions), input scale, dead counters, step."""
         sae = self.sae(name)
-        adam = {} if self.zero_stage else {
-            pname: self._optimizer().state[p] for pname, p in sae.named_parameters()
-            if p in self._optimizer().state}
-        return {"sae": sae.state_dict(), "adam": adam, "scale": self.scales[name],
-                "tokens_since_fired": self.tokens_since_fired[name].cpu(),
-                "step_count": self.step_count, "scheduler": self._scheduler().state_dict()}
+        adam = (
+            {}
+            if self.zero_stage
+            else {
+                pname: self._optimizer().state[p]
+                for pname, p in sae.named_parameters()
+                if p in self._optimizer().state
+            }
+        )
+        return {
+            "sae": sae.state_dict(),
+            "adam": adam,
+            "scale": self.scales[name],
+            "tokens_since_fired": self.tokens_since_fired[name].cpu(),
+            "step_count": self.step_count,
+            "scheduler": self._scheduler().state_dict(),
+        }
 
     def load_state_dict(self, name: str, state: dict[str, Any]) -> None:
         sae = self.sae(name)
@@ -245,7 +280,8 @@ class SuiteTrainer:
         params = dict(sae.named_parameters())
         for pname, value in state["adam"].items():
             self._optimizer().state[params[pname]] = {
-                k: v.to(params[pname].device) for k, v in value.items()}
+                k: v.to(params[pname].device) for k, v in value.items()
+            }
         self.scales[name] = state["scale"]
         self.tokens_since_fired[name].copy_(state["tokens_since_fired"])
         self.step_count = state["step_count"]
@@ -264,8 +300,12 @@ class SuiteTrainer:
         while hasattr(opt, "optimizer"):
             opt = opt.optimizer
         stepped = sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
-        moments = sum(v.numel() * v.element_size() for st in opt.state.values()
-                      for v in st.values() if torch.is_tensor(v))
+        moments = sum(
+            v.numel() * v.element_size()
+            for st in opt.state.values()
+            for v in st.values()
+            if torch.is_tensor(v)
+        )
         params = sum(p.numel() * p.element_size() for p in self.suite.parameters())
         return {"sae_params_mb": params / 2**20, "optimizer_mb": (stepped + moments) / 2**20}
 

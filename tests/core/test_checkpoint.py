@@ -50,8 +50,9 @@ def test_saved_sae_reloads_bit_identically(sae, tmp_path):
 
 def test_suite_index_and_lookup(sae, tmp_path):
     save_sae(sae, tmp_path / "layers.0.mlp", {"hookpoint": "layers.0.mlp"})
-    write_suite_index(tmp_path, [{"hookpoint": "layers.0.mlp", "path": "layers.0.mlp"}],
-                      {"model": "m"})
+    write_suite_index(
+        tmp_path, [{"hookpoint": "layers.0.mlp", "path": "layers.0.mlp"}], {"model": "m"}
+    )
     assert read_suite_index(tmp_path)["model"] == "m"
     loaded, cfg = load_suite_sae(tmp_path, "layers.0.mlp")
     assert cfg["metadata"]["hookpoint"] == "layers.0.mlp"

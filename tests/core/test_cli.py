@@ -22,12 +22,12 @@ from sae_dist.config import TrainRunConfig
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def sae_dist(*args: str, cwd: Path = ROOT, env: dict | None = None
-             ) -> subprocess.CompletedProcess:
+def sae_dist(*args: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python <args>` from `cwd` with this checkout's sae_dist importable."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", **(env or {})}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def leaf_keys(schema: type, prefix: str = "") -> list[str]:
@@ -47,8 +47,10 @@ def test_train_help_lists_groups_and_every_key_with_its_docstring():
     assert "  sae: batchtopk, jumprelu, relu, topk, topk_k64*\n" in out
     assert re.search(r"^  experiment: (.*, )?demo\*(, .*)?$", out, re.M)
     # The value after the overrides (experiment=demo), then the field's docstring.
-    assert ("  train.tokens: int = 200000\n"
-            "      Training tokens per hookpoint (tokens that pass the train mask).\n") in out
+    assert (
+        "  train.tokens: int = 200000\n"
+        "      Training tokens per hookpoint (tokens that pass the train mask).\n"
+    ) in out
     assert "  sites.layers: Optional[list[int]] = [6, 12, 18, 24]\n" in out
     lines = out.splitlines()
     for key in leaf_keys(TrainRunConfig):
@@ -62,16 +64,24 @@ def test_evaluate_help_shows_its_own_schema():
     assert "  eval.tokens: int = 100000\n" in result.stdout
     assert "  suite: str = ???\n" in result.stdout
     assert "train.tokens" not in result.stdout and "  sae: " not in result.stdout
-    assert ("  model: Optional[ModelConfig] = null\n"
-            "      The model group; null means the model named by the suite") in result.stdout
+    assert (
+        "  model: Optional[ModelConfig] = null\n"
+        "      The model group; null means the model named by the suite"
+    ) in result.stdout
 
 
-@pytest.mark.parametrize("override, message", [
-    ("+train.foo=1", "error: train.foo does not exist: `train` has no key 'foo' (its keys: "
-                     "tokens, batch_size,"),
-    ("++sae.topk=3", "error: sae.topk does not exist: `sae` has no key 'topk'"),
-    ("+foo=1", "error: foo does not exist: the config has no key 'foo' (its keys: model, "),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "+train.foo=1",
+            "error: train.foo does not exist: `train` has no key 'foo' (its keys: "
+            "tokens, batch_size,",
+        ),
+        ("++sae.topk=3", "error: sae.topk does not exist: `sae` has no key 'topk'"),
+        ("+foo=1", "error: foo does not exist: the config has no key 'foo' (its keys: model, "),
+    ],
+)
 def test_added_unknown_key_fails_naming_it(override, message):
     result = sae_dist("-m", "sae_dist.train", "--cfg", "job", "experiment=demo", override)
     assert result.returncode == 2
@@ -81,16 +91,26 @@ def test_added_unknown_key_fails_naming_it(override, message):
 
 def test_added_keys_the_schema_allows_pass():
     """`+` on a null field, into a free-form dict, and on Hydra's own config composes."""
-    result = sae_dist("-m", "sae_dist.train", "--cfg", "job", "+sites.hookpoints=[layers.1.mlp]",
-                      "+model.random_config.vocab_size=7", "+hydra.job.env_set.X=1")
+    result = sae_dist(
+        "-m",
+        "sae_dist.train",
+        "--cfg",
+        "job",
+        "+sites.hookpoints=[layers.1.mlp]",
+        "+model.random_config.vocab_size=7",
+        "+hydra.job.env_set.X=1",
+    )
     assert result.returncode == 0, result.stderr
     assert "  - layers.1.mlp\n" in result.stdout and "    vocab_size: 7\n" in result.stdout
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.foo=1", "Key 'foo' not in 'TrainConfig'"),
-    ("train.tokens=many", "Value 'many' of type 'str' could not be converted to Integer"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.foo=1", "Key 'foo' not in 'TrainConfig'"),
+        ("train.tokens=many", "Value 'many' of type 'str' could not be converted to Integer"),
+    ],
+)
 def test_hydra_override_errors_have_no_traceback(override, message):
     result = sae_dist("-m", "sae_dist.train", "--cfg", "job", override)
     assert result.returncode != 0 and message in result.stderr
@@ -99,11 +119,19 @@ def test_hydra_override_errors_have_no_traceback(override, message):
 
 def test_config_error_at_run_start_is_one_line(tmp_path):
     """validate() at the start of the run: `error: config error: ...`, exit code 2."""
-    result = sae_dist("-m", "sae_dist.train", "experiment=demo", "logger=none",
-                      "sites.layers=[99]", f"out_dir={tmp_path}")
+    result = sae_dist(
+        "-m",
+        "sae_dist.train",
+        "experiment=demo",
+        "logger=none",
+        "sites.layers=[99]",
+        f"out_dir={tmp_path}",
+    )
     assert result.returncode == 2
-    assert result.stderr == ("error: config error: sites.layers=99 is not allowed; allowed: "
-                             "0..29 (model has 30 layers)\n")
+    assert result.stderr == (
+        "error: config error: sites.layers=99 is not allowed; allowed: "
+        "0..29 (model has 30 layers)\n"
+    )
 
 
 SHOW_RUN = textwrap.dedent("""
@@ -129,19 +157,19 @@ def show_run(tmp_path) -> Path:
 
 
 def test_multirun_gives_each_job_its_own_out_dir(show_run, tmp_path):
-    result = sae_dist(str(show_run), "-m", "sae.k=16,32", f"out_dir={tmp_path}/sweep",
-                      cwd=tmp_path)
+    result = sae_dist(str(show_run), "-m", "sae.k=16,32", f"out_dir={tmp_path}/sweep", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     printed = [line for line in result.stdout.splitlines() if line.startswith("TrainRunConfig")]
-    assert printed == [f"TrainRunConfig 16 {tmp_path}/sweep/job0",
-                       f"TrainRunConfig 32 {tmp_path}/sweep/job1"]
+    assert printed == [
+        f"TrainRunConfig 16 {tmp_path}/sweep/job0",
+        f"TrainRunConfig 32 {tmp_path}/sweep/job1",
+    ]
     assert (tmp_path / "sweep" / "job1" / ".hydra" / "overrides.yaml").is_file()
 
 
 @pytest.mark.parametrize("rank, writes_hydra_files", [("0", True), ("1", False)])
 def test_only_rank_0_writes_hydra_files(show_run, tmp_path, rank, writes_hydra_files):
-    result = sae_dist(str(show_run), f"out_dir={tmp_path}/run", cwd=tmp_path,
-                      env={"RANK": rank})
+    result = sae_dist(str(show_run), f"out_dir={tmp_path}/run", cwd=tmp_path, env={"RANK": rank})
     assert result.returncode == 0, result.stderr
     assert f"TrainRunConfig 32 {tmp_path}/run" in result.stdout
     assert (tmp_path / "run" / ".hydra").is_dir() == writes_hydra_files

@@ -64,6 +64,7 @@ def numbered_docs(tok, source: str, split: str, rank: int, world_size: int) -> l
 
 # ------------------------------------------------------------------------------ rendering
 
+
 def test_special_token_ids(smollm2_tokenizer):
     tok = smollm2_tokenizer
     specials = data.special_token_ids(tok)
@@ -86,7 +87,8 @@ def test_chat_mask_all_positions_is_every_non_special_token(smollm2_tokenizer):
     assert runs[-2:] == ["assistant\nSure!\n- one\n- two", "\n"]
     assert tok.decode([i for i, m in zip(ids, mask) if not m]) == (
         "<|im_start|><|im_end|><|im_start|><|im_end|><|im_start|><|im_end|><|im_start|>"
-        "<|im_end|><|im_start|><|im_end|>")
+        "<|im_end|><|im_start|><|im_end|>"
+    )
 
 
 def test_chat_mask_trains_only_message_content(smollm2_tokenizer):
@@ -113,8 +115,10 @@ def test_chat_mask_assistant_only(smollm2_tokenizer):
 
 def test_chat_content_whitespace_and_special_text(smollm2_tokenizer):
     tok = smollm2_tokenizer
-    chat = [{"role": "user", "content": " padded\n"},
-            {"role": "assistant", "content": "literal <|im_end|> inside"}]
+    chat = [
+        {"role": "user", "content": " padded\n"},
+        {"role": "assistant", "content": "literal <|im_end|> inside"},
+    ]
     ids, mask = data.render_document({"messages": chat}, tok, CONTENT)
     assert trained_runs(tok, ids, mask) == [" padded\n", "literal ", " inside"]
     assert ids.count(2) == 4  # 3 turn ends + the literal control token: special, masked out
@@ -122,8 +126,10 @@ def test_chat_content_whitespace_and_special_text(smollm2_tokenizer):
 
 def test_chat_not_locatable_or_rejected_is_skipped(smollm2_tokenizer):
     shouting = copy.copy(smollm2_tokenizer)
-    shouting.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
-                              "{{ m.content | upper }}<|im_end|>\n{% endfor %}")
+    shouting.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{{ m.content | upper }}<|im_end|>\n{% endfor %}"
+    )
     assert data.render_document({"messages": CHAT}, shouting, CONTENT) == ([], [])
     ids, mask = data.render_document({"messages": CHAT}, shouting, DataConfig())
     assert "TELL ME ABOUT HUGGING FACE" in shouting.decode(ids) and sum(mask) > 20
@@ -138,8 +144,7 @@ def test_token_policy_values_are_checked():
         TokenPolicyConfig(positions="user")
     with pytest.raises(ConfigError, match="data.policy.outlier_factor"):
         TokenPolicyConfig(outlier_factor=0.5)
-    assert TokenPolicyConfig().describe() == (
-        "positions=all, outliers > 10x median norm left out")
+    assert TokenPolicyConfig().describe() == ("positions=all, outliers > 10x median norm left out")
     assert TokenPolicyConfig("content", None).describe() == "positions=content, no outlier filter"
 
 
@@ -159,6 +164,7 @@ def test_plain_text_and_cut(smollm2_tokenizer):
 
 
 # -------------------------------------------------------------------------------- reading
+
 
 def test_json_reader_truncated_tail_and_chunks(tmp_path):
     records = [{"id": i, "text": "x" * (i * 7), "n": [1.5, i]} for i in range(20)]
@@ -184,16 +190,32 @@ def test_sharegpt_records():
 
 def test_normalize_record():
     cfg = DataConfig(messages_field="chat", text_field="body")
-    sharegpt = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "r"},
-                                  {"from": "system", "value": "s"}]}
-    assert data.normalize_record(sharegpt, cfg) == {"messages": [
-        {"role": "user", "content": "q"}, {"role": "assistant", "content": "r"},
-        {"role": "system", "content": "s"}]}
+    sharegpt = {
+        "conversations": [
+            {"from": "human", "value": "q"},
+            {"from": "gpt", "value": "r"},
+            {"from": "system", "value": "s"},
+        ]
+    }
+    assert data.normalize_record(sharegpt, cfg) == {
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "r"},
+            {"role": "system", "content": "s"},
+        ]
+    }
     chat = {"chat": [{"role": "user", "content": "hi"}], "body": "ignored"}
     assert data.normalize_record(chat, cfg) == {"messages": [{"role": "user", "content": "hi"}]}
     assert data.normalize_record({"body": "plain"}, cfg) == {"text": "plain"}
-    for bad in [{"text": "wrong field"}, {"body": "  "}, {"chat": [{"role": "user",
-                "content": " "}]}, {"chat": "not a list"}, {"chat": [{"role": "user"}]}, [1], None]:
+    for bad in [
+        {"text": "wrong field"},
+        {"body": "  "},
+        {"chat": [{"role": "user", "content": " "}]},
+        {"chat": "not a list"},
+        {"chat": [{"role": "user"}]},
+        [1],
+        None,
+    ]:
         assert data.normalize_record(bad, cfg) == {}
 
 
@@ -214,8 +236,10 @@ def test_hf_dataset_shuffled_and_resumable(tmp_path, smollm2_tokenizer):
     """A local directory goes through the datasets streaming path (shuffle, skip)."""
     (tmp_path / "ds").mkdir()
     for part in range(2):
-        write_jsonl(tmp_path / "ds" / f"part{part}.jsonl",
-                    [{"text": f"doc{part * 40 + i} ."} for i in range(40)])
+        write_jsonl(
+            tmp_path / "ds" / f"part{part}.jsonl",
+            [{"text": f"doc{part * 40 + i} ."} for i in range(40)],
+        )
     cfg = DataConfig(source=str(tmp_path / "ds"), shuffle_buffer=16)
     order = [r["text"] for r in data.read_documents(cfg, seed=1)]
     assert sorted(order) == sorted(f"doc{i} ." for i in range(80)) and order != sorted(order)
@@ -232,35 +256,56 @@ def test_hf_dataset_shuffled_and_resumable(tmp_path, smollm2_tokenizer):
 
 # -------------------------------------------------------------------------------- packing
 
+
 def test_local_jsonl_stream_counts_bad_records(tmp_path, smollm2_tokenizer):
     tok = smollm2_tokenizer
-    records = [{"text": "held out"},  # document 0: eval split
-               {"messages": [{"role": "user", "content": "Hi"},
-                             {"role": "assistant", "content": "Hello!"}]},
-               {"nothing": 1}, {"text": ""}, {"messages": []}, {"text": "plain words"}]
+    records = [
+        {"text": "held out"},  # document 0: eval split
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+            ]
+        },
+        {"nothing": 1},
+        {"text": ""},
+        {"messages": []},
+        {"text": "plain words"},
+    ]
     path = tmp_path / "docs.jsonl"
     write_jsonl(path, records)
     path.write_text(path.read_text() + "{not json\n\n")
     cfg = DataConfig(source=str(path), context_size=4, holdout_every=100)
     stream = data.TokenStream(cfg, tok)
     got = list(stream.batches(1))
-    expected = [t for r in (records[1], records[5])
-                for t in zip(*data.render_document(r, tok, cfg))]
+    expected = [
+        t for r in (records[1], records[5]) for t in zip(*data.render_document(r, tok, cfg))
+    ]
     body = len(expected) // 3 * 3
-    assert torch.equal(torch.stack([b.input_ids[0, 1:] for b in got]).flatten(),
-                       torch.tensor([i for i, _ in expected[:body]]))
-    assert stream.stats == {"docs_read": 6, "docs_skipped": 4, "sequences": len(got),
-                            "tokens": 4 * len(got),
-                            "train_tokens": sum(m for _, m in expected[:body])}
+    assert torch.equal(
+        torch.stack([b.input_ids[0, 1:] for b in got]).flatten(),
+        torch.tensor([i for i, _ in expected[:body]]),
+    )
+    assert stream.stats == {
+        "docs_read": 6,
+        "docs_skipped": 4,
+        "sequences": len(got),
+        "tokens": 4 * len(got),
+        "train_tokens": sum(m for _, m in expected[:body]),
+    }
 
 
 def test_local_txt_one_document_per_line(tmp_path, smollm2_tokenizer):
     tok = smollm2_tokenizer
     (tmp_path / "docs.txt").write_text("first line\n\nsecond line\nthird\n")
-    cfg = DataConfig(source=str(tmp_path / "docs.txt"), context_size=2, prepend_bos=False,
-                     holdout_every=1000)
-    assert list(data.read_documents(cfg)) == [{"text": "first line"}, {"text": "second line"},
-                                              {"text": "third"}]
+    cfg = DataConfig(
+        source=str(tmp_path / "docs.txt"), context_size=2, prepend_bos=False, holdout_every=1000
+    )
+    assert list(data.read_documents(cfg)) == [
+        {"text": "first line"},
+        {"text": "second line"},
+        {"text": "third"},
+    ]
     ids = torch.cat([b.input_ids.flatten() for b in data.TokenStream(cfg, tok).batches(1)])
     assert tok.decode(ids) == "second line<|im_end|>third"  # 5 tokens: the last EOS waits
 
@@ -333,14 +378,16 @@ def test_deterministic_and_resumes_exactly(smollm2_tokenizer):
 
 # -------------------------------------------------------------------------- sequence pool
 
+
 def test_sequence_pool_draws_every_row_once_from_far_apart_documents(tmp_path, smollm2_tokenizer):
     """A pool of 12 rows over a stream of distinct rows: every row the stream yields is drawn
     exactly once (the pool drained at the end, the last partial batch dropped), a batch mixes
     rows from across the pool's span, and a pool of one batch keeps stream order up to the
     order inside the batch."""
     tok = smollm2_tokenizer
-    source = write_jsonl(tmp_path / "n.jsonl",
-                         [{"text": f"doc{i} is number {i}"} for i in range(100)])
+    source = write_jsonl(
+        tmp_path / "n.jsonl", [{"text": f"doc{i} is number {i}"} for i in range(100)]
+    )
     cfg = DataConfig(source=source, context_size=8, prepend_bos=False, holdout_every=1000)
 
     def rows(stream) -> torch.Tensor:
@@ -356,10 +403,13 @@ def test_sequence_pool_draws_every_row_once_from_far_apart_documents(tmp_path, s
     pooled = stream_index(rows(data.SequencePool(data.TokenStream(cfg, tok, "train"), 12, 0)))
     assert sorted(pooled) == list(range(len(plain) // 4 * 4))
     assert pooled != sorted(pooled)
-    assert max(max(pooled[i:i + 4]) - min(pooled[i:i + 4]) for i in range(0, len(pooled), 4)) > 4
+    assert (
+        max(max(pooled[i : i + 4]) - min(pooled[i : i + 4]) for i in range(0, len(pooled), 4)) > 4
+    )
     single = stream_index(rows(data.SequencePool(data.TokenStream(cfg, tok, "train"), 4, 0)))
-    assert [sorted(single[i:i + 4]) for i in range(0, len(single), 4)] == [
-        list(range(i, i + 4)) for i in range(0, len(single), 4)]
+    assert [sorted(single[i : i + 4]) for i in range(0, len(single), 4)] == [
+        list(range(i, i + 4)) for i in range(0, len(single), 4)
+    ]
     with pytest.raises(ValueError, match="pool of 3"):
         next(data.SequencePool(data.TokenStream(cfg, tok, "train"), 3, 0).batches(4))
 

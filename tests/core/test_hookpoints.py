@@ -24,8 +24,9 @@ def manual_forward(model, ids):
     mask = torch.full((ids.shape[1], ids.shape[1]), float("-inf")).triu(1)[None, None]
     out = []
     for layer in m.layers:
-        attn, _ = layer.self_attn(layer.input_layernorm(h), position_embeddings=cos_sin,
-                                  attention_mask=mask)
+        attn, _ = layer.self_attn(
+            layer.input_layernorm(h), position_embeddings=cos_sin, attention_mask=mask
+        )
         h = h + attn
         mlp = layer.mlp(layer.post_attention_layernorm(h))
         h = h + mlp
@@ -69,8 +70,10 @@ def test_identity_splice_keeps_logits_and_zero_splice_changes_them(tiny_model, i
 
 def test_early_exit_skips_later_layers(tiny_model, ids):
     ran = []
-    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: ran.append(i))
-               for i, layer in enumerate(tiny_model.model.layers)]
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, i=i: ran.append(i))
+        for i, layer in enumerate(tiny_model.model.layers)
+    ]
     head_calls = []
     handles.append(tiny_model.lm_head.register_forward_pre_hook(lambda m, a: head_calls.append(1)))
     try:
@@ -85,8 +88,12 @@ def test_early_exit_skips_later_layers(tiny_model, ids):
 
 def test_grid_and_errors():
     hps = grid_hookpoints(SitesConfig(layers=[2, 0], sites=["attn", "resid"]), N_LAYERS)
-    assert [h.name for h in hps] == ["layers.0.resid", "layers.0.attn", "layers.2.resid",
-                                     "layers.2.attn"]
+    assert [h.name for h in hps] == [
+        "layers.0.resid",
+        "layers.0.attn",
+        "layers.2.resid",
+        "layers.2.attn",
+    ]
     assert len(grid_hookpoints(SitesConfig(layers=None), N_LAYERS)) == 3 * N_LAYERS
     with pytest.raises(ConfigError, match=r"sites.layers=7 .*0\.\.3"):
         grid_hookpoints(SitesConfig(layers=[7]), N_LAYERS)

@@ -15,7 +15,7 @@ CPU = torch.device("cpu")
 def test_outliers_and_nonfinite_are_dropped_and_counted():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1000, 16, generator=g)
-    x[[3, 500]] *= 1000.0          # attention-sink-like tokens
+    x[[3, 500]] *= 1000.0  # attention-sink-like tokens
     x[7, 2] = float("nan")
     x[8, 0] = float("inf")
     filt = OutlierFilter(factor=50.0)
@@ -47,8 +47,10 @@ def test_a_position_left_out_at_one_hookpoint_is_left_out_at_all():
     assert policy.dropped("outliers") == {"a": 0, "b": 1}
     mask = torch.zeros(5, 20, dtype=torch.bool)
     mask[:, 3:13] = True
-    acts = {Hookpoint(0, "resid"): torch.zeros(5, 20, 8).masked_scatter(mask[..., None], x),
-            Hookpoint(1, "resid"): torch.zeros(5, 20, 8).masked_scatter(mask[..., None], y)}
+    acts = {
+        Hookpoint(0, "resid"): torch.zeros(5, 20, 8).masked_scatter(mask[..., None], x),
+        Hookpoint(1, "resid"): torch.zeros(5, 20, 8).masked_scatter(mask[..., None], y),
+    }
     got = PositionFilter(["layers.0.resid", "layers.1.resid"], 10.0).keep_positions(acts, mask)
     want = mask.clone()
     want[1, 3] = False  # the 11th position of the mask, row-major
@@ -74,10 +76,12 @@ def test_producer_and_evaluation_keep_the_same_positions(tiny_cfg):
         def fn(x):
             seen[name].append(x.clone())
             return x
+
         return fn
 
-    res = evaluate_saes(model, {hp: recorder(hp.name) for hp in hps}, batches, CPU,
-                        outlier_factor=10.0)
+    res = evaluate_saes(
+        model, {hp: recorder(hp.name) for hp in hps}, batches, CPU, outlier_factor=10.0
+    )
     n_sinks = sum(int(b.train_mask[:, SINK_POSITION].sum()) for b in batches)
     n_mask = sum(int(b.train_mask.sum()) for b in batches)
     for hp in hps:

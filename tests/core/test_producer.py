@@ -19,10 +19,10 @@ def test_shuffle_buffer_hands_out_every_row_once_shuffled():
             assert batch.shape == (8, 1)
             out.append(batch)
     got = torch.cat(out).flatten()
-    assert got.unique().numel() == got.numel()          # no row twice
-    assert got.numel() + buf.size == 400                 # nothing lost
+    assert got.unique().numel() == got.numel()  # no row twice
+    assert got.numel() + buf.size == 400  # nothing lost
     assert buf.size < 64
-    assert not torch.equal(got, got.sort().values)       # shuffled
+    assert not torch.equal(got, got.sort().values)  # shuffled
     # consecutive rows end up far apart on average
     assert (got[1:] - got[:-1]).abs().float().mean() > 10
 
@@ -33,8 +33,14 @@ def test_producer_masks_and_counts(tiny_model):
     mask[:, 0] = False
     mask[1, 5:] = False
     hps = [Hookpoint(0, "resid"), Hookpoint(2, "attn")]
-    producer = ActivationProducer(tiny_model, hps, outlier_factor=1e6,
-                                  device=torch.device("cpu"), streams={}, seqs_per_shard=1)
+    producer = ActivationProducer(
+        tiny_model,
+        hps,
+        outlier_factor=1e6,
+        device=torch.device("cpu"),
+        streams={},
+        seqs_per_shard=1,
+    )
     producer.filters = {v: PositionFilter([hp.name for hp in hps], 1e6) for v in (3, 5)}
     # shards 3 and 5 each bring one row; one forward serves both, each gets its own rows
     out = producer.activations({3: TokenBatch(ids[:1], mask[:1]), 5: TokenBatch(ids[1:], mask[1:])})
@@ -53,8 +59,14 @@ def test_a_token_rejected_at_one_hookpoint_is_dropped_at_all(tiny_model):
     ids = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(2))
     mask = torch.ones(1, 12, dtype=torch.bool)
     hps = [Hookpoint(0, "resid"), Hookpoint(1, "mlp")]
-    producer = ActivationProducer(tiny_model, hps, outlier_factor=1e6,
-                                  device=torch.device("cpu"), streams={}, seqs_per_shard=1)
+    producer = ActivationProducer(
+        tiny_model,
+        hps,
+        outlier_factor=1e6,
+        device=torch.device("cpu"),
+        streams={},
+        seqs_per_shard=1,
+    )
     producer.filters = {0: PositionFilter([hp.name for hp in hps], 1e6)}
     clean = capture(tiny_model, hps, ids)
     original = producer.model.model.layers[1].mlp.forward

@@ -39,4 +39,5 @@ def test_load_suite_refuses_what_does_not_fit(tmp_path):
     with pytest.raises(ConfigError, match="does not name its model"):
         load_suite(unnamed, "cpu")
     assert load_suite(unnamed, "cpu", model_config_for("tiny-qwen3")).hookpoints == [
-        Hookpoint(1, "resid")]
+        Hookpoint(1, "resid")
+    ]

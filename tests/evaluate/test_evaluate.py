@@ -64,9 +64,13 @@ def identity_topk_sae(d_in: int = 64):
 
 # ----------------------------------------------------------------------- limiting cases
 
+
 def test_perfect_reconstruction_recovers_everything(model, batches):
-    saes = {Hookpoint(1, "resid"): identity_topk_sae(), Hookpoint(1, "mlp"): lambda x: x,
-            Hookpoint(2, "attn"): lambda x: x.clone()}
+    saes = {
+        Hookpoint(1, "resid"): identity_topk_sae(),
+        Hookpoint(1, "mlp"): lambda x: x,
+        Hookpoint(2, "attn"): lambda x: x.clone(),
+    }
     res = evaluate_saes(model, saes, batches, CPU, outlier_factor=None)
     for name, r in res.items():
         assert r["fvu"] == pytest.approx(0, abs=1e-12) and r["cosine"] == pytest.approx(1)
@@ -90,8 +94,14 @@ def test_constant_mean_predictor_has_fvu_one(model, batches):
     hp = Hookpoint(2, "resid")
     xs = torch.cat([capture(model, [hp], b.input_ids)[hp][b.train_mask] for b in batches])
     mean = xs.double().mean(0).float()
-    res = evaluate_saes(model, {hp: lambda x: mean.expand_as(x)}, batches, CPU,
-                        outlier_factor=None, model_level=False)[hp.name]
+    res = evaluate_saes(
+        model,
+        {hp: lambda x: mean.expand_as(x)},
+        batches,
+        CPU,
+        outlier_factor=None,
+        model_level=False,
+    )[hp.name]
     assert res["fvu"] == pytest.approx(1, abs=1e-6)
     assert res["explained_variance"] == pytest.approx(0, abs=1e-6)
     assert res["tokens"] == len(xs)
@@ -99,42 +109,50 @@ def test_constant_mean_predictor_has_fvu_one(model, batches):
 
 # ------------------------------------------------------------- independent computation
 
+
 def reference(model, hp, sae, batches, keep=None):
     """Every metric of DESIGN.md section 8, the plain way: captures with full forward passes,
     a dense float64 TopK SAE, full HF forwards with the splice for the logits. `keep`: the
     positions [B, T] per batch that are reconstructed and spliced (default: the train mask);
     CE positions always come from the train mask."""
     keep = keep or [b.train_mask for b in batches]
-    xs = torch.cat([capture(model, [hp], b.input_ids, stop_early=False)[hp][k]
-                    for b, k in zip(batches, keep)]).double()
-    W_enc, b_enc, W_dec, b_dec = (p.detach().double() for p in (sae.W_enc, sae.b_enc, sae.W_dec,
-                                                       sae.b_dec))
+    xs = torch.cat(
+        [capture(model, [hp], b.input_ids, stop_early=False)[hp][k] for b, k in zip(batches, keep)]
+    ).double()
+    W_enc, b_enc, W_dec, b_dec = (
+        p.detach().double() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)
+    )
     pre = (xs - b_dec) @ W_enc + b_enc
     top = pre.topk(sae.k, dim=1)
     z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
     x_hat = z @ W_dec + b_dec
     freq = (z > 0).double().mean(0)
-    out = {"fvu": float(((xs - x_hat) ** 2).sum() / ((xs - xs.mean(0)) ** 2).sum()),
-           "mse": float(((xs - x_hat) ** 2).sum(1).mean() / xs.shape[1]),
-           "cosine": float(F.cosine_similarity(xs, x_hat, dim=1).mean()),
-           "l0": float((z > 0).sum(1).double().mean()),
-           "dead_frac": float((freq == 0).double().mean()),
-           "dense_frac": float((freq > 0.1).double().mean()),
-           "dense_l0": float(((z > 0) & (freq > 0.1)).sum(1).double().mean()), "tokens": len(xs)}
+    out = {
+        "fvu": float(((xs - x_hat) ** 2).sum() / ((xs - xs.mean(0)) ** 2).sum()),
+        "mse": float(((xs - x_hat) ** 2).sum(1).mean() / xs.shape[1]),
+        "cosine": float(F.cosine_similarity(xs, x_hat, dim=1).mean()),
+        "l0": float((z > 0).sum(1).double().mean()),
+        "dead_frac": float((freq == 0).double().mean()),
+        "dense_frac": float((freq > 0.1).double().mean()),
+        "dense_l0": float(((z > 0) & (freq > 0.1)).sum(1).double().mean()),
+        "tokens": len(xs),
+    }
     out["explained_variance"] = 1 - out["fvu"]
     mean = xs.mean(0).float()
     ce = {k: [] for k in ("clean", "spliced", "zero", "mean")}
     kls, seq_delta, seq_positions, start = [], [], [], 0
     for b, k in zip(batches, keep):
         n = int(k.sum())
-        rows = x_hat[start:start + n].float()
+        rows = x_hat[start : start + n].float()
         start += n
         logits = {"clean": model(b.input_ids).logits}
         for kind, values in (("spliced", rows), ("zero", torch.zeros(64)), ("mean", mean)):
+
             def fn(act, values=values, k=k, n=n):
                 out = act.clone()
                 out[k] = values if values.dim() == 2 else values.expand(n, -1)
                 return out
+
             with splice(model, {hp: fn}):
                 logits[kind] = model(b.input_ids).logits
         sel = b.train_mask[:, :-1]
@@ -152,23 +170,39 @@ def reference(model, hp, sae, batches, keep=None):
     s, n_g = torch.tensor(seq_delta, dtype=torch.float64), torch.tensor(seq_positions)
     g, delta = len(s), m["spliced"] - m["clean"]
     se = math.sqrt(g / (g - 1) * float((s - delta * n_g).pow(2).sum())) / float(n_g.sum())
-    out.update(ce_clean=m["clean"], ce_spliced=m["spliced"], ce_zero=m["zero"],
-               ce_mean=m["mean"], delta_loss=delta, delta_loss_se=se,
-               loss_recovered=(m["zero"] - m["spliced"]) / (m["zero"] - m["clean"]),
-               kl=float(torch.cat(kls).mean()), ce_tokens=len(torch.cat(ce["clean"])))
+    out.update(
+        ce_clean=m["clean"],
+        ce_spliced=m["spliced"],
+        ce_zero=m["zero"],
+        ce_mean=m["mean"],
+        delta_loss=delta,
+        delta_loss_se=se,
+        loss_recovered=(m["zero"] - m["spliced"]) / (m["zero"] - m["clean"]),
+        kl=float(torch.cat(kls).mean()),
+        ce_tokens=len(torch.cat(ce["clean"])),
+    )
     return out
 
 
 @pytest.mark.parametrize("max_variants,slice_rows", [(1, None), (8, 5)])
-def test_every_metric_matches_an_independent_computation(model, batches, max_variants,
-                                                         slice_rows, monkeypatch):
+def test_every_metric_matches_an_independent_computation(
+    model, batches, max_variants, slice_rows, monkeypatch
+):
     """slice_rows: CE/KL work after the LM head on slices of 5 rows inside chunks of 16 (CPU
     cache slicing; 16 is not a multiple of 5)."""
     if slice_rows:
         monkeypatch.setattr(metrics, "CPU_SLICE_ELEMS", slice_rows * model.config.vocab_size)
     saes = {hp: topk_sae(i) for i, hp in enumerate(HPS)}
-    res = evaluate_saes(model, saes, batches, CPU, outlier_factor=None, ce_mean=True,
-                        max_variants=max_variants, logit_chunk=16)
+    res = evaluate_saes(
+        model,
+        saes,
+        batches,
+        CPU,
+        outlier_factor=None,
+        ce_mean=True,
+        max_variants=max_variants,
+        logit_chunk=16,
+    )
     for hp, sae in saes.items():
         ref = reference(model, hp, sae, batches)
         got = res[hp.name]
@@ -200,8 +234,10 @@ def test_paired_delta_of_two_saes_on_the_same_batches(model, batches):
     """The paired difference is the difference of the delta losses; an SAE against itself
     differs by 0 +- 0; records of other sequences are refused."""
     hp = HPS[2]
-    a, b = (evaluate_saes(model, {hp: topk_sae(seed)}, batches, CPU, outlier_factor=None)[hp.name]
-            for seed in (0, 1))
+    a, b = (
+        evaluate_saes(model, {hp: topk_sae(seed)}, batches, CPU, outlier_factor=None)[hp.name]
+        for seed in (0, 1)
+    )
     diff, se = paired_delta(a["delta_loss_by_sequence"], b["delta_loss_by_sequence"])
     assert diff == pytest.approx(a["delta_loss"] - b["delta_loss"], abs=1e-9)
     assert 0 < se < a["delta_loss_se"] + b["delta_loss_se"]
@@ -222,8 +258,16 @@ def test_outlier_positions_are_left_out_of_the_sums_and_unspliced(tiny_cfg, batc
         b.train_mask[:, SINK_POSITION] = True
     keep = [b.train_mask & (torch.arange(20) != SINK_POSITION) for b in batches]
     saes = {hp: topk_sae(i) for i, hp in enumerate(HPS[:2])}
-    res = evaluate_saes(model, saes, batches, CPU, ce_mean=True, logit_chunk=16,
-                        outlier_factor=10.0, all_tokens=True)
+    res = evaluate_saes(
+        model,
+        saes,
+        batches,
+        CPU,
+        ce_mean=True,
+        logit_chunk=16,
+        outlier_factor=10.0,
+        all_tokens=True,
+    )
     for hp, sae in saes.items():
         got = res[hp.name]
         assert got["excluded"] == 6
@@ -253,19 +297,23 @@ def test_replay_from_the_spliced_layer_equals_a_full_spliced_forward(model, batc
     gen = torch.Generator().manual_seed(1)
     for hp in HPS:
         values = [torch.randn(int(b.train_mask.sum()), 64, generator=gen), torch.zeros(64)]
-        finals = replay_from(model, clean, hp.layer,
-                             [{hp: masked_edit(b.train_mask, v)} for v in values])
+        finals = replay_from(
+            model, clean, hp.layer, [{hp: masked_edit(b.train_mask, v)} for v in values]
+        )
         for v, got in zip(values, finals):
+
             def fn(act, v=v):
                 out = act.clone()
                 out[b.train_mask] = v
                 return out
+
             with splice(model, {hp: fn}):
                 want = model.model(b.input_ids).last_hidden_state
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------- excluded tokens
+
 
 def test_excluded_tokens_enter_no_metric(model, tiny_cfg, smollm2_tokenizer):
     """Real chat data: BOS and chat control tokens never reach the SAE, are never spliced, and
@@ -289,16 +337,19 @@ def test_excluded_tokens_enter_no_metric(model, tiny_cfg, smollm2_tokenizer):
     assert res["tokens"] == int(mask.sum()) and res["ce_tokens"] == int(mask[:, :-1].sum())
     # masking a position's token removes it from every count and changes nothing else there
     gen = torch.Generator().manual_seed(0)
-    few = [TokenBatch(b.input_ids, b.train_mask & (torch.rand(b.train_mask.shape,
-                                                              generator=gen) < 0.3))
-           for b in batches]
-    res_few = evaluate_saes(model, {hp: lambda x: x}, few, CPU,
-                            outlier_factor=None)[hp.name]
+    few = [
+        TokenBatch(
+            b.input_ids, b.train_mask & (torch.rand(b.train_mask.shape, generator=gen) < 0.3)
+        )
+        for b in batches
+    ]
+    res_few = evaluate_saes(model, {hp: lambda x: x}, few, CPU, outlier_factor=None)[hp.name]
     n_few = int(sum(b.train_mask.sum() for b in few))
     assert res_few["tokens"] == n_few and res_few["kl"] == pytest.approx(0, abs=1e-7)
 
 
 # ------------------------------------------------------------------------------ the CLI
+
 
 @pytest.fixture(scope="module")
 def tiny_suite(tmp_path_factory):
@@ -306,8 +357,11 @@ def tiny_suite(tmp_path_factory):
     hps = [Hookpoint(1, "resid"), Hookpoint(1, "mlp"), Hookpoint(1, "attn"), Hookpoint(3, "resid")]
     entries = []
     for i, hp in enumerate(hps):
-        save_sae(topk_sae(i), suite / hp.name, {"hookpoint": hp.name, "model_name": "tiny-qwen3",
-                                                "hook_name": hp.saelens_hook_name})
+        save_sae(
+            topk_sae(i),
+            suite / hp.name,
+            {"hookpoint": hp.name, "model_name": "tiny-qwen3", "hook_name": hp.saelens_hook_name},
+        )
         entries.append({"hookpoint": hp.name, "path": hp.name})
     write_suite_index(suite, entries, {"model": "tiny-qwen3", "architecture": "topk"})
     return suite
@@ -325,9 +379,17 @@ def compose_eval(overrides):
 
 def test_cli_writes_jsons_tables_and_plots(tiny_suite, tmp_path):
     out = tmp_path / "eval"
-    cfg = compose_eval([f"suite={tiny_suite}", f"out_dir={out}", "eval.tokens=120",
-                        "eval.batch_seqs=2", "data.context_size=40", "logger=none",
-                        "eval.all_tokens=true"])
+    cfg = compose_eval(
+        [
+            f"suite={tiny_suite}",
+            f"out_dir={out}",
+            "eval.tokens=120",
+            "eval.batch_seqs=2",
+            "data.context_size=40",
+            "logger=none",
+            "eval.all_tokens=true",
+        ]
+    )
     assert cfg.model is None
     results = run_evaluation(cfg)
     assert cfg.model.name == "tiny-qwen3"  # taken from suite.json
@@ -356,9 +418,18 @@ def test_cli_writes_jsons_tables_and_plots(tiny_suite, tmp_path):
 
 
 def test_cli_single_sae_folder_and_errors(tiny_suite, tmp_path):
-    cfg = compose_eval([f"suite={tiny_suite / 'layers.3.resid'}", f"out_dir={tmp_path}",
-                        "eval.tokens=40", "eval.batch_seqs=2", "data.context_size=40",
-                        "logger=none", "model=tiny-qwen3", "eval.model_level=false"])
+    cfg = compose_eval(
+        [
+            f"suite={tiny_suite / 'layers.3.resid'}",
+            f"out_dir={tmp_path}",
+            "eval.tokens=40",
+            "eval.batch_seqs=2",
+            "data.context_size=40",
+            "logger=none",
+            "model=tiny-qwen3",
+            "eval.model_level=false",
+        ]
+    )
     res = run_evaluation(cfg)
     assert list(res) == ["layers.3.resid"] and "ce_clean" not in res["layers.3.resid"]
     with pytest.raises(ConfigError, match="eval.tokens=0"):

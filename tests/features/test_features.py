@@ -39,7 +39,7 @@ def feed(stats: FeatureStats, ids, mask, acts, rows_per_batch: list[int], sparse
     """Stream the constructed data in batches of the given row counts."""
     row = 0
     for n in rows_per_batch:
-        i, m, a = ids[row:row + n], mask[row:row + n], acts[row:row + n]
+        i, m, a = ids[row : row + n], mask[row : row + n], acts[row : row + n]
         dense = a[m]
         if sparse:  # TopK-style latents: the k largest per token (zeros padded)
             k = int((dense > 0).sum(1).max().clamp_min(1))
@@ -52,8 +52,15 @@ def feed(stats: FeatureStats, ids, mask, acts, rows_per_batch: list[int], sparse
 
 
 def small_cfg(**kw) -> FeaturesConfig:
-    base = dict(top_n=4, quantile_bins=3, per_bin=2, window_before=3, window_after=2,
-                hist_bins_per_decade=4, hist_range=[1e-3, 1e2])
+    base = {
+        "top_n": 4,
+        "quantile_bins": 3,
+        "per_bin": 2,
+        "window_before": 3,
+        "window_after": 2,
+        "hist_bins_per_decade": 4,
+        "hist_range": [1e-3, 1e2],
+    }
     return FeaturesConfig(**{**base, **kw})
 
 
@@ -80,7 +87,7 @@ def test_running_statistics_equal_exact_ones(sparse):
         vals = flat[pos, f]
         assert int(stats.fires[f]) == len(pos)
         # top-N: the N largest activations, best first, and their positions
-        best = vals.argsort(descending=True)[:cfg.top_n]
+        best = vals.argsort(descending=True)[: cfg.top_n]
         assert stats.top.position[f].tolist() == pos[best].tolist()
         assert stats.top.value[f].tolist() == vals[best].tolist()
         # sample: the R firings of smallest key
@@ -126,8 +133,14 @@ def test_memory_is_bounded_as_tokens_grow():
     stats = FeatureStats(d_sae, VOCAB, T, cfg, explain_tokens=100)
     sizes = []
     for start in range(0, 60, 4):
-        feed(stats, ids[start:start + 4], mask[start:start + 4], acts[start:start + 4],
-             [4], sparse=True)
+        feed(
+            stats,
+            ids[start : start + 4],
+            mask[start : start + 4],
+            acts[start : start + 4],
+            [4],
+            sparse=True,
+        )
         sizes.append(stats.nbytes())
     # the explanation part (100 tokens, about 5 batches) is the only state that ever grew
     assert len(set(sizes[6:])) == 1 and stats.tokens > 10 * 100
@@ -135,6 +148,7 @@ def test_memory_is_bounded_as_tokens_grow():
 
 
 # --------------------------------------------------------------------------- the score
+
 
 def zipf_tokens(n: int, vocab: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
@@ -152,8 +166,8 @@ def test_planted_token_detector_scores_one_and_random_feature_near_zero():
     fires = torch.stack([planted, noisy, random_f], 1)
     scorer = TokenSetScorer(3, vocab, explain_tokens=n // 2)
     for chunk in range(0, n, 5000):
-        ev_tok, ev_f = fires[chunk:chunk + 5000].nonzero(as_tuple=True)
-        scorer.update(tokens[chunk:chunk + 5000], ev_tok, ev_f)
+        ev_tok, ev_f = fires[chunk : chunk + 5000].nonzero(as_tuple=True)
+        scorer.update(tokens[chunk : chunk + 5000], ev_tok, ev_f)
     res = scorer.result()
     assert sorted(res.sets[0][res.sets[0] >= 0].tolist()) == [7, 31, 120]
     assert res.f1[0] == 1.0 and res.precision[0] == 1.0 and res.recall[0] == 1.0
@@ -201,10 +215,14 @@ def test_llm_explainer_posts_to_an_openai_compatible_endpoint():
 
 # ----------------------------------------------------------------------- logit lens
 
+
 def test_logit_lens_applies_the_norm_gain_and_unembedding():
     g = torch.Generator().manual_seed(0)
-    W_dec, gain, W_U = (torch.randn(7, 16, generator=g), torch.rand(16, generator=g) + 0.5,
-                        torch.randn(30, 16, generator=g))
+    W_dec, gain, W_U = (
+        torch.randn(7, 16, generator=g),
+        torch.rand(16, generator=g) + 0.5,
+        torch.randn(30, 16, generator=g),
+    )
     lens = logit_lens(W_dec, gain, W_U, k=3, chunk=2)
     ref = (W_dec * gain) @ W_U.T
     assert torch.equal(lens.top_ids, ref.topk(3, dim=1).indices)
@@ -267,8 +285,11 @@ def tiny_suite(tmp_path_factory):
     suite = tmp_path_factory.mktemp("suite")
     for i, name in enumerate(HPS):
         save_sae(tiny_topk(i), suite / name, {"hookpoint": name, "model_name": "tiny-qwen3"})
-    write_suite_index(suite, [{"hookpoint": n, "path": n, "fvu": 0.5 + i, "l0": 6.0}
-                              for i, n in enumerate(HPS)], {"model": "tiny-qwen3"})
+    write_suite_index(
+        suite,
+        [{"hookpoint": n, "path": n, "fvu": 0.5 + i, "l0": 6.0} for i, n in enumerate(HPS)],
+        {"model": "tiny-qwen3"},
+    )
     return suite
 
 
@@ -289,23 +310,42 @@ def read_js(path: Path) -> tuple[str, list]:
     text = path.read_text(encoding="utf-8")
     name, _, rest = text.partition("(")
     assert name.startswith("SAEReport.") and rest.rstrip().endswith(");")
-    return name[len("SAEReport."):], json.loads("[" + rest.rstrip()[:-2] + "]")
+    return name[len("SAEReport.") :], json.loads("[" + rest.rstrip()[:-2] + "]")
 
 
 @pytest.fixture(scope="module")
 def tiny_report(tiny_suite, tmp_path_factory):
     steer = tmp_path_factory.mktemp("steer")
-    (steer / "intervention.json").write_text(json.dumps([
-        {"sae": str(tiny_suite / "layers.2.mlp"), "hookpoint": "layers.2.mlp",
-         "features": [3, 17], "alpha": 8.0, "mode": "add", "positions": "all"},
-        {"hookpoint": "layers.9.attn", "features": "bad"}]))
+    (steer / "intervention.json").write_text(
+        json.dumps(
+            [
+                {
+                    "sae": str(tiny_suite / "layers.2.mlp"),
+                    "hookpoint": "layers.2.mlp",
+                    "features": [3, 17],
+                    "alpha": 8.0,
+                    "mode": "add",
+                    "positions": "all",
+                },
+                {"hookpoint": "layers.9.attn", "features": "bad"},
+            ]
+        )
+    )
     (steer / "results.json").write_text(json.dumps({"refusal_rate": {"steered": 0.8, "base": 0.1}}))
     (steer / "examples.md").write_text("# Example generations\n")
     (steer / "table.md").write_text("| row | refusal |\n|---|---|\n| steered | 0.8 |\n")
     out = tmp_path_factory.mktemp("report")
-    cfg = compose_features([f"suite={tiny_suite}", f"out_dir={out}", "features.tokens=300",
-                            "features.batch_seqs=2", "data.context_size=40",
-                            "features.features_per_file=40", f"features.steering={steer}"])
+    cfg = compose_features(
+        [
+            f"suite={tiny_suite}",
+            f"out_dir={out}",
+            "features.tokens=300",
+            "features.batch_seqs=2",
+            "data.context_size=40",
+            "features.features_per_file=40",
+            f"features.steering={steer}",
+        ]
+    )
     return out, run_features_checked(cfg)
 
 
@@ -322,8 +362,14 @@ def test_cli_writes_a_lazily_loaded_report(tiny_report):
     for s in summaries.values():
         assert s["d_sae"] == 96 and s["tokens"] >= 300 and s["live"] > 0
         assert s["explain_tokens"] == 150 and s["heldout_tokens"] == s["tokens"] - 150
-    for name in ("index.html", "assets/app.js", "assets/app.css", "data/suite.js",
-                 "data/vocab.js", "features.json"):
+    for name in (
+        "index.html",
+        "assets/app.js",
+        "assets/app.css",
+        "data/suite.js",
+        "data/vocab.js",
+        "features.json",
+    ):
         assert (out / name).is_file(), name
     kind, (suite,) = read_js(out / "data/suite.js")
     assert kind == "suite" and [h["name"] for h in suite["hookpoints"]] == HPS
@@ -341,7 +387,7 @@ def test_cli_writes_a_lazily_loaded_report(tiny_report):
         for r in recs:
             for value, toks, acts in r["top"]:
                 raw = base64.b64decode(toks)
-                ids = [int.from_bytes(raw[i:i + 2], "little") for i in range(0, 42, 2)]
+                ids = [int.from_bytes(raw[i : i + 2], "little") for i in range(0, 42, 2)]
                 assert {i for i in ids if i != 0xFFFF} <= known
                 pairs = base64.b64decode(acts)  # (window offset, level) where active
                 assert pairs[0::2].count(16) == 1 and all(q >= 1 for q in pairs[1::2]) and value > 0
@@ -376,8 +422,11 @@ def test_bad_values_fail_at_start_up(tiny_suite, tmp_path):
 
 # ------------------------------------------------------------------- headless Chromium
 
-@pytest.mark.skipif(shutil.which("chromium") is None,
-                    reason="chromium is not on PATH (Debian: apt-get install chromium)")
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None,
+    reason="chromium is not on PATH (Debian: apt-get install chromium)",
+)
 def test_report_renders_in_headless_chromium(tiny_report, tmp_path):
     import importlib.util
 

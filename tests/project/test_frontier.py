@@ -20,10 +20,19 @@ def write_run(runs: Path, arch: str, delta_by_seq: list[float], fvu: float) -> N
     d.mkdir(parents=True)
     (d / "train.json").write_text(json.dumps({"minutes": 0.5}))
     delta_sum = [v * n for v, n in zip(delta_by_seq, POSITIONS)]
-    (d / "eval.json").write_text(json.dumps({
-        "l0": 16.0, "fvu": fvu, "delta_loss": sum(delta_sum) / sum(POSITIONS),
-        "delta_loss_se": 0.001, "loss_recovered": 0.6, "dead_frac": 0.0,
-        "delta_loss_by_sequence": {"positions": POSITIONS, "delta_sum": delta_sum}}))
+    (d / "eval.json").write_text(
+        json.dumps(
+            {
+                "l0": 16.0,
+                "fvu": fvu,
+                "delta_loss": sum(delta_sum) / sum(POSITIONS),
+                "delta_loss_se": 0.001,
+                "loss_recovered": 0.6,
+                "dead_frac": 0.0,
+                "delta_loss_by_sequence": {"positions": POSITIONS, "delta_sum": delta_sum},
+            }
+        )
+    )
 
 
 def test_table_averages_seeds_per_sequence_and_writes_plots(tmp_path, capsys):
@@ -33,8 +42,14 @@ def test_table_averages_seeds_per_sequence_and_writes_plots(tmp_path, capsys):
     write_run(seed1, "topk", [0.04, 0.03, 0.03], fvu=0.50)
     write_run(seed1, "jumprelu", [0.04, 0.03, 0.04], fvu=0.52)
     plots = tmp_path / "new" / "plots"
-    args = argparse.Namespace(runs=[seed0, seed1], hookpoints=[HOOKPOINT], archs=frontier.ARCHS,
-                              l0s=[16], tokens=200_000, plots=plots)
+    args = argparse.Namespace(
+        runs=[seed0, seed1],
+        hookpoints=[HOOKPOINT],
+        archs=frontier.ARCHS,
+        l0s=[16],
+        tokens=200_000,
+        plots=plots,
+    )
     frontier.table(args)
 
     # Per-sequence differences, averaged over the two seeds: seq 0 +0.005, seq 2 +0.005 nats.

@@ -51,8 +51,9 @@ def import_graph() -> dict[str, set[str]]:
             for target in targets:
                 parts = target.split(".")
                 deps |= {".".join(parts[:i]) for i in range(2, len(parts) + 1)}
-        graph[name] = {d for d in deps if d in modules and d != name
-                       and not name.startswith(d + ".")}
+        graph[name] = {
+            d for d in deps if d in modules and d != name and not name.startswith(d + ".")
+        }
     return graph
 
 
@@ -65,7 +66,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                return path[path.index(dep):] + [dep]
+                return path[path.index(dep) :] + [dep]
             if dep not in state and (cycle := visit(dep)):
                 return cycle
         path.pop()
@@ -86,8 +87,10 @@ def test_design_layout_names_exactly_the_modules_of_the_package():
 
 
 def test_drawing_parser_sees_nesting_and_ignores_other_folders():
-    design = ("## 3. Layout\n```\nsae_dist/\n  a.py   x\n  sub/\n    b.py  y\n  c.py\n"
-              "conf/  train.yaml\n```\n## 4. Next\n")
+    design = (
+        "## 3. Layout\n```\nsae_dist/\n  a.py   x\n  sub/\n    b.py  y\n  c.py\n"
+        "conf/  train.yaml\n```\n## 4. Next\n"
+    )
     assert drawn_modules(design) == {"sae_dist/a.py", "sae_dist/sub/b.py", "sae_dist/c.py"}
 
 
@@ -109,6 +112,7 @@ def test_no_function_imports_a_sae_dist_module():
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 for node in ast.walk(fn):
                     if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
-                            "sae_dist"):
+                        "sae_dist"
+                    ):
                         local.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert local == []

@@ -19,8 +19,12 @@ BUILD_LEFTOVERS = ("build", "dist", "*.egg-info")
 
 
 def git_status() -> str:
-    return subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], check=True,
-                          capture_output=True, text=True).stdout
+    return subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
 
 
 def leftovers() -> set[Path]:
@@ -35,12 +39,18 @@ def site(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     status, existing = git_status(), leftovers()
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"),
-                    str(ROOT)], check=True, cwd=tmp)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(ROOT)],
+        check=True,
+        cwd=tmp,
+    )
     assert git_status() == status and leftovers() == existing
     [wheel] = (tmp / "dist").glob("sae_dist-*.whl")
-    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp / "site"), str(wheel)],
-                   check=True, cwd=tmp)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--target", str(tmp / "site"), str(wheel)],
+        check=True,
+        cwd=tmp,
+    )
     return tmp / "site"
 
 
@@ -52,13 +62,29 @@ def fresh_venv(site) -> Path:
     venv = site.parent / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
-                              "['purelib'])"], check=True, capture_output=True,
-                             text=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     Path(purelib, "test_venv_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     [wheel] = (site.parent / "dist").glob("sae_dist-*.whl")
-    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "--python",
-                    str(python), "install", "--no-deps", str(wheel)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--disable-pip-version-check",
+            "-q",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            str(wheel),
+        ],
+        check=True,
+    )
     return venv
 
 
@@ -68,36 +94,52 @@ def run_installed(site: Path, *command: str) -> str:
     cwd = site.parent / "cwd"
     cwd.mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(site), "WANDB_MODE": "disabled"}
-    result = subprocess.run(list(command), cwd=cwd, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        list(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
 @pytest.mark.slow
 def test_wheel_imports_from_itself_with_its_configs(site):
-    out = run_installed(site, sys.executable, "-c", "import sae_dist, sae_dist.cli as cli; "
-                        "print(sae_dist.__file__); print(cli.CONF_DIR)")
+    out = run_installed(
+        site,
+        sys.executable,
+        "-c",
+        "import sae_dist, sae_dist.cli as cli; print(sae_dist.__file__); print(cli.CONF_DIR)",
+    )
     package_file, conf_dir = map(Path, out.split())
     assert package_file == site / "sae_dist" / "__init__.py"
     assert conf_dir == site / "sae_dist" / "conf"
     assert sorted(p.name for p in conf_dir.glob("*.yaml")) == [
-        "eval.yaml", "features.yaml", "refusal.yaml", "steer.yaml", "train.yaml"]
+        "eval.yaml",
+        "features.yaml",
+        "refusal.yaml",
+        "steer.yaml",
+        "train.yaml",
+    ]
     assert (conf_dir / "model" / "smollm2-135m-instruct.yaml").is_file()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command, args, expected", [
-    ("sae_dist.train", ["experiment=demo"], ["out_dir: runs/demo", "  tokens: 200000"]),
-    ("sae-train", ["experiment=demo", "sae.k=16"], ["out_dir: runs/demo", "  k: 16"]),
-    ("sae_dist.evaluate", ["suite=x"], ["suite: x", "  tokens: 100000"]),
-    ("sae-evaluate", ["suite=x", "model=qwen3-4b"], ["suite: x", "  name: qwen3-4b"]),
-])
+@pytest.mark.parametrize(
+    "command, args, expected",
+    [
+        ("sae_dist.train", ["experiment=demo"], ["out_dir: runs/demo", "  tokens: 200000"]),
+        ("sae-train", ["experiment=demo", "sae.k=16"], ["out_dir: runs/demo", "  k: 16"]),
+        ("sae_dist.evaluate", ["suite=x"], ["suite: x", "  tokens: 100000"]),
+        ("sae-evaluate", ["suite=x", "model=qwen3-4b"], ["suite: x", "  name: qwen3-4b"]),
+    ],
+)
 def test_installed_commands_compose_their_config(site, command, args, expected):
     """`python -m <module>` and the console scripts (installed with this interpreter in their
     shebang) print the composed job config."""
-    program = ([str(site / "bin" / command)] if command.startswith("sae-")
-               else [sys.executable, "-m", command])
+    program = (
+        [str(site / "bin" / command)]
+        if command.startswith("sae-")
+        else [sys.executable, "-m", command]
+    )
     lines = run_installed(site, *program, "--cfg", "job", *args).splitlines()
     assert set(expected) <= set(lines)
 
@@ -113,19 +155,47 @@ def test_refusal_study_runs_from_the_wheel_in_a_fresh_venv(fresh_venv, tmp_path)
     cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["WANDB_MODE"] = "disabled"
-    where = subprocess.run([python, "-c", "import sae_dist; print(sae_dist.__file__)"], cwd=cwd,
-                           env=env, check=True, capture_output=True, text=True).stdout
+    where = subprocess.run(
+        [python, "-c", "import sae_dist; print(sae_dist.__file__)"],
+        cwd=cwd,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert Path(where.strip()).is_relative_to(fresh_venv)
     suite = write_suite(tmp_path, {"layers.1.resid": 64})
     out = tmp_path / "out"
-    result = subprocess.run([
-        python, "-m", "sae_dist.studies.refusal", f"suite={suite}", "model=tiny-qwen3",
-        "logger=none", f"out_dir={out}", "max_new_tokens=3", "refusal.n_harmful_measure=3",
-        "refusal.n_harmful_select=3", "refusal.n_dev=2", "refusal.n_harmless_select=3",
-        "refusal.n_harmless_aplomb=2", "refusal.n_harmless_sharegpt_measure=1",
-        "refusal.n_responses=4", "data.context_size=32", "refusal.alphas=[1.0]",
-        "refusal.dev_alphas=null", "refusal.hookpoints=null", "refusal.capability_tokens=32",
-        "refusal.batch_size=4"], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [
+            python,
+            "-m",
+            "sae_dist.studies.refusal",
+            f"suite={suite}",
+            "model=tiny-qwen3",
+            "logger=none",
+            f"out_dir={out}",
+            "max_new_tokens=3",
+            "refusal.n_harmful_measure=3",
+            "refusal.n_harmful_select=3",
+            "refusal.n_dev=2",
+            "refusal.n_harmless_select=3",
+            "refusal.n_harmless_aplomb=2",
+            "refusal.n_harmless_sharegpt_measure=1",
+            "refusal.n_responses=4",
+            "data.context_size=32",
+            "refusal.alphas=[1.0]",
+            "refusal.dev_alphas=null",
+            "refusal.hookpoints=null",
+            "refusal.capability_tokens=32",
+            "refusal.batch_size=4",
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     chosen = json.loads((out / "intervention.json").read_text())
     assert chosen[0]["hookpoint"] == "layers.1.resid"
@@ -135,10 +205,14 @@ def test_refusal_study_runs_from_the_wheel_in_a_fresh_venv(fresh_venv, tmp_path)
 @pytest.mark.slow
 def test_installed_slurm_launcher_is_found_by_hydra(site):
     """`hydra/launcher=slurm` names a class in the wheel's hydra_plugins, where Hydra looks."""
-    out = run_installed(site, sys.executable, "-c",
-                        "import inspect; from hydra.core.plugins import Plugins; "
-                        "from hydra.plugins.launcher import Launcher as L; "
-                        "print(*[inspect.getfile(c) for c in Plugins.instance().discover(L)])")
+    out = run_installed(
+        site,
+        sys.executable,
+        "-c",
+        "import inspect; from hydra.core.plugins import Plugins; "
+        "from hydra.plugins.launcher import Launcher as L; "
+        "print(*[inspect.getfile(c) for c in Plugins.instance().discover(L)])",
+    )
     plugin = site / "hydra_plugins" / "sae_dist_launcher" / "slurm_launcher.py"
     assert str(plugin) in out.split()
     conf = (site / "sae_dist" / "conf" / "hydra" / "launcher" / "slurm.yaml").read_text()

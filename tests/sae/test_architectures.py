@@ -48,9 +48,12 @@ D_IN, N_TRUE, N_ACTIVE, D_SAE, BATCH = 128, 512, 4, 1024, 256
 encoder reads each active coefficient with the interference of the others, so FVU has a floor
 near (N_ACTIVE - 1) / D_IN: about 20 active directions per token would need D_IN >= 400 and
 minutes of CPU per architecture (measured: d_in 128 with 8 active stalls near FVU 0.11-0.2)."""
-SAE_FIELDS = {"topk": {"k": N_ACTIVE}, "batchtopk": {"k": N_ACTIVE},
-              "jumprelu": {"target_l0": N_ACTIVE, "l0_coef": 0.1},
-              "relu": {"l1_coef": 0.09}}
+SAE_FIELDS = {
+    "topk": {"k": N_ACTIVE},
+    "batchtopk": {"k": N_ACTIVE},
+    "jumprelu": {"target_l0": N_ACTIVE, "l0_coef": 0.1},
+    "relu": {"l1_coef": 0.09},
+}
 """JumpReLU: the controller holds L0 at the target; l0_coef sets the per-latent sparsity pressure
 (measured at 1500 steps: l0_coef 0.001 FVU 0.27, 0.01 FVU 0.20, 0.1 FVU 0.08)."""
 STEPS = {"topk": 1500, "batchtopk": 1500, "jumprelu": 1500, "relu": 2500}
@@ -67,8 +70,9 @@ def sample_tokens(dictionary: torch.Tensor, n: int, gen: torch.Generator) -> tor
     return x + 0.01 * torch.randn(n, d, generator=gen)
 
 
-def train_on_dictionary(arch: str, steps: int | None = None, lr: float = 3e-3,
-                        **fields) -> dict[str, float]:
+def train_on_dictionary(
+    arch: str, steps: int | None = None, lr: float = 3e-3, **fields
+) -> dict[str, float]:
     """Train `arch` (SAE_FIELDS[arch] updated by `fields`) with SuiteTrainer (Adam, LR
     schedule, input scale, data-dependent init, dead-latent counters, progress and after-step
     hooks) for `steps` (default STEPS[arch]) batches; evaluate the folded SAE in eval mode on
@@ -78,10 +82,13 @@ def train_on_dictionary(arch: str, steps: int | None = None, lr: float = 3e-3,
     gen = torch.Generator().manual_seed(1)
     dictionary = F.normalize(torch.randn(N_TRUE, D_IN, generator=gen), dim=1)
     cfg = TrainRunConfig()
-    cfg.sae = sae_config(architecture=arch, d_sae=D_SAE, dead_tokens=20 * BATCH,
-                        **{**SAE_FIELDS[arch], **fields})
+    cfg.sae = sae_config(
+        architecture=arch, d_sae=D_SAE, dead_tokens=20 * BATCH, **{**SAE_FIELDS[arch], **fields}
+    )
     cfg.train.tokens, cfg.train.batch_size, cfg.train.lr = steps * BATCH, BATCH, lr
-    trainer = SuiteTrainer([Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True, mixed_precision="no"))
+    trainer = SuiteTrainer(
+        [Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True, mixed_precision="no")
+    )
     while not trainer.done:
         trainer.step({"layers.0.resid": sample_tokens(dictionary, BATCH, gen)})
     sae = trainer.folded_saes()["layers.0.resid"].eval()
@@ -90,9 +97,13 @@ def train_on_dictionary(arch: str, steps: int | None = None, lr: float = 3e-3,
         latents = sae.encode(x)
         x_hat = sae.decode(latents)
         best_cos = (dictionary @ F.normalize(sae.W_dec, dim=1).t()).max(dim=1).values
-    return {"fvu": float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
-            "l0": float(latents.l0().mean()), "recovered": float((best_cos > 0.9).float().mean()),
-            "progress": trainer.sae("layers.0.resid").progress, "steps": steps}
+    return {
+        "fvu": float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum()),
+        "l0": float(latents.l0().mean()),
+        "recovered": float((best_cos > 0.9).float().mean()),
+        "progress": trainer.sae("layers.0.resid").progress,
+        "steps": steps,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -141,32 +152,38 @@ def test_batchtopk_inference_threshold_gives_l0_near_k(trained):
 
 # --- 2. JumpReLU ---------------------------------------------------------------------------
 
+
 def test_jumprelu_estimators_on_a_hand_made_case():
     """z = pre * H(pre - t); dz/dt = -(t/eps) K((pre - t)/eps); dH/dt = -(1/eps) K(...);
     dz/dpre = H(pre - t); the step passes no gradient to pre."""
-    pre = torch.tensor([[0.95, 1.2, 0.35], [1.04, 0.1, 0.45]], dtype=torch.float64,
-                       requires_grad=True)
+    pre = torch.tensor(
+        [[0.95, 1.2, 0.35], [1.04, 0.1, 0.45]], dtype=torch.float64, requires_grad=True
+    )
     t = torch.tensor([1.0, 1.0, 0.4], dtype=torch.float64, requires_grad=True)
     eps = 0.2  # window |pre - t| < 0.1: (0,0), (1,0), (0,2), (1,2) are inside, the rest not
     z = JumpReLUFn.apply(pre, t, eps)
-    assert torch.equal(z.detach(), torch.tensor([[0.0, 1.2, 0.0], [1.04, 0.0, 0.45]],
-                                                dtype=torch.float64))
+    assert torch.equal(
+        z.detach(), torch.tensor([[0.0, 1.2, 0.0], [1.04, 0.0, 0.45]], dtype=torch.float64)
+    )
     z.backward(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], dtype=torch.float64))
-    torch.testing.assert_close(pre.grad, torch.tensor([[0.0, 2.0, 0.0], [4.0, 0.0, 6.0]],
-                                                      dtype=torch.float64))
-    torch.testing.assert_close(t.grad, torch.tensor([-(1 / eps) * (1 + 4), 0.0,
-                                                     -(0.4 / eps) * (3 + 6)], dtype=torch.float64))
+    torch.testing.assert_close(
+        pre.grad, torch.tensor([[0.0, 2.0, 0.0], [4.0, 0.0, 6.0]], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        t.grad,
+        torch.tensor([-(1 / eps) * (1 + 4), 0.0, -(0.4 / eps) * (3 + 6)], dtype=torch.float64),
+    )
     pre.grad, t.grad = None, None
     StepFn.apply(pre, t, eps).sum().backward()
     assert pre.grad is None
-    torch.testing.assert_close(t.grad, torch.tensor([-2 / eps, 0.0, -2 / eps],
-                                                    dtype=torch.float64))
+    torch.testing.assert_close(t.grad, torch.tensor([-2 / eps, 0.0, -2 / eps], dtype=torch.float64))
 
 
 def make_jumprelu(**fields) -> JumpReLUSAE:
     torch.manual_seed(0)
-    sae = JumpReLUSAE(sae_config(architecture="jumprelu", d_sae=64, threshold_init=0.5, **fields),
-                      16).double()
+    sae = JumpReLUSAE(
+        sae_config(architecture="jumprelu", d_sae=64, threshold_init=0.5, **fields), 16
+    ).double()
     with torch.no_grad():
         sae.log_threshold.add_(0.5 * torch.randn(64, dtype=torch.float64))
     return sae
@@ -266,13 +283,21 @@ def test_adam_betas_reach_the_optimizer():
     cfg.sae = sae_config(architecture="jumprelu", d_sae=D_SAE, target_l0=4.0)
     cfg.train.tokens, cfg.train.batch_size, cfg.train.lr = 10 * BATCH, BATCH, 1e-3
     cfg.train.adam_betas = [0.0, 0.999]
-    trainer = SuiteTrainer([Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True, mixed_precision="no"))
+    trainer = SuiteTrainer(
+        [Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True, mixed_precision="no")
+    )
     assert {tuple(g["betas"]) for g in trainer.optimizer.param_groups} == {(0.0, 0.999)}
 
 
-@pytest.mark.parametrize("arch, fields, mult", [("topk", {}, 1.0), ("batchtopk", {}, 1.5),
-                                                 ("jumprelu", {"target_l0": 4.0}, 1.5),
-                                                 ("topk", {"lr_mult": 0.5}, 0.5)])
+@pytest.mark.parametrize(
+    "arch, fields, mult",
+    [
+        ("topk", {}, 1.0),
+        ("batchtopk", {}, 1.5),
+        ("jumprelu", {"target_l0": 4.0}, 1.5),
+        ("topk", {"lr_mult": 0.5}, 0.5),
+    ],
+)
 def test_lr_mult_scales_every_group_of_the_architecture(arch, fields, mult):
     """sae.lr_mult (default 1.5 for the threshold architectures) multiplies train.lr in every
     parameter group, before and after the schedule (JumpReLU's thresholds keep their own
@@ -280,13 +305,19 @@ def test_lr_mult_scales_every_group_of_the_architecture(arch, fields, mult):
     cfg = TrainRunConfig()
     cfg.sae = sae_config(architecture=arch, d_sae=D_SAE, **fields)
     cfg.train.tokens, cfg.train.batch_size, cfg.train.lr = 10 * BATCH, BATCH, 1e-3
-    trainer = SuiteTrainer([Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True, mixed_precision="no"))
-    expected = [1e-3 * mult * m for m in ([1.0, cfg.sae.threshold_lr_mult]
-                                         if arch == "jumprelu" else [1.0])]
+    trainer = SuiteTrainer(
+        [Hookpoint(0, "resid")], cfg, D_IN, Accelerator(cpu=True, mixed_precision="no")
+    )
+    expected = [
+        1e-3 * mult * m for m in ([1.0, cfg.sae.threshold_lr_mult] if arch == "jumprelu" else [1.0])
+    ]
     assert [g["initial_lr"] for g in trainer.optimizer.param_groups] == pytest.approx(expected)
     assert trainer.scheduler.get_last_lr() == pytest.approx(
-        [lr * lr_factor(0, trainer.n_steps, cfg.train.lr_warmup_frac, cfg.train.lr_decay_frac)
-         for lr in expected])
+        [
+            lr * lr_factor(0, trainer.n_steps, cfg.train.lr_warmup_frac, cfg.train.lr_decay_frac)
+            for lr in expected
+        ]
+    )
 
 
 def test_train_seed_and_hookpoint_name_set_the_initial_weights():
@@ -375,6 +406,7 @@ def test_jumprelu_trains_only_thresholds_through_the_l0_term():
 
 # --- 3. BatchTopK --------------------------------------------------------------------------
 
+
 def test_batch_topk_is_the_batch_level_top_n():
     gen = torch.Generator().manual_seed(0)
     pre = torch.randn(16, 200, generator=gen)
@@ -392,8 +424,9 @@ def test_batch_topk_is_the_batch_level_top_n():
 
 def make_batchtopk(sparse: bool = True) -> BatchTopKSAE:
     torch.manual_seed(0)
-    sae = BatchTopKSAE(sae_config(architecture="batchtopk", d_sae=96, k=5, k_aux=7), 16,
-                       sparse=sparse).double()
+    sae = BatchTopKSAE(
+        sae_config(architecture="batchtopk", d_sae=96, k=5, k_aux=7), 16, sparse=sparse
+    ).double()
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
         sae.b_dec.normal_(0, 0.1)
@@ -460,8 +493,10 @@ def test_batchtopk_threshold_is_the_mean_over_the_final_window():
     seen = []
     for step in range(6):
         sae.set_progress(step / 6)  # steps 3, 4, 5 are in the window
-        out = sae(torch.randn(64, 16, dtype=torch.float64,
-                              generator=torch.Generator().manual_seed(step)) * 2)
+        out = sae(
+            torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+            * 2
+        )
         sae.after_step(out)
         values = out.latents.values.detach()
         seen.append(float(values[values > 0].min()))
@@ -476,11 +511,13 @@ def test_batchtopk_threshold_is_the_mean_over_the_final_window():
 
 # --- 4. ReLU + L1 --------------------------------------------------------------------------
 
+
 def test_relu_l1_penalty_definition():
     """l1 = coef * warm-up * mean_tokens sum_i z_i ||W_dec[i]|| / rms_tokens ||x - mean(x)||."""
     torch.manual_seed(0)
-    sae = ReLUSAE(sae_config(architecture="relu", d_sae=48, l1_coef=0.3, l1_warmup_frac=0.5),
-                  12).double()
+    sae = ReLUSAE(
+        sae_config(architecture="relu", d_sae=48, l1_coef=0.3, l1_warmup_frac=0.5), 12
+    ).double()
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(48, 1, dtype=torch.float64) + 0.5)
     x = torch.randn(30, 12, dtype=torch.float64) * 3 + 1
@@ -492,10 +529,13 @@ def test_relu_l1_penalty_definition():
     expected = 0.3 * 0.5 * l1 / math.sqrt(float((x - x.mean(0)).pow(2).sum(1).mean()))
     torch.testing.assert_close(out.latents.values, z)
     assert float(out.losses["l1"].detach()) == pytest.approx(expected, rel=1e-12)
-    assert float(sae(x * 10).losses["l1"].detach()) == pytest.approx(expected, rel=1e-12)  # no scale
+    assert float(sae(x * 10).losses["l1"].detach()) == pytest.approx(
+        expected, rel=1e-12
+    )  # no scale
 
 
 # --- 5. one interface, one registry, Hydra groups --------------------------------------------
+
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_hydra_group_selects_the_architecture(arch):
@@ -523,13 +563,22 @@ def test_bf16_autocast_step_keeps_float32_gradients(arch):
         grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
     for name, grad in grads[1].items():
         assert grad.dtype == grads[0][name].dtype, name
-        assert F.cosine_similarity(grad.flatten().double(), grads[0][name].flatten().double(),
-                                   dim=0) > 0.9, name
+        assert (
+            F.cosine_similarity(grad.flatten().double(), grads[0][name].flatten().double(), dim=0)
+            > 0.9
+        ), name
 
 
 def test_experiment_demo_accepts_another_architecture():
-    cfg = compose_train_config(["experiment=demo", "sae=jumprelu", "sae.target_l0=40",
-                                "sites.hookpoints=[layers.12.resid]", "logger=none"])
+    cfg = compose_train_config(
+        [
+            "experiment=demo",
+            "sae=jumprelu",
+            "sae.target_l0=40",
+            "sites.hookpoints=[layers.12.resid]",
+            "logger=none",
+        ]
+    )
     assert (cfg.sae.architecture, cfg.sae.target_l0) == ("jumprelu", 40)
     assert cfg.sites.hookpoints == ["layers.12.resid"]
 
@@ -540,6 +589,7 @@ def test_group_files_document_every_default():
     import dataclasses
 
     import yaml
+
     for arch in ARCHS:
         cls = type(sae_config(arch))
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
@@ -559,27 +609,42 @@ def test_multirun_sweeps_architectures_and_k(tmp_path):
 
     overrides = OverridesParser.create().parse_overrides(["sae=topk,batchtopk", "sae.k=32,64"])
     jobs = BasicSweeper.split_arguments(overrides, max_batch_size=None)[0]
-    assert sorted(map(tuple, jobs)) == [("sae=batchtopk", "sae.k=32"), ("sae=batchtopk", "sae.k=64"),
-                                        ("sae=topk", "sae.k=32"), ("sae=topk", "sae.k=64")]
+    assert sorted(map(tuple, jobs)) == [
+        ("sae=batchtopk", "sae.k=32"),
+        ("sae=batchtopk", "sae.k=64"),
+        ("sae=topk", "sae.k=32"),
+        ("sae=topk", "sae.k=64"),
+    ]
     for job in jobs:
         cfg = compose_train_config(["model=tiny-qwen3", "logger=none", *job])
         assert (cfg.sae.architecture, cfg.sae.k) == (job[0][4:], int(job[1][6:]))
 
 
-@pytest.mark.parametrize("arch, key, value", [
-    ("jumprelu", "bandwidth", 0), ("jumprelu", "l0_warmup_frac", 1.5), ("jumprelu", "target_l0", -3),
-    ("batchtopk", "threshold_window", 0), ("relu", "l1_coef", -1.0), ("topk", "k", 0),
-    ("jumprelu", "topk_warmup_frac", 1), ("batchtopk", "topk_warmup_frac", 0.9)])
+@pytest.mark.parametrize(
+    "arch, key, value",
+    [
+        ("jumprelu", "bandwidth", 0),
+        ("jumprelu", "l0_warmup_frac", 1.5),
+        ("jumprelu", "target_l0", -3),
+        ("batchtopk", "threshold_window", 0),
+        ("relu", "l1_coef", -1.0),
+        ("topk", "k", 0),
+        ("jumprelu", "topk_warmup_frac", 1),
+        ("batchtopk", "topk_warmup_frac", 0.9),
+    ],
+)
 def test_bad_sae_values_fail_at_start_up(arch, key, value):
     with pytest.raises(ConfigError, match=rf"sae\.{key}="):
         sae_config(arch, **{key: value})
     with pytest.raises(Exception, match=rf"sae\.{key}="):
-        compose_train_config(["model=tiny-qwen3", "logger=none", f"sae={arch}",
-                              f"sae.{key}={value}"])
+        compose_train_config(
+            ["model=tiny-qwen3", "logger=none", f"sae={arch}", f"sae.{key}={value}"]
+        )
 
 
-@pytest.mark.parametrize("arch, key", [("jumprelu", "k"), ("topk", "target_l0"),
-                                       ("relu", "threshold_window")])
+@pytest.mark.parametrize(
+    "arch, key", [("jumprelu", "k"), ("topk", "target_l0"), ("relu", "threshold_window")]
+)
 def test_a_key_of_another_architecture_is_refused(arch, key):
     """Each architecture has its own config class: a key it does not have is an error, not a
     silently ignored value."""
@@ -590,5 +655,9 @@ def test_a_key_of_another_architecture_is_refused(arch, key):
 
 
 def test_registry_names_every_architecture():
-    assert {name: cls for name, cls in SAE_REGISTRY.items()} == {
-        "topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE, "relu": ReLUSAE}
+    assert dict(SAE_REGISTRY.items()) == {
+        "topk": TopKSAE,
+        "batchtopk": BatchTopKSAE,
+        "jumprelu": JumpReLUSAE,
+        "relu": ReLUSAE,
+    }

@@ -29,13 +29,17 @@ from sae_dist.sae import (
 )
 
 ARCHS = ["topk", "batchtopk", "jumprelu", "relu"]
-LOADED_AS = {"topk": TopKSAE, "batchtopk": JumpReLUSAE, "jumprelu": JumpReLUSAE,
-             "relu": ReLUSAE}
-SAELENS_NAME = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu",
-                "relu": "standard"}
-METADATA = {"model_name": "m", "hook_name": "blocks.1.hook_resid_post",
-            "hookpoint": "layers.1.resid", "context_size": 8, "dataset_path": "d",
-            "prepend_bos": True, "exclude_special_tokens": True}
+LOADED_AS = {"topk": TopKSAE, "batchtopk": JumpReLUSAE, "jumprelu": JumpReLUSAE, "relu": ReLUSAE}
+SAELENS_NAME = {"topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu", "relu": "standard"}
+METADATA = {
+    "model_name": "m",
+    "hook_name": "blocks.1.hook_resid_post",
+    "hookpoint": "layers.1.resid",
+    "context_size": 8,
+    "dataset_path": "d",
+    "prepend_bos": True,
+    "exclude_special_tokens": True,
+}
 
 
 def trained_like(arch: str, d_in: int = 16, d_sae: int = 64, k: int = 4) -> torch.nn.Module:
@@ -50,8 +54,9 @@ def trained_like(arch: str, d_in: int = 16, d_sae: int = 64, k: int = 4) -> torc
     return sae.eval()
 
 
-def reference_saelens(tensors: dict[str, torch.Tensor], cfg: dict, x: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_saelens(
+    tensors: dict[str, torch.Tensor], cfg: dict, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SAELens v6 inference (its documented semantics) -> (latents [B, d_sae], x_hat [B, d_in]):
     pre = (x - b_dec if apply_b_dec_to_input else x) @ W_enc + b_enc; standard: relu(pre);
     topk: relu of the top k, zeros elsewhere; jumprelu: relu(pre) * (pre > threshold);
@@ -78,6 +83,7 @@ def encode_decode(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --- export and reload ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_export_reloads_identically(arch, tmp_path):
     sae = trained_like(arch)
@@ -87,7 +93,8 @@ def test_export_reloads_identically(arch, tmp_path):
     assert cfg["architecture"] == SAELENS_NAME[arch]
     assert ("k" in cfg) == (arch == "topk")
     assert set(tensors) == {"W_enc", "b_enc", "W_dec", "b_dec"} | (
-        {"threshold"} if SAELENS_NAME[arch] == "jumprelu" else set())
+        {"threshold"} if SAELENS_NAME[arch] == "jumprelu" else set()
+    )
     assert all(t.dtype == torch.float32 for t in tensors.values())
 
     loaded, _ = load_sae(tmp_path / arch)
@@ -131,6 +138,7 @@ def test_jumprelu_threshold_round_trips_bit_exactly():
 
 # --- foreign SAELens files -----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("architecture", ["standard", "topk", "jumprelu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_import_saelens_written_by_other_tools(architecture, dtype, tmp_path):
@@ -138,13 +146,23 @@ def test_import_saelens_written_by_other_tools(architecture, dtype, tmp_path):
     extra cfg keys; read through checkpoint.load_sae like our own folders."""
     gen = torch.Generator().manual_seed(3)
     d_in, d_sae = 24, 96
-    tensors = {"W_enc": torch.randn(d_in, d_sae, generator=gen) / d_in ** 0.5,
-               "b_enc": 0.1 * torch.randn(d_sae, generator=gen),
-               "W_dec": torch.randn(d_sae, d_in, generator=gen) / d_in ** 0.5,
-               "b_dec": torch.randn(d_in, generator=gen)}
-    cfg = {"architecture": architecture, "d_in": d_in, "d_sae": d_sae, "dtype": str(dtype),
-           "apply_b_dec_to_input": False, "normalize_activations": None,
-           "reshape_activations": "none", "device": "cpu", "metadata": {"hook_name": "h"}}
+    tensors = {
+        "W_enc": torch.randn(d_in, d_sae, generator=gen) / d_in**0.5,
+        "b_enc": 0.1 * torch.randn(d_sae, generator=gen),
+        "W_dec": torch.randn(d_sae, d_in, generator=gen) / d_in**0.5,
+        "b_dec": torch.randn(d_in, generator=gen),
+    }
+    cfg = {
+        "architecture": architecture,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "dtype": str(dtype),
+        "apply_b_dec_to_input": False,
+        "normalize_activations": None,
+        "reshape_activations": "none",
+        "device": "cpu",
+        "metadata": {"hook_name": "h"},
+    }
     if architecture == "topk":
         cfg["k"] = 7
     if architecture == "jumprelu":
@@ -174,24 +192,38 @@ def test_saelens_dispatch_and_errors():
 
 # --- sparsify ------------------------------------------------------------------------------
 
-def sparsify_files(folder, gen: torch.Generator, d_in: int = 20, n_latents: int = 80,
-                   k: int = 6, **cfg_extra) -> tuple[dict[str, torch.Tensor], dict]:
+
+def sparsify_files(
+    folder, gen: torch.Generator, d_in: int = 20, n_latents: int = 80, k: int = 6, **cfg_extra
+) -> tuple[dict[str, torch.Tensor], dict]:
     """A sparsify SAE folder as `SparseCoder.save_to_disk` writes it."""
-    tensors = {"encoder.weight": torch.randn(n_latents, d_in, generator=gen) / d_in ** 0.5,
-               "encoder.bias": 0.1 * torch.randn(n_latents, generator=gen),
-               "W_dec": torch.randn(n_latents, d_in, generator=gen) / d_in ** 0.5,
-               "b_dec": torch.randn(d_in, generator=gen)}
-    cfg = {"activation": "topk", "expansion_factor": 32, "normalize_decoder": True,
-           "num_latents": n_latents, "k": k, "multi_topk": False, "skip_connection": False,
-           "transcode": False, "d_in": d_in, **cfg_extra}
+    tensors = {
+        "encoder.weight": torch.randn(n_latents, d_in, generator=gen) / d_in**0.5,
+        "encoder.bias": 0.1 * torch.randn(n_latents, generator=gen),
+        "W_dec": torch.randn(n_latents, d_in, generator=gen) / d_in**0.5,
+        "b_dec": torch.randn(d_in, generator=gen),
+    }
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": 32,
+        "normalize_decoder": True,
+        "num_latents": n_latents,
+        "k": k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": d_in,
+        **cfg_extra,
+    }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "cfg.json").write_text(json.dumps(cfg))
     save_file(tensors, str(folder / "sae.safetensors"))
     return tensors, cfg
 
 
-def reference_sparsify(t: dict[str, torch.Tensor], k: int, x: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reference_sparsify(
+    t: dict[str, torch.Tensor], k: int, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """sparsify's SparseCoder: pre = relu((x - b_dec) @ encoder.weight.T + encoder.bias),
     top k of pre, x_hat = sum top_acts * W_dec[top_indices] + b_dec (float64)."""
     t = {name: v.double() for name, v in t.items()}
@@ -230,9 +262,14 @@ def test_sparsify_import_then_export_to_saelens(tmp_path):
     assert torch.equal(encode_decode(loaded, x)[1], encode_decode(sae, x)[1])
 
 
-@pytest.mark.parametrize("extra, match", [({"transcode": True}, "transcoder"),
-                                          ({"skip_connection": True}, "skip"),
-                                          ({"activation": "groupmax"}, "groupmax")])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ({"transcode": True}, "transcoder"),
+        ({"skip_connection": True}, "skip"),
+        ({"activation": "groupmax"}, "groupmax"),
+    ],
+)
 def test_sparsify_unsupported_variants_fail_clearly(extra, match, tmp_path):
     tensors, cfg = sparsify_files(tmp_path, torch.Generator().manual_seed(7), **extra)
     with pytest.raises(ValueError, match=match):
@@ -282,8 +319,13 @@ def test_sae_lens_loads_our_exports(tmp_path):
     in $SAE_LENS_PYTHON when set (an interpreter with sae-lens installed), else in this one."""
     python = os.environ.get("SAE_LENS_PYTHON", sys.executable)
     x = export_all(tmp_path)
-    result = subprocess.run([python, "-c", SAE_LENS_CHECK, str(tmp_path), *ARCHS],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, (f"sae-lens in {python} failed (installed by "
-                                    f"`pip install -e '.[dev]'`):\n{result.stderr}")
+    result = subprocess.run(
+        [python, "-c", SAE_LENS_CHECK, str(tmp_path), *ARCHS],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, (
+        f"sae-lens in {python} failed (installed by `pip install -e '.[dev]'`):\n{result.stderr}"
+    )
     check_sae_lens_outputs(tmp_path, x, load_file(str(tmp_path / "sae_lens_out.safetensors")))

@@ -13,8 +13,14 @@ from sae_dist.sae import SAE_REGISTRY, Latents, TopKSAE, build_sae, sae_from_sae
 from sae_dist.sae.sparse_ops import Entries, GatheredPreActs, pad_rows, scatter_outer
 
 
-def make_topk(d_in: int = 16, d_sae: int = 96, k: int = 5, k_aux: int | None = 7,
-              sparse: bool = True, seed: int = 0) -> TopKSAE:
+def make_topk(
+    d_in: int = 16,
+    d_sae: int = 96,
+    k: int = 5,
+    k_aux: int | None = 7,
+    sparse: bool = True,
+    seed: int = 0,
+) -> TopKSAE:
     """Float64 TopK SAE with non-zero biases, so every gradient path is exercised."""
     torch.manual_seed(seed)
     sae = TopKSAE(sae_config(d_sae=d_sae, k=k, k_aux=k_aux), d_in, sparse=sparse).double()
@@ -33,6 +39,7 @@ def step_grads(sae: TopKSAE, x: torch.Tensor, dead_mask: torch.Tensor | None):
 
 
 # --- 1. sparse kernels == dense autograd ---------------------------------------------------
+
 
 @pytest.mark.parametrize("n_dead", [0, 3, 40])  # none dead; fewer than k_aux; more than k_aux
 def test_sparse_path_matches_dense(n_dead: int):
@@ -113,12 +120,12 @@ def test_scatter_outer_matches_dense():
 
 def test_pad_rows_lays_ragged_entries_out_per_row():
     rows, cols = torch.tensor([0, 0, 2, 2, 2]), torch.tensor([4, 1, 0, 3, 2])
-    indices, values, live = pad_rows(rows, cols, torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), 3,
-                                     -1.0)
+    indices, values, live = pad_rows(rows, cols, torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), 3, -1.0)
     assert torch.equal(indices, torch.tensor([[4, 1, 0], [0, 0, 0], [0, 3, 2]]))
     assert torch.equal(live, torch.tensor([[True, True, False], [False] * 3, [True] * 3]))
-    assert torch.equal(values, torch.tensor([[1.0, 2.0, -1.0], [-1.0, -1.0, -1.0],
-                                             [3.0, 4.0, 5.0]]))
+    assert torch.equal(
+        values, torch.tensor([[1.0, 2.0, -1.0], [-1.0, -1.0, -1.0], [3.0, 4.0, 5.0]])
+    )
 
 
 def test_bf16_autocast_close_to_float32():
@@ -140,8 +147,10 @@ def test_bf16_autocast_close_to_float32():
 
 # --- 2. training recovers a known dictionary ----------------------------------------------
 
-def sample_tokens(dictionary: torch.Tensor, n: int, n_active: int,
-                  gen: torch.Generator) -> torch.Tensor:
+
+def sample_tokens(
+    dictionary: torch.Tensor, n: int, n_active: int, gen: torch.Generator
+) -> torch.Tensor:
     """n tokens [n, d], each a positive combination of n_active dictionary rows plus noise."""
     n_true, d = dictionary.shape
     idx = torch.rand(n, n_true, generator=gen).topk(n_active, dim=1).indices
@@ -194,6 +203,7 @@ def test_topk_recovers_synthetic_dictionary(one_thread):
 
 # --- 3-4. folding and the SAELens layout ---------------------------------------------------
 
+
 def test_folded_takes_raw_activations():
     sae = make_topk()
     scale = 3.7
@@ -210,8 +220,9 @@ def test_folded_takes_raw_activations():
 @pytest.mark.parametrize("arch", ["jumprelu", "batchtopk", "relu"])
 def test_folding_keeps_which_latents_fire_and_scales_thresholds(arch):
     torch.manual_seed(0)
-    sae = build_sae(sae_config(arch, d_sae=64, **({"k": 4} if arch == "batchtopk" else {})),
-                    16).eval()
+    sae = build_sae(
+        sae_config(arch, d_sae=64, **({"k": 4} if arch == "batchtopk" else {})), 16
+    ).eval()
     with torch.no_grad():
         for p in sae.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -234,11 +245,22 @@ def test_saelens_round_trip_is_bit_identical(tmp_path):
         sae.b_dec.normal_()
     tensors, cfg = sae.saelens_tensors(), sae.saelens_cfg()
     assert {name: tuple(t.shape) for name, t in tensors.items()} == {
-        "W_enc": (24, 96), "b_enc": (96,), "W_dec": (96, 24), "b_dec": (24,)}
+        "W_enc": (24, 96),
+        "b_enc": (96,),
+        "W_dec": (96, 24),
+        "b_dec": (24,),
+    }
     assert all(t.is_contiguous() and t.device.type == "cpu" for t in tensors.values())
-    assert cfg == {"architecture": "topk", "d_in": 24, "d_sae": 96, "dtype": "float32",
-                   "apply_b_dec_to_input": True, "normalize_activations": "none",
-                   "reshape_activations": "none", "k": 6}
+    assert cfg == {
+        "architecture": "topk",
+        "d_in": 24,
+        "d_sae": 96,
+        "dtype": "float32",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        "k": 6,
+    }
 
     save_file(tensors, tmp_path / "sae_weights.safetensors")
     loaded = sae_from_saelens(load_file(tmp_path / "sae_weights.safetensors"), cfg)
@@ -258,6 +280,7 @@ def test_saelens_tensors_are_copies():
 
 
 # --- 5. decoder constraints and initialisation ---------------------------------------------
+
 
 def test_build_sae_initialisation():
     torch.manual_seed(0)
@@ -293,8 +316,12 @@ def test_project_decoder_grads():
     torch.testing.assert_close((after * sae.W_dec).sum(1), torch.zeros(96, dtype=torch.float64))
     # only the parallel component was removed: the change is along each row
     change = before - after
-    torch.testing.assert_close(change, (change * sae.W_dec).sum(1, keepdim=True) * sae.W_dec
-                               / sae.W_dec.pow(2).sum(1, keepdim=True))
+    torch.testing.assert_close(
+        change,
+        (change * sae.W_dec).sum(1, keepdim=True)
+        * sae.W_dec
+        / sae.W_dec.pow(2).sum(1, keepdim=True),
+    )
     assert after.abs().max() > 0
 
 
@@ -309,6 +336,7 @@ def test_init_from_batch_is_robust_to_outliers():
 
 
 # --- 6. errors and latent statistics -------------------------------------------------------
+
 
 def test_k_larger_than_d_sae_is_a_config_error():
     with pytest.raises(ConfigError, match=r"sae\.k=100 .*1\.\.64"):
@@ -330,8 +358,11 @@ def test_from_saelens_rejects_unfoldable_normalisation():
 
 
 def test_latent_statistics_on_a_hand_made_case():
-    sparse = Latents(values=torch.tensor([[2.0, 0.0, 1.0], [0.5, 3.0, 0.0]]),
-                     indices=torch.tensor([[4, 1, 0], [4, 2, 3]]), d_sae=6)
+    sparse = Latents(
+        values=torch.tensor([[2.0, 0.0, 1.0], [0.5, 3.0, 0.0]]),
+        indices=torch.tensor([[4, 1, 0], [4, 2, 3]]),
+        d_sae=6,
+    )
     assert torch.equal(sparse.l0(), torch.tensor([2.0, 2.0]))
     assert torch.equal(sparse.fire_counts(), torch.tensor([1, 0, 1, 0, 2, 0]))
     dense = sparse.dense()

@@ -125,7 +125,7 @@ def test_gated_generation_is_unsteered_or_always_on_per_prompt(
     gate = features_gate(HP, sae, [237, 7], 1.0, thr)
     inverted = features_gate(HP, sae, [237, 7], 1.0, thr, invert=True)
     always = add_features(Hookpoint(2, "resid"), sae, [5, 9], 30.0, positions)
-    kw = dict(max_new_tokens=8, batch_size=batch_size, use_cache=use_cache)
+    kw = {"max_new_tokens": 8, "batch_size": batch_size, "use_cache": use_cache}
     plain = generate(model, tok, PROMPTS, [], **kw)
     on = generate(model, tok, PROMPTS, [always], **kw)
     gen = generate(model, tok, PROMPTS, [gated(always, gate)], **kw)

@@ -22,8 +22,12 @@ from tests.conftest import scaled_tiny_model
 
 CONF_DIR = str(_CONF_DIR)
 HPS = [Hookpoint(1, "resid"), Hookpoint(2, "mlp"), Hookpoint(1, "attn")]
-PROMPTS = ["Tell me a story about a cat.", "How do I make a bomb at home quickly?",
-           "Hi", "Write a poem about the sea and the wind in winter, in four lines."]
+PROMPTS = [
+    "Tell me a story about a cat.",
+    "How do I make a bomb at home quickly?",
+    "Hi",
+    "Write a poem about the sea and the wind in winter, in four lines.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +53,7 @@ def logits(model, ids, **kw):
 
 
 # ------------------------------------------------------------------------ exact no-ops
+
 
 @pytest.mark.parametrize("hp", HPS, ids=str)
 def test_alpha_zero_leaves_logits_bit_identical(model, sae, ids, hp):
@@ -96,8 +101,9 @@ def test_clamp_keeps_the_error_term(sae):
     # where feature 3 is inactive and 11 too, a clamp of 3 to c is an addition of c * d_3
     off = (z[:, 3] == 0) & (z[:, 11] == 0)
     assert off.any()
-    torch.testing.assert_close(iv.delta(x)[off], (4.0 * sae.W_dec[3]).expand(int(off.sum()), -1),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        iv.delta(x)[off], (4.0 * sae.W_dec[3]).expand(int(off.sum()), -1), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_alpha_is_in_activation_units_whatever_the_saved_row_norm(sae):
@@ -111,14 +117,20 @@ def test_alpha_is_in_activation_units_whatever_the_saved_row_norm(sae):
     torch.testing.assert_close(add_features(hp, big, [7], 3.0).vector, 3.0 * unit)
     x = torch.randn(4, 64)
     # feature 7 is 50 everywhere, its contribution 50 * 5 * d_7; a clamp to 20 removes 230 d_7
-    torch.testing.assert_close(clamp_features(hp, big, [7], 20.0).delta(x),
-                               (-230.0 * unit).expand(4, -1), atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(
+        clamp_features(hp, big, [7], 20.0).delta(x),
+        (-230.0 * unit).expand(4, -1),
+        atol=1e-3,
+        rtol=1e-5,
+    )
 
 
 def test_removal_restores_bit_identical_outputs(model, sae, ids):
     before = logits(model, ids)
-    ivs = [add_features(Hookpoint(1, "resid"), sae, [1], 6.0),
-           clamp_features(Hookpoint(2, "attn"), sae, [2, 9], 3.0)]
+    ivs = [
+        add_features(Hookpoint(1, "resid"), sae, [1], 6.0),
+        clamp_features(Hookpoint(2, "attn"), sae, [2, 9], 3.0),
+    ]
     with steer(model, ivs):
         during = logits(model, ids)
     after = logits(model, ids)
@@ -141,6 +153,7 @@ def test_several_saes_and_hookpoints_compose(model, sae, ids):
 
 # ------------------------------------------------------------------------------ positions
 
+
 def test_positions_select_prompt_generated_and_skip_padding(model, sae):
     hp, v = Hookpoint(1, "resid"), sae.W_dec[0] * 5
     ids = torch.randint(0, 3000, (2, 7), generator=torch.Generator().manual_seed(1))
@@ -151,12 +164,17 @@ def test_positions_select_prompt_generated_and_skip_padding(model, sae):
     def run(positions):
         def grab(x):
             seen[positions] = x.clone()
-        with torch.no_grad(), steer(model, [add_direction(hp, v, 1.0, positions)], prompt_len=4), \
-                hooks(model, {hp: grab}):  # registered after the steering hook: sees its output
+
+        with (
+            torch.no_grad(),
+            steer(model, [add_direction(hp, v, 1.0, positions)], prompt_len=4),
+            hooks(model, {hp: grab}),
+        ):  # registered after the steering hook: sees its output
             model(ids, attention_mask=mask)
+
     for p in ("none", "all", "prompt", "generated"):
         if p == "none":
-            with torch.no_grad(), hooks(model, {hp: lambda x: seen.__setitem__(p, x.clone())}):
+            with torch.no_grad(), hooks(model, {hp: lambda x, p=p: seen.__setitem__(p, x.clone())}):
                 model(ids, attention_mask=mask)
         else:
             run(p)
@@ -164,20 +182,25 @@ def test_positions_select_prompt_generated_and_skip_padding(model, sae):
     expect_all = mask.bool().clone()
     expect_prompt = expect_all.clone()
     expect_prompt[:, 4:] = False
-    for p, where in (("all", expect_all), ("prompt", expect_prompt),
-                     ("generated", expect_all & ~expect_prompt)):
+    for p, where in (
+        ("all", expect_all),
+        ("prompt", expect_prompt),
+        ("generated", expect_all & ~expect_prompt),
+    ):
         edited = added[p].abs().amax(-1) > 0
         assert torch.equal(edited, where), p
-        torch.testing.assert_close(added[p][where], v.expand(int(where.sum()), -1),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            added[p][where], v.expand(int(where.sum()), -1), atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("positions", ["generated", "prompt", "all"])
 def test_generation_with_kv_cache_equals_generation_without(model, tokenizer_fx, sae, positions):
     iv = add_features(Hookpoint(1, "resid"), sae, [3, 7], 30.0, positions)
     cached = generate(model, tokenizer_fx, PROMPTS, [iv], max_new_tokens=10, batch_size=4)
-    uncached = generate(model, tokenizer_fx, PROMPTS, [iv], max_new_tokens=10, batch_size=4,
-                        use_cache=False)
+    uncached = generate(
+        model, tokenizer_fx, PROMPTS, [iv], max_new_tokens=10, batch_size=4, use_cache=False
+    )
     plain = generate(model, tokenizer_fx, PROMPTS, [], max_new_tokens=10, batch_size=4)
     assert [g.tokens for g in cached] == [g.tokens for g in uncached]
     assert [g.tokens for g in cached] != [g.tokens for g in plain]  # the steering acted
@@ -197,6 +220,7 @@ def tokenizer_fx(smollm2_tokenizer):
 
 
 # ------------------------------------------------------------------------------- contrast
+
 
 def test_auroc_matches_brute_force_with_ties():
     gen = torch.Generator().manual_seed(0)
@@ -238,6 +262,7 @@ def test_planted_feature_ranks_first(model, tokenizer_fx):
 
 # --------------------------------------------------------------------------------- errors
 
+
 def write_suite(tmp_path, widths: dict[str, int], model_name: str = "tiny-qwen3") -> Path:
     suite = tmp_path / "suite"
     entries = []
@@ -245,27 +270,34 @@ def write_suite(tmp_path, widths: dict[str, int], model_name: str = "tiny-qwen3"
         torch.manual_seed(len(entries))
         s = build_sae(sae_config("topk", expansion=4, k=8), d_in)
         layer, site = name.split(".")[1:]
-        save_sae(s, suite / name, {"model_name": model_name, "hookpoint": name,
-                                   "layer": int(layer), "site": site})
+        save_sae(
+            s,
+            suite / name,
+            {"model_name": model_name, "hookpoint": name, "layer": int(layer), "site": site},
+        )
         entries.append({"hookpoint": name, "path": name})
     write_suite_index(suite, entries, {"model": model_name})
     return suite
 
 
-def test_bad_feature_hookpoint_or_width_stop_before_generation(model, tokenizer_fx, sae,
-                                                               tmp_path, monkeypatch):
+def test_bad_feature_hookpoint_or_width_stop_before_generation(
+    model, tokenizer_fx, sae, tmp_path, monkeypatch
+):
     calls = []
     monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(1))
     with pytest.raises(ConfigError, match=r"features=\[256\].*0\.\.255"):
-        generate(model, tokenizer_fx, PROMPTS, [add_features(Hookpoint(1, "resid"), sae, [256],
-                                                              1.0)])
+        generate(
+            model, tokenizer_fx, PROMPTS, [add_features(Hookpoint(1, "resid"), sae, [256], 1.0)]
+        )
     wide = build_sae(sae_config("topk", expansion=2, k=4), 96)
     with pytest.raises(ConfigError, match="width 64"):
-        generate(model, tokenizer_fx, PROMPTS, [clamp_features(Hookpoint(1, "resid"), wide,
-                                                                [0], 1.0)])
+        generate(
+            model, tokenizer_fx, PROMPTS, [clamp_features(Hookpoint(1, "resid"), wide, [0], 1.0)]
+        )
     with pytest.raises(ConfigError, match=r"hookpoint='layers.9.resid'"):
-        generate(model, tokenizer_fx, PROMPTS, [add_direction(Hookpoint(9, "resid"),
-                                                               torch.ones(64))])
+        generate(
+            model, tokenizer_fx, PROMPTS, [add_direction(Hookpoint(9, "resid"), torch.ones(64))]
+        )
     with pytest.raises(ConfigError, match="positions='middle'"):
         add_features(Hookpoint(1, "resid"), sae, [1], 1.0, "middle")
     assert calls == []
@@ -277,6 +309,7 @@ def test_bad_feature_hookpoint_or_width_stop_before_generation(model, tokenizer_
 
 # -------------------------------------------------------------------- intervention.json
 
+
 def test_intervention_file_round_trip_and_cli(model, tmp_path, capsys):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -286,23 +319,41 @@ def test_intervention_file_round_trip_and_cli(model, tmp_path, capsys):
 
     suite = write_suite(tmp_path, {"layers.1.resid": 64})
     path = tmp_path / "intervention.json"
-    spec = InterventionSpec(str(suite / "layers.1.resid"), "layers.1.resid", [5, 9], 7.5,
-                            "add", "generated")
+    spec = InterventionSpec(
+        str(suite / "layers.1.resid"), "layers.1.resid", [5, 9], 7.5, "add", "generated"
+    )
     save_interventions([spec], path)
     raw = json.loads(path.read_text())
-    assert raw == [{"sae": str(suite / "layers.1.resid"), "hookpoint": "layers.1.resid",
-                    "features": [5, 9], "alpha": 7.5, "mode": "add", "positions": "generated",
-                    "direction": None, "gate": None}]
+    assert raw == [
+        {
+            "sae": str(suite / "layers.1.resid"),
+            "hookpoint": "layers.1.resid",
+            "features": [5, 9],
+            "alpha": 7.5,
+            "mode": "add",
+            "positions": "generated",
+            "direction": None,
+            "gate": None,
+        }
+    ]
     iv = load_interventions(path)[0].build(4)
     from sae_dist.checkpoint import load_sae
+
     s, _ = load_sae(suite / "layers.1.resid")
     unit = s.W_dec / s.W_dec.norm(dim=1, keepdim=True)
     torch.testing.assert_close(iv.vector, 7.5 * (unit[5] + unit[9]))
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        dcfg = compose(config_name="steer", overrides=[
-            f"intervention={path}", "prompt=Tell me about cats.", "max_new_tokens=6",
-            "logger=none", f"out_dir={tmp_path / 'out'}"])
+        dcfg = compose(
+            config_name="steer",
+            overrides=[
+                f"intervention={path}",
+                "prompt=Tell me about cats.",
+                "max_new_tokens=6",
+                "logger=none",
+                f"out_dir={tmp_path / 'out'}",
+            ],
+        )
     out = run(OmegaConf.to_object(dcfg))
     printed = capsys.readouterr().out
     assert "--- unsteered ---" in printed and "--- steered (add [5, 9] at layers.1.resid" in printed
@@ -312,10 +363,4 @@ def test_intervention_file_round_trip_and_cli(model, tmp_path, capsys):
 # --------------------------------------------------------------------- refusal metrics
 
 
-
-
-
 # --------------------------------------------------------------------- the case study
-
-
-

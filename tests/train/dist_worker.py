@@ -1,5 +1,5 @@
-"""Entry point for the multi-process tests: `torchrun ... tests/train/dist_worker.py <overrides>` runs
-`python -m sae_dist.train <overrides>`, optionally with a fault injected on one process.
+"""Entry point for the multi-process tests: `torchrun ... tests/train/dist_worker.py <overrides>`
+runs `python -m sae_dist.train <overrides>`, optionally with a fault injected on one process.
 
 SAE_DIST_TEST_FAULT="<rank>:<forward batch>:<kill|raise|usr1>" makes that process SIGKILL itself
 (as `kill -9` would), raise, or send itself SIGUSR1 (SLURM's time-limit warning) and go on, just

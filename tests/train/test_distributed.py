@@ -22,11 +22,24 @@ from tests.conftest import PRECISION, compose_train_config
 
 ROOT = Path(__file__).resolve().parents[2]
 HOOKPOINTS = ["layers.1.resid", "layers.3.resid"]
-RUN = ["model=tiny-qwen3", "sites.layers=[1,3]", "sites.sites=[resid]", "sae.expansion=4",
-       "sae.dead_tokens=4096", "train.tokens=51200", "train.batch_size=256",
-       "train.forward_batch_seqs=4", "train.buffer_batches=4", "train.eval_tokens=500",
-       "train.log_every=20", "data.context_size=64", "train.lr=0.001", "logger=none",
-       "train.data_shards=2", *PRECISION["fp32"]]
+RUN = [
+    "model=tiny-qwen3",
+    "sites.layers=[1,3]",
+    "sites.sites=[resid]",
+    "sae.expansion=4",
+    "sae.dead_tokens=4096",
+    "train.tokens=51200",
+    "train.batch_size=256",
+    "train.forward_batch_seqs=4",
+    "train.buffer_batches=4",
+    "train.eval_tokens=500",
+    "train.log_every=20",
+    "data.context_size=64",
+    "train.lr=0.001",
+    "logger=none",
+    "train.data_shards=2",
+    *PRECISION["fp32"],
+]
 """Two hookpoints, 200 steps of a global batch of 256 tokens, two data shards, fp32."""
 TOPK = ["sae.k=8"]
 """The default architecture's k (other architectures have no `k`)."""
@@ -35,26 +48,46 @@ TOPK = ["sae.k=8"]
 def with_k(overrides: tuple[str, ...] | list[str]) -> list[str]:
     """TOPK unless the overrides choose an architecture (which then set their own keys)."""
     return [] if any(o.startswith("sae=") for o in overrides) else TOPK
+
+
 GUARD_S = 600
 """Hang guard for a launch (not a speed limit): far above any run here."""
 
 
-def launch(out_dir: Path, *overrides: str, processes: int = 2, fault: str | None = None,
-           multirun: bool = False) -> subprocess.CompletedProcess:
+def launch(
+    out_dir: Path,
+    *overrides: str,
+    processes: int = 2,
+    fault: str | None = None,
+    multirun: bool = False,
+) -> subprocess.CompletedProcess:
     """Run tests/train/dist_worker.py under torchrun (or plain python for 1 process);
     `multirun`: a Hydra sweep (`-m`), every point in the same processes, in `out_dir/job<N>`."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-           "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
     env.pop("SAE_DIST_TEST_FAULT", None)
     if fault:
         env["SAE_DIST_TEST_FAULT"] = fault
-    runner = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable])
-    cmd = [*runner, str(ROOT / "tests" / "train" / "dist_worker.py"), *["-m"] * multirun, *RUN,
-           *with_k(overrides),
-           f"out_dir={out_dir}", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=GUARD_S)
+    runner = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+        ]
+        if processes > 1
+        else [sys.executable]
+    )
+    cmd = [
+        *runner,
+        str(ROOT / "tests" / "train" / "dist_worker.py"),
+        *["-m"] * multirun,
+        *RUN,
+        *with_k(overrides),
+        f"out_dir={out_dir}",
+        *overrides,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=GUARD_S)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -90,6 +123,7 @@ def reference(tmp_path_factory) -> Path:
 
 # --- fast units ----------------------------------------------------------------------------
 
+
 def test_hookpoint_assignment_balances_sizes():
     sizes = {"a": 10, "b": 7, "c": 5, "d": 4, "e": 3, "f": 1}
     owners = assign_hookpoints(sizes, 2)
@@ -108,6 +142,7 @@ def test_topology_hosts_shards_round_robin_and_rejects_bad_counts():
 
 # --- two processes -------------------------------------------------------------------------
 
+
 @pytest.mark.distributed
 def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, reference):
     ok(launch(tmp_path, "trainer=ddp"))
@@ -117,8 +152,10 @@ def test_ddp_matches_one_process_with_the_same_global_batch(tmp_path, reference)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("arch, kind", [("batchtopk", "ddp"), ("jumprelu", "ddp"),
-                                        ("relu", "ddp"), ("jumprelu", "zero2")])
+@pytest.mark.parametrize(
+    "arch, kind",
+    [("batchtopk", "ddp"), ("jumprelu", "ddp"), ("relu", "ddp"), ("jumprelu", "zero2")],
+)
 def test_global_batch_statistics_of_every_architecture_match_one_process(tmp_path, arch, kind):
     """BatchTopK's batch-level selection and threshold, JumpReLU's L0, thresholds, TopK warm-up
     and L0 controller, the L1 penalty's normaliser: over the global batch. 16 steps, before any
@@ -145,12 +182,22 @@ def test_a_multirun_of_ddp_in_fp32_then_bf16_in_the_same_processes_matches_one_p
     steps). Measured: DDP vs one process differs by <= 2e-7 (fp32) and <= 3e-5 (bf16)
     relative; bf16 vs fp32 by 1e-3 to 8e-3, so the bf16 bound also shows bf16 was on."""
     short = ["train.tokens=4096"]
-    ok(launch(tmp_path / "sweep", "trainer=ddp", *short, "trainer.mixed_precision=no,bf16",
-              multirun=True))
+    ok(
+        launch(
+            tmp_path / "sweep",
+            "trainer=ddp",
+            *short,
+            "trainer.mixed_precision=no,bf16",
+            multirun=True,
+        )
+    )
     for job, (precision, bound) in enumerate([("no", 1e-5), ("bf16", 3e-4)]):
         single = tmp_path / precision
-        train(compose_train_config(RUN + TOPK + short + [f"trainer.mixed_precision={precision}",
-                                                         f"out_dir={single}"]))
+        train(
+            compose_train_config(
+                RUN + TOPK + short + [f"trainer.mixed_precision={precision}", f"out_dir={single}"]
+            )
+        )
         ddp = tmp_path / "sweep" / f"job{job}"
         assert read_suite_index(ddp / "suite")["trainer"] == "ddp"
         for name in HOOKPOINTS:
@@ -173,19 +220,20 @@ def test_zero2_shards_optimizer_state_and_reloads_as_a_plain_sae(tmp_path, refer
 
 @pytest.mark.distributed
 def test_hookpoint_sharding_splits_the_saes_and_matches_the_unsharded_run(tmp_path, reference):
-    proc = ok(launch(tmp_path, "sites.sites=[resid,mlp]", "trainer=sharded",
-                     "train.checkpoint_every=1000"))
+    proc = ok(
+        launch(
+            tmp_path, "sites.sites=[resid,mlp]", "trainer=sharded", "train.checkpoint_every=1000"
+        )
+    )
     logs = proc.stdout + proc.stderr
     assert "process 0/2 trains 2 of 4 SAEs" in logs and "process 1/2 trains 2 of 4 SAEs" in logs
     unsharded = tmp_path / "unsharded"
-    train(compose_train_config(RUN + TOPK + ["sites.sites=[resid,mlp]",
-                                             f"out_dir={unsharded}"]))
+    train(compose_train_config(RUN + TOPK + ["sites.sites=[resid,mlp]", f"out_dir={unsharded}"]))
     assert_same_saes(unsharded, tmp_path, HOOKPOINTS + ["layers.1.mlp", "layers.3.mlp"])
 
 
 @pytest.mark.distributed
-def test_kill_9_of_one_process_resumes_to_the_same_weights_on_2_or_1_processes(tmp_path,
-                                                                             reference):
+def test_kill_9_of_one_process_resumes_to_the_same_weights_on_2_or_1_processes(tmp_path, reference):
     killed_dir = tmp_path / "killed"
     killed = launch(killed_dir, "trainer=ddp", "train.checkpoint_every=10", fault="1:57:kill")
     assert killed.returncode != 0
@@ -196,8 +244,7 @@ def test_kill_9_of_one_process_resumes_to_the_same_weights_on_2_or_1_processes(t
     for processes in (2, 1):
         out = tmp_path / f"resumed_on_{processes}"
         shutil.copytree(killed_dir, out)
-        resumed = ok(launch(out, "trainer=ddp", "train.checkpoint_every=10",
-                            processes=processes))
+        resumed = ok(launch(out, "trainer=ddp", "train.checkpoint_every=10", processes=processes))
         assert "resumed from" in resumed.stdout + resumed.stderr
         assert_same_saes(reference, out)
 
@@ -211,8 +258,11 @@ def test_a_stop_signal_to_one_process_stops_both_at_the_same_step(tmp_path, refe
     logs = stopped.stdout + stopped.stderr
     assert stopped.returncode != 0
     assert "exitcode  : 75" in logs, logs[-3000:]
-    steps = re.findall(r"stopping on (SIGUSR1|another process's signal): checkpoint saved at "
-                       r"step (\d+) of 200", logs)
+    steps = re.findall(
+        r"stopping on (SIGUSR1|another process's signal): checkpoint saved at "
+        r"step (\d+) of 200",
+        logs,
+    )
     assert sorted(who for who, _ in steps) == ["SIGUSR1", "another process's signal"], logs[-3000:]
     assert steps[0][1] == steps[1][1]
     assert load_part(tmp_path / "checkpoint", "run.pt")["forward_batches"] == 30

@@ -17,10 +17,23 @@ from sae_dist.producer import ActivationProducer
 from sae_dist.train import train
 from tests.conftest import PRECISION, compose_train_config
 
-TINY = ["model=tiny-qwen3", "sites.layers=[1,3]", "sites.sites=[resid,mlp]", "sae.expansion=4",
-        "sae.k=8", "sae.dead_tokens=2048", "train.tokens=4096", "train.batch_size=256",
-        "train.forward_batch_seqs=4", "train.buffer_batches=4", "train.eval_tokens=1000",
-        "train.log_every=1", "data.context_size=64", "train.lr=0.001", *PRECISION["fp32"]]
+TINY = [
+    "model=tiny-qwen3",
+    "sites.layers=[1,3]",
+    "sites.sites=[resid,mlp]",
+    "sae.expansion=4",
+    "sae.k=8",
+    "sae.dead_tokens=2048",
+    "train.tokens=4096",
+    "train.batch_size=256",
+    "train.forward_batch_seqs=4",
+    "train.buffer_batches=4",
+    "train.eval_tokens=1000",
+    "train.log_every=1",
+    "data.context_size=64",
+    "train.lr=0.001",
+    *PRECISION["fp32"],
+]
 """fp32 unless a test adds PRECISION["bf16"] (later overrides win)."""
 
 
@@ -122,11 +135,22 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
 def test_embedded_smollm2_trains_from_real_chats(tmp_path):
     """The demo's model and data path for real (GGUF dequantised and cached, ChatML template),
     on a tiny budget: every hookpoint gets its tokens and a held-out FVU below that of the mean."""
-    cfg = compose_train_config([
-        "experiment=demo", *PRECISION["fp32"], "logger=none", f"out_dir={tmp_path}",
-        "sites.layers=[3]", "sae.expansion=2", "sae.k=16", "train.tokens=4096",
-        "train.batch_size=512", "train.buffer_batches=4", "train.forward_batch_seqs=4",
-        "train.eval_tokens=1000"])
+    cfg = compose_train_config(
+        [
+            "experiment=demo",
+            *PRECISION["fp32"],
+            "logger=none",
+            f"out_dir={tmp_path}",
+            "sites.layers=[3]",
+            "sae.expansion=2",
+            "sae.k=16",
+            "train.tokens=4096",
+            "train.batch_size=512",
+            "train.buffer_batches=4",
+            "train.forward_batch_seqs=4",
+            "train.eval_tokens=1000",
+        ]
+    )
     results = train(cfg)
     assert list(results) == ["layers.3.resid", "layers.3.mlp", "layers.3.attn"]
     for res in results.values():
@@ -182,7 +206,8 @@ def phased(request, tmp_path_factory) -> tuple[list[str], Path]:
 
 @pytest.mark.parametrize("kill_call, phase", [(8, "warm-up"), (12, "constant"), (17, "decay")])
 def test_resume_in_every_lr_phase_equals_the_uninterrupted_run(
-        tmp_path, monkeypatch, phased, kill_call, phase):
+    tmp_path, monkeypatch, phased, kill_call, phase
+):
     from sae_dist.train.suite_trainer import lr_factor
 
     overrides, phased_reference = phased
@@ -191,8 +216,11 @@ def test_resume_in_every_lr_phase_equals_the_uninterrupted_run(
         train(tiny_run(tmp_path, *overrides))
     step = final_state(tmp_path, "layers.1.resid")["step_count"]
     factor = lr_factor(step, 16, 0.4, 0.4)
-    assert {"warm-up": 0 < step < 6, "constant": 6 <= step < 10 and factor == 1,
-            "decay": 10 <= step < 16}[phase], step
+    assert {
+        "warm-up": 0 < step < 6,
+        "constant": 6 <= step < 10 and factor == 1,
+        "decay": 10 <= step < 16,
+    }[phase], step
     undo()
     train(tiny_run(tmp_path, *overrides))
     for name in ["layers.1.resid", "layers.3.mlp"]:
@@ -210,7 +238,10 @@ def test_jumprelu_with_target_resumes_bitwise(tmp_path, monkeypatch):
     thresholds' own Adam group and learning rate) survives a kill: the resumed run's weights
     and Adam moments equal the uninterrupted run's bit for bit."""
     jumprelu = [o for o in TINY if not o.startswith("sae.k=")] + [
-        "sae=jumprelu", "sae.target_l0=8", *PHASED]
+        "sae=jumprelu",
+        "sae.target_l0=8",
+        *PHASED,
+    ]
     reference = tmp_path / "reference"
     train(compose_train_config(jumprelu + [f"out_dir={reference}", "logger=none"]))
     undo = killed_at(monkeypatch, 12)
@@ -244,7 +275,8 @@ def stop_signals_restored():
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_a_stop_signal_saves_that_step_and_the_restart_resumes_bitwise(
-        tmp_path, monkeypatch, phased_reference, stop_signals_restored, sig):
+    tmp_path, monkeypatch, phased_reference, stop_signals_restored, sig
+):
     """SIGUSR1 (SLURM's time-limit warning) or SIGTERM (preemption) during the 12th forward batch
     of a run without periodic checkpoints: it finishes that step, saves a checkpoint there and
     exits with 75; the restart reaches the uninterrupted run's weights and Adam state bit for
@@ -284,15 +316,22 @@ def test_a_stop_signal_saves_that_step_and_the_restart_resumes_bitwise(
 def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the check")
+
     monkeypatch.setattr("sae_dist.train.loop.load_model", refuse)
 
 
-@pytest.mark.parametrize("changed, key", [("sae.k=4", "sae.k"), ("train.tokens=8192", "train.tokens"),
-                                          ("sae.expansion=8", "sae.expansion"),
-                                          ("data.policy.positions=content",
-                                           "data.policy.positions")])
+@pytest.mark.parametrize(
+    "changed, key",
+    [
+        ("sae.k=4", "sae.k"),
+        ("train.tokens=8192", "train.tokens"),
+        ("sae.expansion=8", "sae.expansion"),
+        ("data.policy.positions=content", "data.policy.positions"),
+    ],
+)
 def test_a_checkpoint_of_another_config_is_refused_before_the_model_loads(
-        tmp_path, monkeypatch, changed, key):
+    tmp_path, monkeypatch, changed, key
+):
     from sae_dist.checkpoint import CheckpointError
 
     undo = killed_at(monkeypatch, 9)
@@ -300,7 +339,9 @@ def test_a_checkpoint_of_another_config_is_refused_before_the_model_loads(
         train(tiny_run(tmp_path, "logger=none", "train.checkpoint_every=2"))
     undo()
     no_model_load(monkeypatch)
-    with pytest.raises(CheckpointError, match=rf"(?s){key}: .* in the checkpoint.*train\.resume=false"):
+    with pytest.raises(
+        CheckpointError, match=rf"(?s){key}: .* in the checkpoint.*train\.resume=false"
+    ):
         train(tiny_run(tmp_path, "logger=none", "train.checkpoint_every=2", changed))
     # settings that do not shape training may change on resume
     monkeypatch.undo()
@@ -309,11 +350,13 @@ def test_a_checkpoint_of_another_config_is_refused_before_the_model_loads(
 
 
 def test_a_finished_run_rerun_says_complete_and_a_kill_in_evaluation_skips_training(
-        tmp_path, monkeypatch, capsys):
+    tmp_path, monkeypatch, capsys
+):
     from sae_dist.train import results as suite
 
     def killed_in_evaluation(*args, **kwargs):
         raise KeyboardInterrupt("killed during the evaluation")
+
     original = suite.evaluate_saes
     monkeypatch.setattr(suite, "evaluate_saes", killed_in_evaluation)
     with pytest.raises(KeyboardInterrupt):
@@ -321,7 +364,9 @@ def test_a_finished_run_rerun_says_complete_and_a_kill_in_evaluation_skips_train
     assert not (tmp_path / "suite" / "suite.json").exists()
     assert final_state(tmp_path, "layers.1.resid")["step_count"] == 16
     monkeypatch.setattr(suite, "evaluate_saes", original)
-    monkeypatch.setattr("sae_dist.train.suite_trainer.SuiteTrainer.step", lambda *a: pytest.fail("retrained"))
+    monkeypatch.setattr(
+        "sae_dist.train.suite_trainer.SuiteTrainer.step", lambda *a: pytest.fail("retrained")
+    )
     results = train(tiny_run(tmp_path, "logger=none"))
     assert set(results) == {"layers.1.resid", "layers.1.mlp", "layers.3.resid", "layers.3.mlp"}
     no_model_load(monkeypatch)
@@ -331,9 +376,15 @@ def test_a_finished_run_rerun_says_complete_and_a_kill_in_evaluation_skips_train
     assert again["layers.3.mlp"]["fvu"] == pytest.approx(results["layers.3.mlp"]["fvu"])
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "does not exist"), (b"", "usable document"), (b"\xff\xfe\x00garbage\xff" * 50, "UTF-8"),
-    (b'{"nothing": 1}\n{"other": 2}\n', "usable document")])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        (b"", "usable document"),
+        (b"\xff\xfe\x00garbage\xff" * 50, "UTF-8"),
+        (b'{"nothing": 1}\n{"other": 2}\n', "usable document"),
+    ],
+)
 def test_bad_data_files_fail_before_the_model_loads(tmp_path, monkeypatch, content, message):
     from sae_dist.errors import DataError
 
@@ -349,8 +400,9 @@ def test_too_short_data_says_so_and_keeps_a_checkpoint(tmp_path):
     from sae_dist.errors import DataError
 
     source = tmp_path / "short.jsonl"
-    source.write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n"
-                              for i in range(30)))
+    source.write_text(
+        "".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(30))
+    )
     with pytest.raises(DataError, match=r"ran out after \d+ of 4096 training tokens"):
         train(tiny_run(tmp_path / "run", "logger=none", f"data.source={source}"))
     assert (tmp_path / "run" / "checkpoint" / "run.pt").exists()
@@ -370,8 +422,8 @@ def wandb_history_steps(run_dir: Path) -> list[int]:
         if 32768 - pos % 32768 < 7:
             pos += 32768 - pos % 32768
             continue
-        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0:
             break
         pending = chunk if kind in (1, 2) else pending + chunk
@@ -387,6 +439,7 @@ def test_a_resumed_offline_wandb_run_holds_every_logged_step_once(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         train(tiny_run(tmp_path, *wandb))
     import wandb as wb
+
     wb.finish()  # the killed process's W&B run (a real kill ends it with the process)
     undo()
     train(tiny_run(tmp_path, *wandb))

@@ -19,8 +19,8 @@ are per prompt: True = should open (harmful), False = should stay closed (harmle
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn

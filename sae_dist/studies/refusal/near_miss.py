@@ -13,7 +13,6 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from sae_dist.errors import ConfigError
 
@@ -30,7 +29,7 @@ CATEGORIES = (
 KINDS = ("safe", "unsafe")
 
 
-def load_near_miss(path: Optional[Path] = None) -> list[dict]:
+def load_near_miss(path: Path | None = None) -> list[dict]:
     """The rows of the set (default: the shipped file); ConfigError naming the line when one is
     malformed or a pair is incomplete."""
     path = Path(path) if path else DATA

@@ -13,8 +13,8 @@ gated intervention can be composed from its open and closed chats.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn

