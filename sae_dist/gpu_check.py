@@ -48,7 +48,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from sae_dist.cli import CONF_DIR
-from sae_dist.config import TrainRunConfig, register_configs, validate
+from sae_dist.config import TopKConfig, TrainRunConfig, register_configs, validate
 from sae_dist.hookpoints import grid_hookpoints
 from sae_dist.models import resolve_mixed_precision
 from sae_dist.train.loop import make_accelerator
@@ -377,6 +377,7 @@ def check_trainer(check: str, steps: int, overrides: list[str]) -> Row:
         problems.append("non-finite folded SAE weights")
     sae, memory = trainer.sae(hookpoints[0].name), trainer.memory_mb()
     precision = resolve_mixed_precision(cfg.trainer.mixed_precision, device())
+    assert isinstance(cfg.sae, TopKConfig)  # experiment=demo: TopK SAEs
     detail = (
         f"SAEs: {len(hookpoints)} x {sae.d_in}x{sae.d_sae} k={cfg.sae.k}, batch "
         f"{cfg.train.batch_size} ({local}/process), mixed precision {precision}; loss "

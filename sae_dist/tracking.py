@@ -103,8 +103,9 @@ class RunLogger:
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         self.step = step
-        if self.run is not None:
-            self._wandb(lambda: self.run.log(metrics, step=step))
+        run = self.run
+        if run is not None:
+            self._wandb(lambda: run.log(metrics, step=step))
 
     def log_table(
         self,

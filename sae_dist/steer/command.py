@@ -33,6 +33,7 @@ def apply_intervention_file(cfg: SteerRunConfig) -> dict[str, str]:
 
     if not cfg.prompt:
         raise ConfigError("prompt", cfg.prompt, 'a non-empty prompt="..." to steer')
+    assert cfg.intervention is not None, "run() calls this only with an intervention file"
     specs = load_interventions(Path(cfg.intervention))
     folders = [s.sae for s in specs if s.sae] + [s.gate.sae for s in specs if s.gate and s.gate.sae]
     if cfg.model is None and not folders:

@@ -60,14 +60,19 @@ class Gate:
     @property
     def width(self) -> int:
         """The activation width the gate reads."""
-        return self.sae.d_in if self.sae is not None else self.direction.shape[0]
+        if self.sae is not None:
+            return self.sae.d_in
+        assert self.direction is not None, "a gate without an SAE is a direction gate"
+        return self.direction.shape[0]
 
     def position_scores(self, x: Tensor) -> Tensor:
         """s_t of every position: x [..., d_model] -> float32 [...]."""
         flat = x.reshape(-1, x.shape[-1])
         if self.sae is None:
+            assert self.direction is not None, "a gate without an SAE is a direction gate"
             scores = flat.float() @ self.direction.to(flat.device)
         else:
+            assert self.weights is not None, "a features gate has one weight per feature"
             feats = torch.as_tensor(self.features, device=x.device)
             z = feature_values(self.sae.encode(flat.to(self.sae.W_dec.dtype)), feats)
             scores = z.float() @ self.weights.to(x.device)
@@ -198,6 +203,7 @@ class GateSpec:
                 self.reduce,
                 self.invert,
             )
+        assert self.sae is not None, "checked above: exactly one of sae or direction"
         sae, _ = load_sae(Path(self.sae), device)
         return features_gate(
             hp, sae.eval(), self.features, self.weights, self.threshold, self.reduce, self.invert

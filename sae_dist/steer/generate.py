@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -60,7 +61,7 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
+    eos = cast(Any, model).generation_config.eos_token_id  # nn.Module's stubs: Tensor | Module
     ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
     ids.discard(None)
     return ids
@@ -92,7 +93,7 @@ def generate(
         ids, mask = left_pad([rendered[i] for i in batch], pad)
         ids, mask = ids.to(device), mask.to(device)
         with steer(model, interventions, prompt_len=ids.shape[1], gates=gates) as steering:
-            seqs = model.generate(
+            seqs = cast(Any, model).generate(  # a transformers model; nn.Module's stubs lack it
                 input_ids=ids,
                 attention_mask=mask,
                 do_sample=False,
@@ -103,7 +104,7 @@ def generate(
                 top_p=None,
                 top_k=None,
             )
-        readings = steering.readings()
+        readings = steering.prompt_readings()
         for row, i in enumerate(batch):
             new = seqs[row, ids.shape[1] :].tolist()
             cut = next((j for j, t in enumerate(new) if t in eos), len(new))

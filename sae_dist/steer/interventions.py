@@ -31,7 +31,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -66,9 +66,11 @@ class Gate(Protocol):
     @property
     def width(self) -> int:
         """The activation width the gate reads."""
+        ...
 
     def read(self, act: Tensor, positions: ForwardPositions, prompt_len: int) -> GateReading:
         """Score the prompt positions of act [B, T, d] on a pass starting at 0, and decide."""
+        ...
 
 
 @dataclass
@@ -94,8 +96,10 @@ class Intervention:
     def delta(self, x: Tensor) -> Tensor:
         """What to add to the selected activations x [n, d_model] -> [n, d_model] (x's dtype)."""
         if self.mode == "add":
+            assert self.vector is not None, "an add intervention has a vector"
             return self.vector.to(x.dtype).expand_as(x)
         sae = self.sae
+        assert sae is not None and self.values is not None, "a clamp has an SAE and values"
         latents = sae.encode(x.to(sae.W_dec.dtype))
         feats = torch.as_tensor(self.features, device=x.device)
         change = self.values.to(x.device) - feature_values(latents, feats)
@@ -186,10 +190,16 @@ def check_interventions(
     """Raise ConfigError when an intervention or gate cannot apply to `model`: hookpoint out of
     range, a vector / SAE of another width than the model's hidden size, or a gated edit of
     prompt positions whose gate reads later in the network than the edit."""
-    n_layers, d_model = model.config.num_hidden_layers, model.config.hidden_size
+    config: Any = model.config  # an HF PretrainedConfig (nn.Module's stubs: Tensor | Module)
+    n_layers, d_model = int(config.num_hidden_layers), int(config.hidden_size)
     for iv in interventions:
         hp = Hookpoint.parse(iv.hookpoint.name, n_layers, key="hookpoint")
-        width = iv.vector.shape[-1] if iv.mode == "add" else iv.sae.d_in
+        if iv.mode == "add":
+            assert iv.vector is not None, "an add intervention has a vector"
+            width = iv.vector.shape[-1]
+        else:
+            assert iv.sae is not None, "a clamp intervention has an SAE"
+            width = iv.sae.d_in
         if width != d_model:
             raise ConfigError(
                 "intervention",
@@ -258,6 +268,14 @@ class Steering:
         """What each gate of `gates` read on the prompt pass (None before it)."""
         return [self._readings.get(id(g)) for g in self.gates]
 
+    def prompt_readings(self) -> list[GateReading]:
+        """What each gate of `gates` read, once the prompt pass has run (RuntimeError before)."""
+        out = self.readings()
+        for g, r in zip(self.gates, out):
+            if r is None:
+                raise RuntimeError(f"the gate at {g.hookpoint} has not read the prompt")
+        return [r for r in out if r is not None]
+
     def reset_gates(self) -> None:
         """Forget the gates' decisions: the next pass starting at position 0 reads them anew."""
         self._readings.clear()
@@ -274,6 +292,7 @@ class Steering:
 
     def _gate_open(self, iv: Intervention, batch: int, device: torch.device) -> Tensor:
         """bool [B, 1]: the rows whose gate of `iv` opened."""
+        assert iv.gate is not None, "called for gated interventions only"
         reading = self._readings.get(id(iv.gate))
         if reading is None:
             raise RuntimeError(

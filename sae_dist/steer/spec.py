@@ -75,6 +75,7 @@ class InterventionSpec:
             u = torch.tensor(self.direction, dtype=torch.float32)
             iv = add_direction(hp, u / u.norm().clamp_min(1e-12), self.alpha, self.positions)
         else:
+            assert self.sae is not None, "checked above: exactly one of sae or direction"
             sae, _ = load_sae(Path(self.sae), device)
             build = add_features if self.mode == "add" else clamp_features
             iv = build(hp, sae.eval(), self.features, self.alpha, self.positions)

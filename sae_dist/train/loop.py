@@ -80,7 +80,7 @@ class TrainingRun:
         self.device = self.accelerator.device
         self.hookpoints = grid_hookpoints(cfg.sites, cfg.model.n_layers)
         self.model, self.tokenizer = load_model(cfg.model, self.device)
-        streams = {
+        streams: dict[int, SequencePool | TokenStream] = {
             v: SequencePool(
                 TokenStream(cfg.data, self.tokenizer, "train", v, shards, t.seed),
                 t.sequence_pool // shards,
@@ -197,9 +197,13 @@ class TrainingRun:
     def tokens_trained(self) -> int:
         return self.trainer.step_count * self.cfg.train.batch_size
 
-    def dropped(self) -> dict[str, dict[str, int]]:
-        """Tokens dropped by the outlier / non-finite filters, summed over processes."""
-        return sum_counts(self.producer.dropped(), self.multiprocess)
+    def dropped(self) -> dict[str, dict[str, float]]:
+        """Tokens dropped by the outlier / non-finite filters, summed over processes (ints:
+        sum_counts keeps the type of each count)."""
+        local: dict[str, dict[str, float]] = {
+            k: dict(n) for k, n in self.producer.dropped().items()
+        }
+        return sum_counts(local, self.multiprocess)
 
     def save(self) -> None:
         """Checkpoint: every process writes its part into a temporary folder (hosted shards'
@@ -389,6 +393,7 @@ def train_loop(run: TrainingRun, stop: StopSignals) -> None:
                 "training tokens per SAE (checkpoint saved): use more data or "
                 "a smaller train.tokens in a new out_dir"
             )
+        assert batches is not None  # all_min above: every process has its next batches
         run.distribute(run.producer.activations(batches))
         steps_before = run.trainer.step_count
         for _ in range(run.ready_steps()):
@@ -422,6 +427,7 @@ def finish(run: TrainingRun) -> dict[str, dict[str, float]]:
         hp.name: {**trained[hp.name][1], "outliers_dropped": dropped["outliers"][hp.name]}
         for hp in run.hookpoints
     }
+    assert run.logger is not None  # opened on the main process (open_logger)
     info = suite_info(
         run.cfg,
         run.tokens_trained(),
@@ -492,6 +498,7 @@ def write_train_stats(run: TrainingRun, seconds: float, start_tokens: int) -> No
         **per_process,
     }
     (run.out_dir / "train_stats.json").write_text(json.dumps(stats, indent=2))
+    assert run.logger is not None  # opened on the main process (open_logger)
     run.logger.summary(stats)
     log.info(
         "training: %.1f s, %.0f LM tokens/s over %d processes",
@@ -527,7 +534,7 @@ def collect_saes(run: TrainingRun) -> dict[str, tuple[SparseAutoencoder, dict[st
     hookpoint sharding each owner writes its SAEs to `<out_dir>/.trained/` for the main
     process to read (a shared file system, as for checkpoints)."""
     saes = run.trainer.folded_saes()
-    info = {
+    info: dict[str, dict[str, Any]] = {
         name: dict(zip(TRAINING_METADATA, (run.tokens_trained(), run.trainer.scales[name])))
         for name in saes
     }

@@ -13,7 +13,7 @@ import math
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
@@ -54,7 +54,8 @@ class SAESuite(nn.Module):
         self.saes = nn.ModuleDict({n.replace(".", "/"): s for n, s in saes.items()})
 
     def __getitem__(self, name: str) -> SparseAutoencoder:
-        return self.saes[name.replace(".", "/")]
+        # ModuleDict's __getitem__ is typed Module; every entry is a SparseAutoencoder
+        return cast(SparseAutoencoder, self.saes[name.replace(".", "/")])
 
     def forward(self, batches: dict[str, Tensor], dead: dict[str, Tensor]) -> dict[str, SAEOutput]:
         """batches {name: x [B, d_in]}, dead {name: bool [d_sae]} -> {name: SAEOutput}."""
@@ -99,7 +100,8 @@ class SuiteTrainer:
         groups = [
             g for hp in hookpoints for g in self.suite[hp.name].param_groups(lr * cfg.sae.lr_mult)
         ]
-        self.optimizer = torch.optim.Adam(groups, lr=lr, betas=tuple(t.adam_betas), fused=True)
+        beta1, beta2 = t.adam_betas  # two values (validate)
+        self.optimizer = torch.optim.Adam(groups, lr=lr, betas=(beta1, beta2), fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.n_steps, t.lr_warmup_frac, t.lr_decay_frac)
         )
@@ -126,6 +128,12 @@ class SuiteTrainer:
     def sae(self, name: str) -> SparseAutoencoder:
         return self.suite[name]
 
+    def scale(self, name: str) -> float:
+        """The input scale of a calibrated SAE (`calibrate`, or restored from a checkpoint)."""
+        scale = self.scales[name]
+        assert scale is not None, f"{name} has no input scale before its first step"
+        return scale
+
     def calibrate(self, batches: dict[str, Tensor]) -> None:
         """Input scales and data-dependent initialisation (`init_from_batch`: b_dec, and e.g.
         JumpReLU thresholds) of the SAEs that have none, from their first global batches
@@ -135,8 +143,9 @@ class SuiteTrainer:
                 mean_sq = self.group.sum(x.pow(2).sum()) / self.group.sum(
                     x.new_tensor(float(x.shape[0]))
                 )
-                self.scales[name] = math.sqrt(x.shape[1] / float(mean_sq))
-                self.sae(name).init_from_batch(x * self.scales[name])
+                scale = math.sqrt(x.shape[1] / float(mean_sq))
+                self.scales[name] = scale
+                self.sae(name).init_from_batch(x * scale)
 
     def prepare(self) -> None:
         """Hand module, optimizer and schedule to accelerate (DDP / DeepSpeed wrapping); the
@@ -154,8 +163,9 @@ class SuiteTrainer:
         if self.engine is None:
             self.calibrate(batches)
             self.prepare()
+        assert self.engine is not None  # set by prepare() at the first step
         dead = {n: c >= self.cfg.sae.dead_tokens for n, c in self.tokens_since_fired.items()}
-        scaled = {n: x * self.scales[n] for n, x in batches.items()}
+        scaled = {n: x * self.scale(n) for n, x in batches.items()}
         for name in self.names:
             self.sae(name).set_progress(self.step_count / self.n_steps)
         with self.accelerator.autocast():
@@ -183,8 +193,10 @@ class SuiteTrainer:
         counter = self.tokens_since_fired[name]
         counter += int(n)
         counter[fired] = 0
+        # sum() types its result int | Tensor; the SAE's losses (a non-empty dict) give a Tensor
+        loss = cast(Tensor, sum(out.losses.values()))
         return {
-            "loss": sum(out.losses.values()).detach(),
+            "loss": loss.detach(),
             "fvu": out.losses["fvu"].detach(),
             "l0": self.group.sum(out.latents.l0().sum().detach()) / n,
             "dead_frac": dead.float().mean(),
@@ -221,7 +233,9 @@ class SuiteTrainer:
         ):
             module = [p.data for p in params]
             for p in params:
-                p.data = safe_get_full_fp32_param(p).to(p.device)
+                full = safe_get_full_fp32_param(p)
+                assert full is not None  # every parameter of a ZeRO engine has a master copy
+                p.data = full.to(p.device)
             yield
             for p, own in zip(params, module):
                 safe_set_full_fp32_param(p, p.data)
@@ -232,10 +246,14 @@ class SuiteTrainer:
         """The SAEs for raw activations (input scales folded into the weights), on CPU. A
         collective under ZeRO-3 (parameters gathered): call it on every process; there the
         other processes get {} (DeepSpeed gathers the weights on the main process only)."""
-        state = (
+        # get_state_dict is unannotated (its inferred union includes DeepSpeed's
+        # config-dependent returns); it gives the module's {name: tensor}, or None off the main
+        # process under ZeRO-3
+        state = cast(
+            "dict[str, Tensor] | None",
             self.accelerator.get_state_dict(self.engine)
             if self.engine is not None
-            else self.suite.state_dict()
+            else self.suite.state_dict(),
         )
         if state is None:
             return {}
@@ -296,9 +314,10 @@ class SuiteTrainer:
         """MB this process holds for its SAEs: `sae_params_mb` (module parameters) and
         `optimizer_mb` (what the innermost optimizer steps, e.g. ZeRO's fp32 partition, plus its
         Adam moments)."""
-        opt = self.optimizer
-        while hasattr(opt, "optimizer"):
-            opt = opt.optimizer
+        # accelerate's and DeepSpeed's wrappers hold the optimizer they wrap as `.optimizer`
+        opt: torch.optim.Optimizer = self.optimizer
+        while (inner := getattr(opt, "optimizer", None)) is not None:
+            opt = inner
         stepped = sum(p.numel() * p.element_size() for g in opt.param_groups for p in g["params"])
         moments = sum(
             v.numel() * v.element_size()

@@ -1,8 +1,8 @@
 """The launch side (launch/, docker/, conf/hydra/): every config parses with the loader that will
 read it (accelerate, DeepSpeed, Hydra + submitit), the shell scripts are valid bash, the SLURM
 script starts one process per requested GPU with its rank and requeues a job SLURM stopped
-(under stand-ins for srun / scontrol: tests/test_slurm.py runs it on a real cluster), and the
-Dockerfile passes hadolint. Fast (no process group, no model, no training)."""
+(under stand-ins for srun / scontrol: tests/project/test_slurm.py runs it on a real cluster),
+and the Dockerfile passes hadolint. Fast (no process group, no model, no training)."""
 
 from __future__ import annotations
 

@@ -31,8 +31,8 @@ import pytest
 import torch
 
 from sae_dist.checkpoint import CheckpointError, load_part, load_suite_sae, read_suite_index
-from tests.test_distributed import assert_same_saes
-from tests.test_train import final_state, wandb_history_steps
+from tests.train.test_distributed import assert_same_saes
+from tests.train.test_train import final_state, wandb_history_steps
 
 pytestmark = pytest.mark.cluster
 

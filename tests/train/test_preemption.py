@@ -1,8 +1,8 @@
 """Stop signals (sae_dist.preemption) and a W&B service that a job's signal has ended: the
 handlers only record, stay out of signals that something else handles, and are restored after
-the loop; a lost W&B service does not end the run. The training paths: tests/test_train.py
-(one process), tests/test_distributed.py (a signal to one of two processes),
-tests/test_slurm.py (SLURM's own signals, on a real cluster)."""
+the loop; a lost W&B service does not end the run. The training paths: tests/train/test_train.py
+(one process), tests/train/test_distributed.py (a signal to one of two processes),
+tests/project/test_slurm.py (SLURM's own signals, on a real cluster)."""
 
 from __future__ import annotations
 

@@ -275,7 +275,7 @@ def stop_signals_restored():
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_a_stop_signal_saves_that_step_and_the_restart_resumes_bitwise(
-    tmp_path, monkeypatch, phased_reference, stop_signals_restored, sig
+    tmp_path, monkeypatch, phased, stop_signals_restored, sig
 ):
     """SIGUSR1 (SLURM's time-limit warning) or SIGTERM (preemption) during the 12th forward batch
     of a run without periodic checkpoints: it finishes that step, saves a checkpoint there and
@@ -283,6 +283,7 @@ def test_a_stop_signal_saves_that_step_and_the_restart_resumes_bitwise(
     bit (that run saved a checkpoint after every forward batch: saving changes nothing)."""
     from sae_dist.preemption import REQUEUE_EXIT
 
+    overrides, phased_reference = phased  # fp32 and bf16 (LM and autocast)
     calls, original = {"n": 0}, ActivationProducer.activations
 
     def signalled(self, batches):
@@ -292,7 +293,7 @@ def test_a_stop_signal_saves_that_step_and_the_restart_resumes_bitwise(
         return original(self, batches)
 
     monkeypatch.setattr(ActivationProducer, "activations", signalled)
-    cfg = tiny_run(tmp_path, "logger=none", *PHASED, "train.checkpoint_every=0")
+    cfg = tiny_run(tmp_path, *overrides, "train.checkpoint_every=0")
     with pytest.raises(SystemExit) as stopped:
         train(cfg)
     assert stopped.value.code == REQUEUE_EXIT
@@ -301,7 +302,7 @@ def test_a_stop_signal_saves_that_step_and_the_restart_resumes_bitwise(
     monkeypatch.setattr(ActivationProducer, "activations", original)
     assert signal.getsignal(sig) is signal.SIG_IGN  # the stopped process ignores the next one
     signal.signal(sig, signal.SIG_DFL)
-    train(tiny_run(tmp_path, "logger=none", *PHASED, "train.checkpoint_every=0"))
+    train(tiny_run(tmp_path, *overrides, "train.checkpoint_every=0"))
     for name in ["layers.1.resid", "layers.3.mlp"]:
         ref, got = final_state(phased_reference, name), final_state(tmp_path, name)
         assert got["step_count"] == ref["step_count"] == 16

@@ -119,7 +119,7 @@ class ChatProbe:
                     cache=first.past_key_values,
                     use_cache=True,
                 )
-                readings.append([(r.scores, r.open) for r in steering.readings()])
+                readings.append([(r.scores, r.open) for r in steering.prompt_readings()])
             logits = torch.cat([first.logits[:, -1:], rest.logits[:, :-1]], 1).float()
             target = ids[:, width_p:]
             valid = mask[:, width_p:].bool()

@@ -63,9 +63,9 @@ def _fmt(v: Any) -> str:
 
 def _label(key: str, value: Any) -> str:
     if key == "method":
-        return METHODS.get(value, value)
+        return METHODS.get(value, str(value))
     if key == "gate":
-        return GATES.get(value, value)
+        return GATES.get(value, str(value))
     return _fmt(value)
 
 
@@ -162,7 +162,7 @@ def examples_markdown(
                 is_open = gate_open(first, row["gate"], s, i)
                 gate = "" if is_open is None else f"; gate {'open' if is_open else 'closed'}"
                 name = (
-                    (METHODS.get(row["method"], row["method"]) + ", " + GATES[row["gate"]])
+                    (METHODS.get(row["method"], str(row["method"])) + ", " + GATES[row["gate"]])
                     if row["method"] != "unsteered"
                     else "unsteered"
                 )

@@ -925,6 +925,7 @@ def dev_sweep(
                 best = (key, sel, a)
             if ok:
                 break
+    assert best is not None, "selections and alphas are non-empty (validate_refusal checks alphas)"
     return rows, (best[1], best[2])
 
 
@@ -942,7 +943,7 @@ def feature_report(
         top = scores.ranking(r.rank_by)[: r.n_report_features]
         out[name] = [
             {
-                **scores.row(f),
+                **scores.row(int(f)),
                 "contexts": top_contexts(
                     sel.sae, int(f), sets, sel.hookpoint, tokenizer, r.top_contexts
                 ),
@@ -950,6 +951,7 @@ def feature_report(
             for f in top
         ]
     gate = gates.sae.gate
+    assert gate.sae is not None and gate.weights is not None, "the SAE gate is a features gate"
     out["gate"] = [
         {
             "feature": f,
@@ -1090,6 +1092,8 @@ def run_refusal_study(cfg: SteerRunConfig) -> dict[str, Any]:
     timings["measurement"] = time.perf_counter() - t
 
     g = gates.sae.gate
+    assert g.weights is not None, "the SAE gate is a features gate"
+    assert chosen_measured is not None, "the arms include method sae at alpha (alphas has it)"
     chosen = InterventionSpec(
         str(sel.folder),
         sel.hookpoint.name,
