@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,13 +33,13 @@ weights: what `auto` chooses where bf16 is native). Emulated, and slow, on AVX2-
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux, else the platform's processor string)."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        text = ""
+    names = [
+        line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")
+    ]
+    return names[0] if names else platform.processor() or "unknown CPU"
 
 
 def pytest_report_header(config) -> list[str]:

@@ -172,8 +172,14 @@ def test_eval_tokens_0_saves_the_suite_unevaluated(tmp_path):
 
 # --- trustworthy runs: resume in every phase, config checks, complete runs, data checks ------
 
-PHASED = ["train.lr_warmup_frac=0.4", "train.lr_decay_frac=0.4", "train.checkpoint_every=1"]
-"""16 steps: warm-up over steps 0-5, constant 6-9, decay 10-15; a checkpoint every forward."""
+PHASED = [
+    "train.lr_warmup_frac=0.4",
+    "train.lr_decay_frac=0.4",
+    "train.checkpoint_every=1",
+    "train.eval_tokens=0",
+]
+"""16 steps: warm-up over steps 0-5, constant 6-9, decay 10-15; a checkpoint every forward; no
+evaluation (the runs are compared by their checkpoints; evaluating took most of their time)."""
 
 
 def killed_at(monkeypatch, call: int):
