@@ -51,7 +51,7 @@ def test_train_help_lists_groups_and_every_key_with_its_docstring():
         "  train.tokens: int = 200000\n"
         "      Training tokens per hookpoint (tokens that pass the train mask).\n"
     ) in out
-    assert "  sites.layers: Optional[list[int]] = [6, 12, 18, 24]\n" in out
+    assert "  sites.layers: list[int] | None = [6, 12, 18, 24]\n" in out
     lines = out.splitlines()
     for key in leaf_keys(TrainRunConfig):
         [at] = [i for i, line in enumerate(lines) if line.startswith(f"  {key}: ")]
@@ -65,7 +65,7 @@ def test_evaluate_help_shows_its_own_schema():
     assert "  suite: str = ???\n" in result.stdout
     assert "train.tokens" not in result.stdout and "  sae: " not in result.stdout
     assert (
-        "  model: Optional[ModelConfig] = null\n"
+        "  model: ModelConfig | None = null\n"
         "      The model group; null means the model named by the suite"
     ) in result.stdout
 
