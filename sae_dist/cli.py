@@ -68,12 +68,13 @@ def run_hydra(config_name: str, schema: type, run: Callable[[Any], Any]) -> None
         fail(str(e))
     if int(os.environ.get("RANK", "0")) > 0:
         sys.argv += RANK_OVERRIDES
+    if not any(a.startswith("hydra.job.name=") for a in args):
+        sys.argv.append(f"hydra.job.name={command_package(run).rsplit('.', 1)[-1]}")
     hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)(_job(run))()
 
 
 def _job(run: Callable[[Any], Any]) -> Callable[[DictConfig], None]:
-    """The Hydra task: typed config, `run`, user errors as one line. Hydra names the job (log
-    file, job name) after the command's package (`command_package`)."""
+    """The Hydra task: typed config, `run`, user errors as one line."""
 
     @functools.wraps(run)
     def job(dcfg: DictConfig) -> None:
@@ -82,7 +83,6 @@ def _job(run: Callable[[Any], Any]) -> Callable[[DictConfig], None]:
         except UserError as e:
             fail(str(e))
 
-    job.__module__ = command_package(run)
     return job
 
 
@@ -97,7 +97,7 @@ def typed_config(dcfg: DictConfig) -> Any:
 
 def command_package(run: Callable[[Any], Any]) -> str:
     """The package whose `python -m` runs `run` (`sae_dist.train` for sae_dist.train.loop.train);
-    Hydra names the job (and its log file) after its last part."""
+    `run_hydra` names the Hydra job (and so its log file) after its last part."""
     return run.__module__.rsplit(".", 1)[0]
 
 
