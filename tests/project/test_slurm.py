@@ -181,11 +181,23 @@ def wait_local(proc: subprocess.Popen, out_dir: Path) -> None:
 
 
 def test_sbatch_trains_one_rank_per_node_like_a_local_ddp_run(slurm, tmp_path):
+    """The README's line as it is, `--wait` included (its exit code is the job's)."""
     out, log = tmp_path / "slurm", tmp_path / "job.out"
-    job = submit(*RESOURCES, SBATCH, *RUN, f"out_dir={out}", log=log)
+    sbatch = subprocess.Popen(
+        ["sbatch", *RESOURCES, "--wait", f"--output={log}", SBATCH, *RUN, f"out_dir={out}"],
+        cwd=ROOT,
+        env=job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     local = tmp_path / "local"
     wait_local(local_ddp(RUN, local), local)
-    text = wait_ended(job, log)
+    output = sbatch.communicate(timeout=GUARD_S)[0]
+    text = log.read_text()
+    assert sbatch.returncode == 0, output + text[-3000:]
+    submitted = re.search(r"Submitted batch job (\d+)", output)
+    assert submitted and field(submitted.group(1), "JobState") == "COMPLETED", output
     assert "n[1-2], 2 x 1 processes" in text
     ranks = re.findall(r"^rank (\d+) of (\d+) on node (\w+)", text, re.M)
     assert sorted(ranks) == [("0", "2", "n1"), ("1", "2", "n2")], text[-3000:]
