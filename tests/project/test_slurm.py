@@ -28,11 +28,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 from sae_dist.checkpoint import CheckpointError, load_part, load_suite_sae, read_suite_index
 from tests.train.test_distributed import assert_same_saes
-from tests.train.test_train import final_state, wandb_history_steps
+from tests.train.test_train import assert_same_final_state, wandb_history_steps
 
 pytestmark = pytest.mark.cluster
 
@@ -256,14 +255,7 @@ def test_a_warned_then_preempted_job_resumes_to_the_uninterrupted_weights(slurm,
     )
     assert set(stops) == {"SIGUSR1", "SIGTERM"}, text[-4000:]
     assert 0 < int(stops["SIGUSR1"]) < int(stops["SIGTERM"]) < 39
-    for name in HOOKPOINTS:
-        ref, got = final_state(reference, name), final_state(out, name)
-        assert got["step_count"] == ref["step_count"] == 39
-        for key, value in ref["sae"].items():
-            torch.testing.assert_close(got["sae"][key], value, rtol=0, atol=0)
-        for pname, moments in ref["adam"].items():
-            for key, value in moments.items():
-                torch.testing.assert_close(got["adam"][pname][key], value, rtol=0, atol=0)
+    assert_same_final_state(reference, out, HOOKPOINTS, 39)
     # One W&B run, with every logged step once.
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and runs[0].name.endswith((out / "wandb_run_id").read_text().strip())

@@ -200,6 +200,19 @@ def final_state(out: Path, name: str) -> dict:
     return torch.load(out / "checkpoint" / "saes" / f"{name}.pt", weights_only=False)
 
 
+def assert_same_final_state(reference: Path, out: Path, names: list[str], steps: int) -> None:
+    """The last checkpoints of two runs hold `steps` steps and bit-identical SAE weights and
+    Adam moments for every SAE of `names`."""
+    for name in names:
+        ref, got = final_state(reference, name), final_state(out, name)
+        assert got["step_count"] == ref["step_count"] == steps
+        for key, value in ref["sae"].items():
+            torch.testing.assert_close(got["sae"][key], value, rtol=0, atol=0)
+        for pname, moments in ref["adam"].items():
+            for key, value in moments.items():
+                torch.testing.assert_close(got["adam"][pname][key], value, rtol=0, atol=0)
+
+
 @pytest.fixture(scope="module", params=sorted(PRECISION))
 def phased(request, tmp_path_factory) -> tuple[list[str], Path]:
     """(overrides, uninterrupted run's out_dir) of the phased run in each precision (bf16:
@@ -229,14 +242,7 @@ def test_resume_in_every_lr_phase_equals_the_uninterrupted_run(
     }[phase], step
     undo()
     train(tiny_run(tmp_path, *overrides))
-    for name in ["layers.1.resid", "layers.3.mlp"]:
-        ref, got = final_state(phased_reference, name), final_state(tmp_path, name)
-        assert got["step_count"] == ref["step_count"] == 16
-        for key, value in ref["sae"].items():
-            torch.testing.assert_close(got["sae"][key], value, rtol=0, atol=0)
-        for pname, moments in ref["adam"].items():
-            for key, value in moments.items():
-                torch.testing.assert_close(got["adam"][pname][key], value, rtol=0, atol=0)
+    assert_same_final_state(phased_reference, tmp_path, ["layers.1.resid", "layers.3.mlp"], 16)
 
 
 def test_jumprelu_with_target_resumes_bitwise(tmp_path, monkeypatch):
@@ -310,14 +316,7 @@ def test_a_stop_signal_saves_that_step_and_the_restart_resumes_bitwise(
     assert signal.getsignal(sig) is signal.SIG_IGN  # the stopped process ignores the next one
     signal.signal(sig, signal.SIG_DFL)
     train(tiny_run(tmp_path, *overrides, "train.checkpoint_every=0"))
-    for name in ["layers.1.resid", "layers.3.mlp"]:
-        ref, got = final_state(phased_reference, name), final_state(tmp_path, name)
-        assert got["step_count"] == ref["step_count"] == 16
-        for key, value in ref["sae"].items():
-            torch.testing.assert_close(got["sae"][key], value, rtol=0, atol=0)
-        for pname, moments in ref["adam"].items():
-            for key, value in moments.items():
-                torch.testing.assert_close(got["adam"][pname][key], value, rtol=0, atol=0)
+    assert_same_final_state(phased_reference, tmp_path, ["layers.1.resid", "layers.3.mlp"], 16)
     assert signal.getsignal(sig) is signal.SIG_DFL  # restored after the training loop
 
 
