@@ -66,11 +66,22 @@ def run_hydra(config_name: str, schema: type, run: Callable[[Any], Any]) -> None
         check_added_keys(_overrides(args), schema)
     except UserError as e:
         fail(str(e))
-    if int(os.environ.get("RANK", "0")) > 0:
-        sys.argv += RANK_OVERRIDES
+    added = RANK_OVERRIDES if int(os.environ.get("RANK", "0")) > 0 else []
     if not any(a.startswith("hydra.job.name=") for a in args):
-        sys.argv.append(f"hydra.job.name={command_package(run).rsplit('.', 1)[-1]}")
+        added = [*added, f"hydra.job.name={command_package(run).rsplit('.', 1)[-1]}"]
+    at = _first_override(sys.argv)
+    sys.argv[at:at] = added
     hydra.main(version_base=None, config_path=str(CONF_DIR), config_name=config_name)(_job(run))()
+
+
+def _first_override(argv: list[str]) -> int:
+    """Where in `argv` the command's own overrides go: beside the user's first override (argparse
+    takes the overrides as one run of positional arguments, so none may follow an option such as
+    `--cfg job` when others precede it), else at the end."""
+    for i, arg in enumerate(argv[1:], start=1):
+        if "=" in arg and not arg.startswith("-"):
+            return i
+    return len(argv)
 
 
 def _job(run: Callable[[Any], Any]) -> Callable[[DictConfig], None]:

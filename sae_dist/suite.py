@@ -10,8 +10,9 @@ against the model.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae_dist.checkpoint import CFG_FILE, CheckpointError, load_sae, read_suite_index
 from sae_dist.cli import CONF_DIR
-from sae_dist.config import ModelConfig
+from sae_dist.config import DataConfig, ModelConfig
 from sae_dist.errors import ConfigError
 from sae_dist.hookpoints import Hookpoint
 from sae_dist.models import resolve_device
 from sae_dist.sae import SparseAutoencoder
+
+logger = logging.getLogger(__name__)
+
+DOCUMENT_ORDER_KEYS = ("seed", "shuffle", "reserved_frac", "holdout_every")
+"""The data keys that, with the source, decide which documents are held out from training."""
 
 
 @dataclass
@@ -52,6 +58,20 @@ class LoadedSuite:
     @property
     def hookpoints(self) -> list[Hookpoint]:
         return list(self.saes)
+
+    def held_out_data(self, data: DataConfig) -> DataConfig:
+        """`data` reading its source in the document order the suite was trained with, when
+        that source is the training's: the keys of DOCUMENT_ORDER_KEYS taken from suite.json's
+        train_config (logged when they change), so the held-out split is the one training never
+        read. Another source, or a suite that records no training config, keeps `data`."""
+        trained = (self.train_config or {}).get("data") or {}
+        if trained.get("source") != data.source:
+            return data
+        order = {k: trained[k] for k in DOCUMENT_ORDER_KEYS if k in trained}
+        changed = {k: v for k, v in order.items() if getattr(data, k) != v}
+        if changed:
+            logger.info("data in the suite's training order (from suite.json): %s", changed)
+        return replace(data, **order)
 
 
 def load_suite(

@@ -109,6 +109,11 @@ def tiny_model(tiny_cfg):
     return _random_model(tiny_cfg.model).eval().requires_grad_(False)
 
 
+def one_document_per_row(ids: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """doc_ids [rows, cols] of a synthetic batch whose row r is document first + r."""
+    return torch.arange(first, first + len(ids))[:, None].expand_as(ids).clone()
+
+
 def random_token_batches(n: int, rows: int, cols: int, drop: float, seed: int) -> list:
     """n TokenBatches of random token ids [rows, cols] (ids < 3000) with a random train mask
     (each position left out with probability `drop`; column 0, the BOS column, always)."""
@@ -116,11 +121,11 @@ def random_token_batches(n: int, rows: int, cols: int, drop: float, seed: int) -
 
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(n):
+    for b in range(n):
         ids = torch.randint(0, 3000, (rows, cols), generator=gen)
         mask = torch.rand(rows, cols, generator=gen) > drop
         mask[:, 0] = False
-        out.append(TokenBatch(ids, mask))
+        out.append(TokenBatch(ids, mask, one_document_per_row(ids, b * rows)))
     return out
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from sae_dist.config import ConfigError, EvalRunConfig
+from sae_dist.config import ConfigError, DataConfig, EvalRunConfig
 from sae_dist.data import TokenStream
 from sae_dist.evaluate.evaluator import eval_context, evaluate_saes, scalar_metrics
 from sae_dist.evaluate.outputs import EVAL_METRICS, write_eval_outputs
@@ -40,11 +40,19 @@ def validate_eval(cfg: EvalRunConfig) -> None:
         raise ConfigError("suite", cfg.suite, "an existing suite directory or SAE folder")
 
 
+def evaluation_splits(data: DataConfig) -> list[str]:
+    """The held-out split, and the reserved region when the data config has one."""
+    return ["eval", "reserved"] if data.reserved_frac else ["eval"]
+
+
 def run_evaluation(cfg: EvalRunConfig) -> dict[str, dict[str, Any]]:
-    """Load the suite and the model, evaluate, write JSONs / tables / plots and log to W&B."""
+    """Load the suite and the model, evaluate on the held-out split (and the reserved region),
+    write JSONs / tables / plots (the reserved region's under out_dir/reserved) and log to W&B.
+    Returns the held-out split's results."""
 
     validate_eval(cfg)
     suite = load_suite(cfg.suite, cfg.eval.device, cfg.model)
+    cfg.data = suite.held_out_data(cfg.data)
     cfg.model, device, saes = suite.model, suite.device, suite.saes
     sae_info = {
         name: {
@@ -54,44 +62,67 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, dict[str, Any]]:
         for name, c in suite.sae_configs.items()
     }
     model, tokenizer = load_model(cfg.model, device)
-    stream = TokenStream(cfg.data, tokenizer, "eval", seed=cfg.eval.seed)
-    batches = list(stream.batches_until(cfg.eval.tokens, cfg.eval.batch_seqs))
-    start = time.perf_counter()
-    results = evaluate_saes(
-        model,
-        saes,
-        batches,
-        device,
-        outlier_factor=cfg.data.policy.outlier_factor,
-        model_level=cfg.eval.model_level,
-        ce_mean=cfg.eval.ce_mean,
-        max_variants=cfg.eval.max_variants,
-        logit_chunk=cfg.eval.logit_chunk,
-        all_tokens=cfg.eval.all_tokens,
-    )
-    seconds = time.perf_counter() - start
-    context = eval_context(
-        str(cfg.suite), cfg.model, cfg.data, batches, eval=asdict(cfg.eval), seconds=seconds
-    )
     out_dir = Path(cfg.out_dir)
-    files = write_eval_outputs(results, out_dir, context, sae_info)
     logger = RunLogger(cfg.logger, out_dir, asdict(cfg), name=f"eval-{Path(cfg.suite).name}")
+    by_split = {}
+    for split in evaluation_splits(cfg.data):
+        stream = TokenStream(cfg.data, tokenizer, split)
+        batches = list(stream.batches_until(cfg.eval.tokens, cfg.eval.batch_seqs))
+        start = time.perf_counter()
+        results = evaluate_saes(
+            model,
+            saes,
+            batches,
+            device,
+            outlier_factor=cfg.data.policy.outlier_factor,
+            model_level=cfg.eval.model_level,
+            ce_mean=cfg.eval.ce_mean,
+            max_variants=cfg.eval.max_variants,
+            logit_chunk=cfg.eval.logit_chunk,
+            all_tokens=cfg.eval.all_tokens,
+            bootstrap=cfg.eval.bootstrap,
+            slices=cfg.eval.slices,
+            seed=cfg.eval.seed,
+        )
+        seconds = time.perf_counter() - start
+        context = eval_context(
+            str(cfg.suite),
+            cfg.model,
+            cfg.data,
+            batches,
+            split=split,
+            eval=asdict(cfg.eval),
+            seconds=seconds,
+        )
+        split_dir = out_dir if split == "eval" else out_dir / split
+        files = write_eval_outputs(results, split_dir, context, sae_info)
+        _log_split(logger, split, results, files["plots"])
+        print(
+            f"\n{split}: {files['table_md'].read_text()}\nEvaluated {len(saes)} SAEs on "
+            f"{results[next(iter(results))]['tokens']} tokens of the {split} split in "
+            f"{seconds:.1f} s; outputs in {split_dir}"
+        )
+        by_split[split] = results
+    logger.finish()
+    print(f"W&B run: {logger.location}")
+    return by_split["eval"]
+
+
+def _log_split(
+    logger: RunLogger, split: str, results: dict[str, dict[str, Any]], plots: list[Path]
+) -> None:
+    """The scalar metrics (`<hookpoint>/<metric>`, prefixed `<split>/` except for the held-out
+    split), the plots and the results table of one split."""
+    prefix = "" if split == "eval" else f"{split}/"
     flat = {
-        f"{hp}/{k}": v
+        f"{prefix}{hp}/{k}": v
         for hp, r in results.items()
         for k, v in scalar_metrics(r).items()
         if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
     }
     logger.log(flat, step=0)
     logger.summary(flat)
-    logger.log_images({f"eval/{p.stem}": p for p in files["plots"]})
+    logger.log_images({f"{split}/{p.stem}": p for p in plots})
     logger.log_table(
-        "eval/results", {hp: scalar_metrics(r) for hp, r in results.items()}, EVAL_METRICS
+        f"{split}/results", {hp: scalar_metrics(r) for hp, r in results.items()}, EVAL_METRICS
     )
-    logger.finish()
-    print(
-        f"\n{files['table_md'].read_text()}\nEvaluated {len(saes)} SAEs on "
-        f"{results[next(iter(results))]['tokens']} held-out tokens in {seconds:.1f} s; "
-        f"outputs in {out_dir}\nW&B run: {logger.location}"
-    )
-    return results

@@ -72,6 +72,7 @@ from sae_dist.evaluate.model_level import (
     replay_from,
 )
 from sae_dist.evaluate.reconstruction import ReconstructionAccumulator, SAELike, reconstruct
+from sae_dist.evaluate.spread import DocumentSums, bootstrap_intervals, region_slices
 from sae_dist.hookpoints import Hookpoint, capture
 from sae_dist.policy import PositionFilter
 from sae_dist.sae import SparseAutoencoder
@@ -115,7 +116,12 @@ def split_batches(batches: Sequence[TokenBatch], max_tokens: int) -> list[TokenB
     out = []
     for b in batches:
         rows = max(1, max_tokens // b.input_ids.shape[1])
-        out += [TokenBatch(i, m) for i, m in zip(b.input_ids.split(rows), b.train_mask.split(rows))]
+        out += [
+            TokenBatch(*parts)
+            for parts in zip(
+                b.input_ids.split(rows), b.train_mask.split(rows), b.doc_ids.split(rows)
+            )
+        ]
     return out
 
 
@@ -147,6 +153,9 @@ def evaluate_saes(
     logit_chunk: int = 256,
     max_batch_tokens: int = MAX_BATCH_TOKENS,
     all_tokens: bool = False,
+    bootstrap: int = 1000,
+    slices: int = 0,
+    seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """Reconstruction (and with `model_level` the model-level) metrics of every SAE over the
     held-out `batches`; keyed by hookpoint name, in the order of `saes`. An SAE may be a plain
@@ -162,6 +171,10 @@ def evaluate_saes(
     positions left out.
     CE and KL are scored at the position set's CE positions. `all_tokens` adds every metric
     over the whole position set (no outlier left out) as `<metric>_all` (without ce_mean).
+    Spread (sae_dist.evaluate.spread): with `bootstrap` > 0, `fvu_ci`, `l0_ci` and
+    `delta_loss_ci`, [low, high] 95% percentile intervals over `bootstrap` resamples of the
+    documents (seeded by `seed`); `docs`, the documents evaluated; with `slices` = k > 0,
+    `slices`, the metrics on k disjoint regions of those documents by document id.
     Besides the scalars: `latent_freq_hist`, and with `model_level` `delta_loss_by_sequence`
     (`ModelLevelAccumulator.by_sequence`, for paired comparisons of SAEs on the same batches)."""
     hps = list(saes)
@@ -187,11 +200,13 @@ def evaluate_saes(
     excluded = 0
     for batch in tqdm(batches, desc="eval", unit="batch", leave=False):
         ids, mask = batch.input_ids.to(device), batch.train_mask.to(device)
+        docs = batch.doc_ids.to(device)
         if model_level:
             clean = clean_pass(model, ids, hps, sorted({hp.layer for hp in hps}))
             acts = clean.acts
             sel, targets = ce_positions(ids, mask)
             scorer = NextTokenScorer(model, clean.final, sel, targets, logit_chunk)
+            ce_docs = docs[sel]
         else:
             acts = capture(model, hps, ids, stop_early=True)
         keep = policy.keep_positions(acts, mask)
@@ -202,12 +217,13 @@ def evaluate_saes(
             for hp, sae in saes.items():
                 x = acts[hp][positions].float()
                 x_hats[hp], latents = reconstruct(sae, x)
-                v.recon[hp].update(x, x_hats[hp], latents)
+                v.recon[hp].update(x, x_hats[hp], docs[positions], latents)
             if model_level:
                 _model_level_batch(
                     model,
                     clean,
                     scorer,
+                    ce_docs,
                     positions,
                     x_hats,
                     {} if v.every_position else means,
@@ -224,11 +240,26 @@ def evaluate_saes(
                 part.update(v.ce[hp].result())
             res.update({f"{k}{v.suffix}": val for k, val in part.items()})
         res["excluded"] = excluded
+        res.update(_spread(views[0], hp, bootstrap, slices, seed))
         res["latent_freq_hist"] = views[0].recon[hp].frequency_histogram()
         if model_level:
             res["delta_loss_by_sequence"] = views[0].ce[hp].by_sequence()
         results[hp.name] = res
     return results
+
+
+def _spread(view: _View, hp: Hookpoint, bootstrap: int, slices: int, seed: int) -> dict[str, Any]:
+    """docs, the bootstrap intervals and the region slices of one SAE (see evaluate_saes)."""
+    columns = view.recon[hp].by_document()
+    if view.ce:
+        columns.update(view.ce[hp].by_document())
+    sums = DocumentSums.from_columns(columns)
+    out: dict[str, Any] = {"docs": len(sums.ids)}
+    if bootstrap:
+        out.update(bootstrap_intervals(sums, bootstrap, seed))
+    if slices:
+        out["slices"] = region_slices(sums, slices)
+    return out
 
 
 def _d_in(sae: SAELike, model: nn.Module) -> int:
@@ -246,6 +277,7 @@ def _model_level_batch(
     model: nn.Module,
     clean,
     scorer: NextTokenScorer,
+    ce_docs: Tensor,
     splice: Tensor,
     x_hats: dict[Hookpoint, Tensor],
     means: dict[Hookpoint, Tensor],
@@ -254,7 +286,8 @@ def _model_level_batch(
     max_batch_tokens: int = MAX_BATCH_TOKENS,
 ) -> None:
     """Score one batch: clean CE, then per start layer the SAE / zero / mean splices at the
-    positions `splice` [B, T] of every hookpoint of that layer, batched `max_variants` at a
+    positions `splice` [B, T] of every hookpoint of that layer (`ce_docs` [n]: the document of
+    each CE position), batched `max_variants` at a
     time (on CPU also at most `max_batch_tokens` positions per replay: larger batches are
     slower per token there)."""
     variants: dict[int, list[tuple[Hookpoint, str, Any]]] = {}
@@ -266,7 +299,7 @@ def _model_level_batch(
     )
     rows = scorer.sel.nonzero(as_tuple=True)[0]
     for hp, x_hat in x_hats.items():
-        acc[hp].add_clean(scorer.ce_clean, rows)
+        acc[hp].add_clean(scorer.ce_clean, rows, ce_docs)
         kinds = [("spliced", x_hat), ("zero", x_hat.new_zeros(d_model))]
         kinds += [("mean", means[hp])] if hp in means else []
         variants.setdefault(hp.layer, []).extend((hp, k, masked_edit(splice, v)) for k, v in kinds)
@@ -280,16 +313,21 @@ def _model_level_batch(
 
 
 def eval_context(
-    suite: str, model: ModelConfig, data: Any, batches: Sequence[TokenBatch], **extra: Any
+    suite: str,
+    model: ModelConfig,
+    data: Any,
+    batches: Sequence[TokenBatch],
+    split: str = "eval",
+    **extra: Any,
 ) -> dict[str, Any]:
-    """What a per-SAE JSON records besides the metrics: suite, model and data configs, split,
-    the token policy (named), splice and CE positions, and the sequences and tokens the
-    evaluation read."""
+    """What a per-SAE JSON records besides the metrics: suite, model and data configs, split
+    (eval, or the reserved region), the token policy (named), splice and CE positions, and the
+    sequences and tokens the evaluation read."""
     return {
         "suite": suite,
         "model": asdict(model),
         "data": asdict(data),
-        "split": "eval",
+        "split": split,
         "token_policy": data.policy.describe(),
         "splice_positions": SPLICE_POSITIONS,
         "ce_positions": CE_POSITIONS,
@@ -300,11 +338,12 @@ def eval_context(
 
 
 def scalar_metrics(res: dict[str, Any]) -> dict[str, Any]:
-    """The scalar entries of one SAE's results (drops the frequency histogram)."""
-    return {k: v for k, v in res.items() if not isinstance(v, (dict, list))}
-
-
-# ------------------------------------------------------------------------- loading a suite
-
-
-# ---------------------------------------------------------------------------------- the run
+    """The scalar entries of one SAE's results: an interval `<m>_ci` as `<m>_ci_low` and
+    `<m>_ci_high`; the frequency histogram, per-sequence records and slices left out."""
+    out = {}
+    for k, v in res.items():
+        if k.endswith("_ci"):
+            out[f"{k}_low"], out[f"{k}_high"] = v
+        elif not isinstance(v, (dict, list)):
+            out[k] = v
+    return out

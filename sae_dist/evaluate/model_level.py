@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sae_dist.evaluate.spread import merge_parts, sum_by_document
 from sae_dist.hookpoints import (
     HookFn,
     Hookpoint,
@@ -282,15 +283,18 @@ class ModelLevelAccumulator:
     """float64 [rows] per batch: sum of spliced - clean CE over each row's CE positions."""
     seq_positions: list[Tensor] = field(default_factory=list)
     """float64 [rows] per batch: CE positions of each row."""
-    batch: tuple[Tensor, Tensor] | None = None
-    """(clean CE [n] float64, row index [n] int64) of the batch being scored."""
+    doc_parts: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    """Per batch, columns ce_n and ce_delta: (document ids, per-document sums)."""
+    batch: tuple[Tensor, Tensor, Tensor] | None = None
+    """(clean CE [n] float64, row index [n] int64, document id [n] int64) of the batch being
+    scored."""
 
-    def add_clean(self, ce_clean: Tensor, rows: Tensor) -> None:
-        """Clean CE per CE position [n] of one batch and each position's row in the batch [n]
-        (row-major order, as `h[sel]` selects)."""
+    def add_clean(self, ce_clean: Tensor, rows: Tensor, docs: Tensor) -> None:
+        """Clean CE per CE position [n] of one batch, each position's row in the batch [n]
+        (row-major order, as `h[sel]` selects) and its document id [n]."""
         self.n += ce_clean.numel()
         self.sums["ce_clean"] += float(ce_clean.sum())
-        self.batch = (ce_clean.double(), rows)
+        self.batch = (ce_clean.double(), rows, docs)
 
     def add(self, kind: str, ce: Tensor, kl: Tensor | None = None) -> None:
         """CE (and for kind 'spliced' the KL) per position [n] of the batch of `add_clean`."""
@@ -301,9 +305,16 @@ class ModelLevelAccumulator:
         if kl is not None:
             self.sums["kl"] += float(kl.sum())
         assert self.batch is not None  # add_clean comes first
-        clean, rows = self.batch
-        self.seq_delta.append(torch.bincount(rows, weights=ce.double() - clean).cpu())
+        clean, rows, docs = self.batch
+        delta = ce.double() - clean
+        self.seq_delta.append(torch.bincount(rows, weights=delta).cpu())
         self.seq_positions.append(torch.bincount(rows).double().cpu())
+        for name, values in (("ce_n", torch.ones_like(delta)), ("ce_delta", delta)):
+            self.doc_parts.setdefault(name, []).append(sum_by_document(docs, values))
+
+    def by_document(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """{column: (document ids [u], per-document sums)} for `DocumentSums.from_columns`."""
+        return {name: merge_parts(parts) for name, parts in self.doc_parts.items()}
 
     def by_sequence(self) -> dict[str, list]:
         """Per sequence with a CE position, in batch order: the summed CE change (nats) and the

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sae_dist.evaluate.evaluator import scalar_metrics
 from sae_dist.hookpoints import SITES, Hookpoint
 
 REPORT_COLUMNS = ("fvu", "l0", "dead_frac", "cosine", "tokens")
@@ -35,25 +36,40 @@ EVAL_METRICS = RECON_METRICS + MODEL_METRICS
 """The metric names of DESIGN.md section 8 (and delta_loss_se), the keys of every per-SAE JSON."""
 EVAL_COLUMNS = (
     "fvu",
+    "fvu_ci",
     "l0",
     "dead_frac",
     "cosine",
     "delta_loss",
-    "delta_loss_se",
+    "delta_loss_ci",
     "loss_recovered",
     "kl",
+    "docs",
     "tokens",
 )
 """Columns of the end-of-training report table."""
 ALL_TOKEN_COLUMNS = ("fvu_all", "delta_loss_all", "kl_all", "tokens_all")
 """All-token figures (eval.all_tokens) shown in the suite table when present."""
+SPREAD_COLUMNS = ("fvu_ci", "l0_ci", "delta_loss_ci", "docs")
+"""Bootstrap intervals over documents and the document count (sae_dist.evaluate.spread)."""
 PIVOT_METRICS = ("fvu", "l0", "delta_loss", "loss_recovered", "kl")
 """Metrics shown as layer x site tables in the suite report."""
 
 
+def scalar_columns(columns: tuple[str, ...]) -> tuple[str, ...]:
+    """`columns` with each interval `<m>_ci` as its two scalars `<m>_ci_low`, `<m>_ci_high` (the
+    keys `scalar_metrics` gives)."""
+    return tuple(
+        part for c in columns for part in ((f"{c}_low", f"{c}_high") if c.endswith("_ci") else (c,))
+    )
+
+
 def _cell(value: Any) -> str:
+    """A table cell: floats to 4 significant digits, an interval [low, high] to 3."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
+    if isinstance(value, list):
+        return "[" + ", ".join(f"{v:.3g}" for v in value) + "]"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
@@ -136,6 +152,28 @@ def pivot_table(results: dict[str, dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
+def slices_tables(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown: per SAE with `slices`, the metrics on each region of the evaluated documents
+    (first and last document id, documents, tokens); empty without slices."""
+    parts = []
+    for hp, res in _sorted(results):
+        rows = res.get("slices")
+        if not rows:
+            continue
+        columns = [c for c in rows[0] if c not in ("first_doc", "last_doc")]
+        lines = [
+            f"### {hp}: by region of the corpus",
+            "",
+            "| documents | " + " | ".join(columns) + " |",
+            "|---|" + "---:|" * len(columns),
+        ]
+        for r in rows:
+            cells = " | ".join(_cell(r[c]) for c in columns)
+            lines.append(f"| {r['first_doc']}-{r['last_doc']} | {cells} |")
+        parts.append("\n".join(lines))
+    return "\n\n" + "\n\n".join(parts) + "\n" if parts else ""
+
+
 def write_eval_outputs(
     results: dict[str, dict[str, Any]],
     out_dir: Path,
@@ -165,15 +203,17 @@ def write_eval_outputs(
     columns = [m for m in EVAL_METRICS if any(r.get(m) is not None for r in results.values())]
     columns += [
         c
-        for c in ("ce_mean", "tokens", "ce_tokens", "excluded", *ALL_TOKEN_COLUMNS)
+        for c in (*SPREAD_COLUMNS, "ce_mean", "tokens", "ce_tokens", "excluded", *ALL_TOKEN_COLUMNS)
         if any(c in r for r in results.values())
     ]
     table_csv = out_dir / "suite_table.csv"
     with open(table_csv, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["hookpoint", "layer", "site", *columns])
+        flat_columns = scalar_columns(tuple(columns))
+        writer.writerow(["hookpoint", "layer", "site", *flat_columns])
         for hp, res in _sorted(results):
-            writer.writerow([hp, *_layer_site(hp), *(res.get(c) for c in columns)])
+            flat = scalar_metrics(res)
+            writer.writerow([hp, *_layer_site(hp), *(flat.get(c) for c in flat_columns)])
     pivots = "\n\n".join(
         pivot_table(results, m)
         for m in PIVOT_METRICS
@@ -182,12 +222,14 @@ def write_eval_outputs(
     table_md = out_dir / "suite_table.md"
     table_md.write_text(
         f"# Suite evaluation: {context.get('suite', '')}\n\n"
-        f"Model `{context.get('model', {}).get('name', '?')}`, held-out split of "
-        f"`{context.get('data', {}).get('source', '?')}`, "
+        f"Model `{context.get('model', {}).get('name', '?')}`, {context.get('split', 'eval')} "
+        f"split of `{context.get('data', {}).get('source', '?')}`, "
         f"{_cell(next(iter(results.values())).get('tokens'))} tokens; token policy: "
         f"{context.get('token_policy', '?')} (`excluded`: positions left out and unspliced; "
-        f"`*_all`: every position of the position set).\n\n"
+        f"`*_all`: every position of the position set; `*_ci`: 95% bootstrap intervals over "
+        f"the `docs` documents).\n\n"
         f"{markdown_table(dict(_sorted(results)), tuple(columns))}\n\n{pivots}\n"
+        f"{slices_tables(results)}"
     )
     plots = [
         plot_metrics_by_layer(results, out_dir / "metrics_by_layer.png"),

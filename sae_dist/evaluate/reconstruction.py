@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sae_dist.evaluate.spread import merge_parts, sum_by_document
 from sae_dist.sae import Latents, SparseAutoencoder
 
 DENSE_THRESHOLD = 0.1
@@ -66,6 +67,8 @@ class ReconstructionAccumulator:
     sum_dx: Tensor = field(init=False)
     sum_sq_dx: float = 0.0
     fire_counts: Tensor | None = field(init=False)
+    doc_parts: dict[str, list[tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    """Per batch and column (n, dx, dx_sq, err, l0): (document ids, per-document sums)."""
 
     def __post_init__(self) -> None:
         self.sum_dx = torch.zeros(self.d_in, dtype=torch.float64)
@@ -74,22 +77,36 @@ class ReconstructionAccumulator:
         )
 
     @torch.no_grad()
-    def update(self, x: Tensor, x_hat: Tensor, latents: Latents | None = None) -> None:
-        """x, x_hat [n, d_in] for the tokens that pass the train mask; latents of those tokens."""
+    def update(
+        self, x: Tensor, x_hat: Tensor, docs: Tensor, latents: Latents | None = None
+    ) -> None:
+        """x, x_hat [n, d_in] for the tokens that pass the train mask, their document ids
+        docs [n] int64, and the latents of those tokens."""
         if x.shape[0] == 0:
             return
         x64, x_hat64 = x.double(), x_hat.double()
         if self.shift is None:
             self.shift = x64.mean(0).cpu()
         dx = x64 - self.shift.to(x64.device)
+        err = (x64 - x_hat64).pow(2).sum(1)
+        dx_sq = dx.pow(2).sum(1)
         self.n += x.shape[0]
-        self.sum_sq_err += float((x64 - x_hat64).pow(2).sum())
+        self.sum_sq_err += float(err.sum())
         self.sum_dx += dx.sum(0).cpu()
-        self.sum_sq_dx += float(dx.pow(2).sum())
+        self.sum_sq_dx += float(dx_sq.sum())
         self.sum_cos += float(nn.functional.cosine_similarity(x64, x_hat64, dim=1).sum())
+        columns = {"n": torch.ones_like(err), "dx": dx, "dx_sq": dx_sq, "err": err}
         if latents is not None and self.fire_counts is not None:
-            self.sum_l0 += float(latents.l0().double().sum())
+            l0 = latents.l0().double()
+            self.sum_l0 += float(l0.sum())
             self.fire_counts += latents.fire_counts().cpu()
+            columns["l0"] = l0
+        for name, values in columns.items():
+            self.doc_parts.setdefault(name, []).append(sum_by_document(docs, values))
+
+    def by_document(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """{column: (document ids [u], per-document sums)} for `DocumentSums.from_columns`."""
+        return {name: merge_parts(parts) for name, parts in self.doc_parts.items()}
 
     def frequency_histogram(self) -> dict[str, Any] | None:
         """{"log10_freq_edges", "counts" (latents per bin), "dead"} or None without latents."""

@@ -106,6 +106,7 @@ def run_features(cfg: FeaturesRunConfig) -> dict[str, dict[str, Any]]:
     f = cfg.features
     suite = load_suite(cfg.suite, f.device, cfg.model)
     cfg.model, device, saes = suite.model, suite.device, suite.saes
+    cfg.data = suite.held_out_data(cfg.data)
     folders = suite.folders
     model, tokenizer = load_model(cfg.model, device)
     vocab = unembedding(model).weight.shape[0]
@@ -113,7 +114,7 @@ def run_features(cfg: FeaturesRunConfig) -> dict[str, dict[str, Any]]:
         hp: FeatureStats(sae.d_sae, vocab, cfg.data.context_size, f, explain_tokens(f))
         for hp, sae in saes.items()
     }
-    stream = TokenStream(cfg.data, tokenizer, "eval", seed=f.seed)
+    stream = TokenStream(cfg.data, tokenizer, "eval")
     lm_tokens = collect(
         model,
         saes,

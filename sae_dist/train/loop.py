@@ -82,7 +82,7 @@ class TrainingRun:
         self.model, self.tokenizer = load_model(cfg.model, self.device)
         streams: dict[int, SequencePool | TokenStream] = {
             v: SequencePool(
-                TokenStream(cfg.data, self.tokenizer, "train", v, shards, t.seed),
+                TokenStream(cfg.data, self.tokenizer, "train", v, shards),
                 t.sequence_pool // shards,
                 t.seed,
             )

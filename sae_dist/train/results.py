@@ -15,11 +15,13 @@ from sae_dist.checkpoint import SUITE_FILE, read_suite_index, save_sae, write_su
 from sae_dist.config import TrainRunConfig
 from sae_dist.data import TokenStream
 from sae_dist.errors import DataError
+from sae_dist.evaluate.command import evaluation_splits
 from sae_dist.evaluate.evaluator import eval_context, evaluate_saes, scalar_metrics
 from sae_dist.evaluate.outputs import (
     EVAL_COLUMNS,
     markdown_table,
     plot_training_curves,
+    scalar_columns,
     write_eval_outputs,
 )
 from sae_dist.hookpoints import Hookpoint
@@ -95,23 +97,11 @@ def write_suite(
 
     `training`: {hookpoint: training metadata (training tokens, input scale, drops)}."""
     out_dir, suite_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "suite"
-    results: dict[str, dict[str, Any]] = {}
-    if cfg.train.eval_tokens:
-        stream = TokenStream(cfg.data, tokenizer, "eval", seed=cfg.train.seed)
-        batches = list(stream.batches_until(cfg.train.eval_tokens, cfg.train.forward_batch_seqs))
-        if not batches:
-            raise DataError(
-                f"data.source={cfg.data.source!r} has no held-out batch of "
-                f"{cfg.train.forward_batch_seqs} sequences (every "
-                f"{cfg.data.holdout_every}-th document is held out): use more data "
-                "or train.eval_tokens=0 (the suite is then saved unevaluated)"
-            )
-        results = evaluate_saes(
-            model, saes, batches, device, outlier_factor=cfg.data.policy.outlier_factor
-        )
-        write_eval_outputs(
-            results, out_dir / "eval", eval_context(str(suite_dir), cfg.model, cfg.data, batches)
-        )
+    by_split = {
+        split: evaluate_split(cfg, split, saes, model, tokenizer, device)
+        for split in (evaluation_splits(cfg.data) if cfg.train.eval_tokens else [])
+    }
+    results = by_split.get("eval", {})
     entries = []
     for hp, sae in saes.items():
         res = scalar_metrics(results[hp.name]) if results else {}
@@ -124,7 +114,7 @@ def write_suite(
         save_sae(sae, suite_dir / hp.name, metadata)
         logger.log_sae_artifact(suite_dir / hp.name, f"sae-{hp.name}", metadata)
         entries.append({"hookpoint": hp.name, "path": hp.name, **res})
-    report = write_report(cfg, results, logger)
+    report = write_report(cfg, by_split, logger)
     logger.finish()
     write_suite_index(suite_dir, entries, {**info, "evaluated": bool(results)})
     print(
@@ -134,24 +124,71 @@ def write_suite(
     return {name: scalar_metrics(r) for name, r in results.items()}
 
 
-def write_report(cfg: TrainRunConfig, results: dict[str, dict[str, Any]], logger: RunLogger) -> str:
-    """report.md (held-out table with its token count, links) and the training curve; the
-    table, curve and evaluation plots also go to W&B. Returns the table text."""
+def evaluate_split(
+    cfg: TrainRunConfig,
+    split: str,
+    saes: dict[Hookpoint, SparseAutoencoder],
+    model: nn.Module,
+    tokenizer,
+    device,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate every SAE on `train.eval_tokens` tokens of `split` (the held-out split, or the
+    reserved region) and write the outputs under out_dir/eval (out_dir/eval/reserved)."""
+    stream = TokenStream(cfg.data, tokenizer, split)
+    batches = list(stream.batches_until(cfg.train.eval_tokens, cfg.train.forward_batch_seqs))
+    if not batches:
+        raise DataError(
+            f"data.source={cfg.data.source!r} has no {split} batch of "
+            f"{cfg.train.forward_batch_seqs} sequences (every {cfg.data.holdout_every}-th "
+            f"document is held out; data.reserved_frac={cfg.data.reserved_frac}): use more "
+            "data or train.eval_tokens=0 (the suite is then saved unevaluated)"
+        )
+    results = evaluate_saes(
+        model, saes, batches, device, outlier_factor=cfg.data.policy.outlier_factor
+    )
+    out = Path(cfg.out_dir) / "eval" / ("" if split == "eval" else split)
+    context = eval_context(str(Path(cfg.out_dir) / "suite"), cfg.model, cfg.data, batches, split)
+    write_eval_outputs(results, out, context)
+    return results
+
+
+SPLIT_TITLES = {
+    "eval": "Held-out metrics (every {holdout}-th document of the reading order, never trained on)",
+    "reserved": "The reserved region (the last {reserved:.0%} of the file's records, read by "
+    "neither training nor the held-out split)",
+}
+
+
+def write_report(
+    cfg: TrainRunConfig, by_split: dict[str, dict[str, dict[str, Any]]], logger: RunLogger
+) -> str:
+    """report.md (per evaluated split a table with its token count, links) and the training
+    curve; the tables, curve and evaluation plots also go to W&B. Returns the tables' text."""
     out_dir = Path(cfg.out_dir)
     curve = plot_training_curves(out_dir / "metrics.jsonl", out_dir / "fvu_curve.png")
     logger.log_images({"train/fvu_curve": curve})
-    if results:
+    tables = []
+    for split, results in by_split.items():
         first = next(iter(results.values()))
-        table = (
-            f"Held-out metrics, token policy {cfg.data.policy.describe()} (the policy "
-            f"of training): {first['tokens']} tokens, {first['excluded']} outlier "
-            f"positions left out and unspliced; every SAE spliced alone:\n\n"
-            f"{markdown_table(results, EVAL_COLUMNS)}"
+        title = SPLIT_TITLES[split].format(
+            holdout=cfg.data.holdout_every, reserved=cfg.data.reserved_frac
         )
-        logger.log_table("eval/results", results, EVAL_COLUMNS)
-        logger.log_images({f"eval/{p.stem}": p for p in sorted((out_dir / "eval").glob("*.png"))})
-    else:
-        table = "Not evaluated (train.eval_tokens=0): run `python -m sae_dist.evaluate`."
+        tables.append(
+            f"{title}, token policy {cfg.data.policy.describe()} (the policy of training): "
+            f"{first['tokens']} tokens of {first['docs']} documents (`*_ci`: 95% bootstrap "
+            f"intervals over documents), {first['excluded']} outlier positions left out and "
+            f"unspliced; every SAE spliced alone:\n\n{markdown_table(results, EVAL_COLUMNS)}"
+        )
+        logger.log_table(
+            f"{split}/results",
+            {hp: scalar_metrics(r) for hp, r in results.items()},
+            scalar_columns(EVAL_COLUMNS),
+        )
+        plots = out_dir / "eval" / ("" if split == "eval" else split)
+        logger.log_images({f"{split}/{p.stem}": p for p in sorted(plots.glob("*.png"))})
+    table = "\n\n".join(tables) or (
+        "Not evaluated (train.eval_tokens=0): run `python -m sae_dist.evaluate`."
+    )
     (out_dir / "report.md").write_text(
         f"# Training report: {cfg.model.name}\n\n{table}\n\nSuite: `{out_dir / 'suite'}`\n"
         f"W&B: `{logger.location}`\nTraining curves: `{curve}`\n"

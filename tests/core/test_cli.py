@@ -89,6 +89,14 @@ def test_added_unknown_key_fails_naming_it(override, message):
     assert result.stdout == ""
 
 
+def test_overrides_may_come_before_hydra_options():
+    """`experiment=demo --cfg job`: the overrides the command adds itself (the job name) do
+    not land after the option, where argparse refuses positional arguments."""
+    result = sae_dist("-m", "sae_dist.train", "experiment=demo", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    assert "  reserved_frac: 0.05\n" in result.stdout
+
+
 def test_added_keys_the_schema_allows_pass():
     """`+` on a null field, into a free-form dict, and on Hydra's own config composes."""
     result = sae_dist(

@@ -12,6 +12,7 @@ import torch
 
 from sae_dist import data
 from sae_dist.config import ConfigError, DataConfig, TokenPolicyConfig
+from sae_dist.corpus import document_order
 
 CHAT = [
     {"role": "user", "content": "You"},  # also the first word of the injected system prompt
@@ -53,10 +54,14 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
-def numbered_docs(tok, source: str, split: str, rank: int, world_size: int) -> list[int]:
+def numbered_docs(
+    tok, source: str, split: str, rank: int, world_size: int, shuffle: bool = False
+) -> list[int]:
     """Numbers of the `doc{i}` texts that a stream packs, in order (rows of 2 tokens, so at
     most one trailing EOS is left unpacked)."""
-    cfg = DataConfig(source=source, context_size=2, prepend_bos=False, holdout_every=5)
+    cfg = DataConfig(
+        source=source, context_size=2, prepend_bos=False, holdout_every=5, shuffle=shuffle
+    )
     stream = data.TokenStream(cfg, tok, split, rank, world_size)
     ids = torch.cat([b.input_ids.flatten() for b in stream.batches(1)]).tolist()
     return [int(n) for n in re.findall(r"doc(\d+)", tok.decode(ids))]
@@ -166,24 +171,13 @@ def test_plain_text_and_cut(smollm2_tokenizer):
 # -------------------------------------------------------------------------------- reading
 
 
-def test_json_reader_truncated_tail_and_chunks(tmp_path):
-    records = [{"id": i, "text": "x" * (i * 7), "n": [1.5, i]} for i in range(20)]
-    body = "[\n" + ",\n".join(json.dumps(r) for r in records)
-    path = tmp_path / "cut.json"
-    path.write_text(body + ',\n{"id": 20, "text": "trunc')
-    for chunk in (3, 64, 1 << 20):
-        assert list(data.iter_json_values(path, chunk_chars=chunk)) == records
-    path.write_text(body + "\n]\n")
-    assert list(data.iter_json_values(path, chunk_chars=5)) == records
-    path.write_text("[1, 23, 456]")  # a number may not be cut at a chunk boundary
-    assert list(data.iter_json_values(path, chunk_chars=2)) == [1, 23, 456]
-
-
 def test_sharegpt_records():
-    docs = data.read_documents(DataConfig())
-    first = next(docs)
+    """File order with shuffle=false; the shuffled order starts elsewhere and resumes."""
+    first = next(data.read_documents(DataConfig(shuffle=False)))
     assert [m["role"] for m in first["messages"]][:2] == ["user", "assistant"]
     assert first["messages"][0]["content"].startswith("Summarize the main ideas of Jeff Walker")
+    docs = data.read_documents(DataConfig())
+    assert next(docs) != first
     resumed = next(data.read_documents(DataConfig(), start=3))
     assert resumed == [next(docs) for _ in range(3)][-1]
 
@@ -240,16 +234,17 @@ def test_hf_dataset_shuffled_and_resumable(tmp_path, smollm2_tokenizer):
             tmp_path / "ds" / f"part{part}.jsonl",
             [{"text": f"doc{part * 40 + i} ."} for i in range(40)],
         )
-    cfg = DataConfig(source=str(tmp_path / "ds"), shuffle_buffer=16)
-    order = [r["text"] for r in data.read_documents(cfg, seed=1)]
+    cfg = DataConfig(source=str(tmp_path / "ds"), shuffle_buffer=16, seed=1)
+    order = [r["text"] for r in data.read_documents(cfg)]
     assert sorted(order) == sorted(f"doc{i} ." for i in range(80)) and order != sorted(order)
-    assert [r["text"] for r in data.read_documents(cfg, seed=1, start=33)] == order[33:]
-    assert [r["text"] for r in data.read_documents(cfg, seed=2)] != order
-    cfg = DataConfig(source=cfg.source, shuffle_buffer=16, context_size=8)
-    whole = batches(data.TokenStream(cfg, smollm2_tokenizer, seed=1), 2, 100)
-    first = data.TokenStream(cfg, smollm2_tokenizer, seed=1)
+    assert [r["text"] for r in data.read_documents(cfg, start=33)] == order[33:]
+    cfg2 = DataConfig(source=cfg.source, shuffle_buffer=16, seed=2)
+    assert [r["text"] for r in data.read_documents(cfg2)] != order
+    cfg = DataConfig(source=cfg.source, shuffle_buffer=16, context_size=8, seed=1)
+    whole = batches(data.TokenStream(cfg, smollm2_tokenizer), 2, 100)
+    first = data.TokenStream(cfg, smollm2_tokenizer)
     head = batches(first, 2, 5)
-    second = data.TokenStream(cfg, smollm2_tokenizer, seed=1)
+    second = data.TokenStream(cfg, smollm2_tokenizer)
     second.load_state_dict(json.loads(json.dumps(first.state_dict())))
     assert_same(head + list(second.batches(2)), whole)
 
@@ -275,7 +270,7 @@ def test_local_jsonl_stream_counts_bad_records(tmp_path, smollm2_tokenizer):
     path = tmp_path / "docs.jsonl"
     write_jsonl(path, records)
     path.write_text(path.read_text() + "{not json\n\n")
-    cfg = DataConfig(source=str(path), context_size=4, holdout_every=100)
+    cfg = DataConfig(source=str(path), context_size=4, holdout_every=100, shuffle=False)
     stream = data.TokenStream(cfg, tok)
     got = list(stream.batches(1))
     expected = [
@@ -299,7 +294,11 @@ def test_local_txt_one_document_per_line(tmp_path, smollm2_tokenizer):
     tok = smollm2_tokenizer
     (tmp_path / "docs.txt").write_text("first line\n\nsecond line\nthird\n")
     cfg = DataConfig(
-        source=str(tmp_path / "docs.txt"), context_size=2, prepend_bos=False, holdout_every=1000
+        source=str(tmp_path / "docs.txt"),
+        context_size=2,
+        prepend_bos=False,
+        holdout_every=1000,
+        shuffle=False,
     )
     assert list(data.read_documents(cfg)) == [
         {"text": "first line"},
@@ -334,27 +333,58 @@ def test_packing_shapes_bos_and_carry_over(smollm2_tokenizer):
     assert torch.equal(no_bos[0].input_ids.flatten(), ids[:128])
 
 
-def test_holdout_and_rank_sharding(tmp_path, smollm2_tokenizer):
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_holdout_and_rank_sharding(tmp_path, smollm2_tokenizer, shuffle):
+    """Every 5th document of the reading order (file order, or the seeded permutation) is held
+    out, the rest trained on; ranks deal each split's documents round-robin."""
     tok = smollm2_tokenizer
     source = write_jsonl(tmp_path / "n.jsonl", [{"text": f"doc{i} ."} for i in range(60)])
-    train = numbered_docs(tok, source, "train", 0, 1)
-    evals = numbered_docs(tok, source, "eval", 0, 1)
-    assert evals == list(range(0, 60, 5))
-    assert train == [i for i in range(60) if i % 5]
-    r0, r1 = (numbered_docs(tok, source, "train", r, 2) for r in (0, 1))
+    order = document_order(60, "train", 0, shuffle, 0.0).tolist()
+    assert (order == list(range(60))) != shuffle
+    train = numbered_docs(tok, source, "train", 0, 1, shuffle)
+    evals = numbered_docs(tok, source, "eval", 0, 1, shuffle)
+    assert evals == order[0::5]
+    assert train == [d for i, d in enumerate(order) if i % 5]
+    r0, r1 = (numbered_docs(tok, source, "train", r, 2, shuffle) for r in (0, 1))
     assert r0 == train[0::2] and r1 == train[1::2]
-    e0, e1 = (numbered_docs(tok, source, "eval", r, 2) for r in (0, 1))
+    e0, e1 = (numbered_docs(tok, source, "eval", r, 2, shuffle) for r in (0, 1))
     assert e0 == evals[0::2] and e1 == evals[1::2]
 
 
-def test_sharegpt_holdout_disjoint(smollm2_tokenizer):
-    cfg = DataConfig(context_size=64)
-    train = data.TokenStream(cfg, smollm2_tokenizer, "train")
-    evals = data.TokenStream(cfg, smollm2_tokenizer, "eval")
-    a, b = batches(train, 4, 3), batches(evals, 4, 3)
-    assert not torch.equal(a[0].input_ids, b[0].input_ids)
-    assert train.stats["docs_read"] == train.state_dict()["next_doc"] - 1
-    assert evals.stats["docs_read"] == (evals.state_dict()["next_doc"] - 1) // 50 + 1
+def test_sharegpt_splits_sample_the_whole_file_and_never_overlap(smollm2_tokenizer):
+    """The demo's data: the ~190 documents a training stream reads first, and the ~50 of the
+    held-out split, each come from every tenth of the file (read in file order, they would all
+    come from its first tenth); train, eval and the reserved tail are disjoint, and each
+    token's doc_id is the file index of the document whose text it is."""
+    cfg = DataConfig(context_size=64, reserved_frac=0.05, max_doc_tokens=64)
+    n = len(data.LocalCorpus(data.local_path(cfg)))
+    streams = {
+        s: data.TokenStream(cfg, smollm2_tokenizer, s) for s in ("train", "eval", "reserved")
+    }
+    got = {s: batches(streams[s], 4, 48 if s == "train" else 12) for s in streams}
+    docs = {s: set(torch.cat([b.doc_ids.flatten() for b in got[s]]).tolist()) - {-1} for s in got}
+    n_main = n - round(n * 0.05)
+    for s in ("train", "eval"):
+        assert {d * 10 // n_main for d in docs[s]} == set(range(10)), s
+    assert min(docs["reserved"]) >= n_main and max(docs["train"] | docs["eval"]) < n_main
+    assert not docs["train"] & docs["eval"]
+    read = {s: streams[s].state_dict()["next_doc"] for s in streams}
+    assert streams["train"].stats["docs_read"] == read["train"] - ((read["train"] - 1) // 50 + 1)
+    assert streams["eval"].stats["docs_read"] == (read["eval"] - 1) // 50 + 1
+    assert streams["reserved"].stats["docs_read"] == read["reserved"]
+    file_order = data.TokenStream(
+        DataConfig(context_size=64, shuffle=False, max_doc_tokens=64), smollm2_tokenizer
+    )
+    head = set(torch.cat([b.doc_ids.flatten() for b in batches(file_order, 4, 48)]).tolist())
+    assert max(head) < n // 10
+    # doc_ids: the tokens of one document id are that document's rendering, in order
+    batch = got["eval"][0]
+    first = int(batch.doc_ids[0, 1])
+    row = batch.input_ids[0][batch.doc_ids[0] == first].tolist()
+    with open(data.local_path(cfg), "rb") as f:
+        record = data.LocalCorpus(data.local_path(cfg)).record(first, f)
+    ids, _ = data.render_document(data.normalize_record(record, cfg), smollm2_tokenizer, cfg)
+    assert row == ids[: len(row)] or row == ids[-len(row) :]
 
 
 def test_deterministic_and_resumes_exactly(smollm2_tokenizer):

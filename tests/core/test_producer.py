@@ -6,6 +6,7 @@ from sae_dist.data import TokenBatch
 from sae_dist.hookpoints import Hookpoint, capture
 from sae_dist.policy import PositionFilter
 from sae_dist.producer import ActivationProducer, ShuffleBuffer
+from tests.conftest import one_document_per_row
 
 
 def test_shuffle_buffer_hands_out_every_row_once_shuffled():
@@ -43,7 +44,10 @@ def test_producer_masks_and_counts(tiny_model):
     )
     producer.filters = {v: PositionFilter([hp.name for hp in hps], 1e6) for v in (3, 5)}
     # shards 3 and 5 each bring one row; one forward serves both, each gets its own rows
-    out = producer.activations({3: TokenBatch(ids[:1], mask[:1]), 5: TokenBatch(ids[1:], mask[1:])})
+    docs = one_document_per_row(ids)
+    out = producer.activations(
+        {3: TokenBatch(ids[:1], mask[:1], docs[:1]), 5: TokenBatch(ids[1:], mask[1:], docs[1:])}
+    )
     ref = capture(tiny_model, hps, ids)
     for hp in hps:
         torch.testing.assert_close(out[3][hp.name], ref[hp][:1][mask[:1]])
@@ -78,7 +82,7 @@ def test_a_token_rejected_at_one_hookpoint_is_dropped_at_all(tiny_model):
 
     producer.model.model.layers[1].mlp.forward = nan_at_token_4
     try:
-        out = producer.activations({0: TokenBatch(ids, mask)})
+        out = producer.activations({0: TokenBatch(ids, mask, one_document_per_row(ids))})
     finally:
         producer.model.model.layers[1].mlp.forward = original
     keep = torch.arange(12) != 4

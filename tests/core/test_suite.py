@@ -1,11 +1,13 @@
 """`load_suite`, the one way to open a saved suite: SAEs by hookpoint on the resolved device,
 the model config the suite names, and clear errors for what does not fit."""
 
+from dataclasses import asdict
+
 import pytest
 import torch
 
 from sae_dist.checkpoint import CheckpointError
-from sae_dist.config import ConfigError
+from sae_dist.config import ConfigError, DataConfig
 from sae_dist.hookpoints import Hookpoint
 from sae_dist.suite import load_suite, model_config_for
 from tests.steer.test_steer import write_suite
@@ -41,3 +43,18 @@ def test_load_suite_refuses_what_does_not_fit(tmp_path):
     assert load_suite(unnamed, "cpu", model_config_for("tiny-qwen3")).hookpoints == [
         Hookpoint(1, "resid")
     ]
+
+
+def test_held_out_data_follows_the_training_document_order(tmp_path):
+    """Evaluating a suite on its training source reads it in the training's document order
+    (otherwise the held-out split would hold trained-on documents); another source is kept."""
+    suite = load_suite(write_suite(tmp_path, {"layers.1.resid": 64}), "cpu")
+    trained = DataConfig(seed=3, reserved_frac=0.05, holdout_every=20)
+    suite.train_config = {"data": asdict(trained)}
+    got = suite.held_out_data(DataConfig(context_size=32))
+    assert (got.seed, got.reserved_frac, got.holdout_every, got.shuffle) == (3, 0.05, 20, True)
+    assert got.context_size == 32
+    other = DataConfig(source=str(tmp_path / "mine.jsonl"))
+    assert suite.held_out_data(other) == other
+    suite.train_config = None
+    assert suite.held_out_data(DataConfig()) == DataConfig()

@@ -253,7 +253,7 @@ def test_outlier_positions_are_left_out_of_the_sums_and_unspliced(tiny_cfg, batc
     at layer 0 where it is not an outlier; `excluded` counts it; with all_tokens the `_all`
     figures are those of the whole train mask."""
     model = sink_tiny_model(tiny_cfg)
-    batches = [TokenBatch(b.input_ids, b.train_mask.clone()) for b in batches]
+    batches = [TokenBatch(b.input_ids, b.train_mask.clone(), b.doc_ids) for b in batches]
     for b in batches:
         b.train_mask[:, SINK_POSITION] = True
     keep = [b.train_mask & (torch.arange(20) != SINK_POSITION) for b in batches]
@@ -339,7 +339,9 @@ def test_excluded_tokens_enter_no_metric(model, tiny_cfg, smollm2_tokenizer):
     gen = torch.Generator().manual_seed(0)
     few = [
         TokenBatch(
-            b.input_ids, b.train_mask & (torch.rand(b.train_mask.shape, generator=gen) < 0.3)
+            b.input_ids,
+            b.train_mask & (torch.rand(b.train_mask.shape, generator=gen) < 0.3),
+            b.doc_ids,
         )
         for b in batches
     ]
@@ -371,8 +373,10 @@ def compose_eval(overrides):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from sae_dist.config import register_configs
     from tests.conftest import CONF_DIR
 
+    register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         return OmegaConf.to_object(compose(config_name="eval", overrides=overrides))
 
@@ -388,6 +392,9 @@ def test_cli_writes_jsons_tables_and_plots(tiny_suite, tmp_path):
             "data.context_size=40",
             "logger=none",
             "eval.all_tokens=true",
+            "eval.slices=2",
+            "data.reserved_frac=0.05",
+            "data.max_doc_tokens=16",  # ~10 documents in 120 tokens
         ]
     )
     assert cfg.model is None
@@ -415,6 +422,22 @@ def test_cli_writes_jsons_tables_and_plots(tiny_suite, tmp_path):
     assert {"excluded", "fvu_all", "delta_loss_all"} <= set(rows[0])
     for png in ("metrics_by_layer.png", "l0_tradeoff.png", "latent_frequency.png"):
         assert (out / png).stat().st_size > 10_000
+    # the spread: intervals over documents around each figure, two regions of the corpus
+    for name in names:
+        doc = json.loads((out / "saes" / f"{name}.json").read_text())
+        for m in ("fvu", "l0", "delta_loss"):
+            low, high = doc[f"{m}_ci"]
+            assert low <= doc[m] <= high and (low < high or m == "l0"), (name, m)  # TopK: l0 = k
+        regions = doc["slices"]
+        assert len(regions) == 2 and sum(r["docs"] for r in regions) == doc["docs"] >= 2
+        assert sum(r["tokens"] for r in regions) == doc["tokens"]
+        assert regions[0]["last_doc"] < regions[1]["first_doc"]
+        assert float(rows[names.index(name)]["fvu_ci_low"]) == doc["fvu_ci"][0]
+    assert "### layers.3.resid: by region of the corpus" in md and "| fvu_ci |" in md
+    # the reserved region (the file's last 5%), evaluated beside the held-out split
+    reserved = json.loads((out / "reserved" / "saes" / "layers.1.resid.json").read_text())
+    assert reserved["split"] == "reserved" and reserved["tokens"] >= 120
+    assert "reserved split of `sharegpt`" in (out / "reserved" / "suite_table.md").read_text()
 
 
 def test_cli_single_sae_folder_and_errors(tiny_suite, tmp_path):

@@ -18,6 +18,7 @@ from sae_dist.config import ConfigError, ExplainerConfig, FeaturesConfig, sae_co
 from sae_dist.features.collect import FeatureStats, event_keys, logit_lens
 from sae_dist.features.score import OpenAIExplainer, TokenSetScorer, f1_summary, fit_token_sets
 from sae_dist.sae import Latents
+from tests.conftest import one_document_per_row
 
 T, VOCAB = 24, 50
 
@@ -254,7 +255,8 @@ def test_contexts_line_up_with_the_model_tokens(tiny_model):
     for _ in range(3):
         mask = torch.rand(2, 16, generator=g) > 0.25
         mask[:, 0] = False
-        batches.append(TokenBatch(torch.randint(0, 3000, (2, 16), generator=g), mask))
+        ids = torch.randint(0, 3000, (2, 16), generator=g)
+        batches.append(TokenBatch(ids, mask, one_document_per_row(ids)))
     cfg = FeaturesConfig(top_n=3, quantile_bins=2, per_bin=2, window_before=4, window_after=2)
     stats = {hp: FeatureStats(96, 49152, 16, cfg, explain_tokens=20)}
     collect(tiny_model, {hp: sae}, stats, iter(batches), 60, torch.device("cpu"), None)

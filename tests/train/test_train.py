@@ -85,7 +85,7 @@ def test_reported_fvu_matches_an_independent_computation(trained):
     model, tokenizer = load_model(cfg.model)
     hp = Hookpoint(3, "resid")
     sae, _ = load_suite_sae(out / "suite", hp.name)
-    stream = TokenStream(cfg.data, tokenizer, "eval", seed=cfg.train.seed)
+    stream = TokenStream(cfg.data, tokenizer, "eval")
     xs = []
     for batch in stream.batches(cfg.train.forward_batch_seqs):
         xs.append(capture(model, [hp], batch.input_ids)[hp][batch.train_mask])

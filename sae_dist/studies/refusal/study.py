@@ -993,6 +993,7 @@ def run_refusal_study(cfg: SteerRunConfig) -> dict[str, Any]:
     gate_hps = [
         hp for hp in opened.saes if r.gate_hookpoints is None or hp.name in r.gate_hookpoints
     ]
+    cfg.data = opened.held_out_data(cfg.data)
     sets = build_prompt_sets(r, cfg.data, wheel, r.n_dev)
     model, tokenizer = load_model(model_cfg, device)
     probe = ChatProbe(tokenizer, sets.chats, r.probe_reply_tokens, batch_size=16)
