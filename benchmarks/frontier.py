@@ -76,7 +76,7 @@ def capture(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(model_config_for(MODEL))
     hps = grid_hookpoints(SitesConfig(hookpoints=HOOKPOINTS), 30)
     stream = SequencePool(
-        TokenStream(DataConfig(), tokenizer, "train", seed=0), TrainConfig().sequence_pool, seed=0
+        TokenStream(DataConfig(), tokenizer, "train"), TrainConfig().sequence_pool, seed=0
     )
     producer = ActivationProducer(
         model, hps, DataConfig().policy.outlier_factor, torch.device("cpu"), {0: stream}, args.seqs
@@ -206,9 +206,7 @@ def evaluate(args: argparse.Namespace) -> None:
     changes for paired comparisons; the SAEs of one (architecture, L0) are spliced one at a
     time in one pass over the batches."""
     model, tokenizer = load_model(model_config_for(MODEL))
-    batches = list(
-        TokenStream(DataConfig(), tokenizer, "eval", seed=0).batches_until(args.eval_tokens, 8)
-    )
+    batches = list(TokenStream(DataConfig(), tokenizer, "eval").batches_until(args.eval_tokens, 8))
     for runs in args.runs:
         for arch in args.archs:
             for l0 in args.l0s:
