@@ -694,7 +694,7 @@ class FeaturesConfig:
     explainer: ExplainerConfig = field(default_factory=ExplainerConfig)
     """Optional LLM explainer (OpenAI-compatible endpoint)."""
     seed: int = 0
-    """Seed of the token stream (shuffles HF streaming sources) and of the example sampling."""
+    """Seed of the example sampling (the token stream's order is `data.seed`)."""
     device: str = "auto"
     """cuda, cpu, or auto (cuda when available)."""
 
