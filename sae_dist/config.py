@@ -483,6 +483,116 @@ class TrainRunConfig:
     """Run directory: the suite, checkpoints, W&B files and the report go here."""
 
 
+PROBES = ("absorption", "sparse_probing")
+"""The probing evaluations `eval.probes` may name (sae_dist/evaluate/probing.py)."""
+PROBING_TASKS = ("harmful_request", "code", "refusal", "language")
+"""Binary tasks of sparse probing (sae_dist/evaluate/sparse_probing.py, DESIGN.md section 8b)."""
+
+
+@dataclass
+class AbsorptionConfig:
+    """SAEBench's first-letter feature absorption (DESIGN.md section 8b)."""
+
+    words: int = 1500
+    """Single-token words (vocabulary entries of ASCII letters, with or without one leading
+    space) drawn at random from the tokenizer's vocabulary."""
+    train_fraction: float = 0.8
+    """Of the words, the fraction the probes and latent choices are fitted on; absorption is
+    measured on the rest."""
+    icl_examples: int = 4
+    """In-context examples (`<word> has the first letter: <L>`) before each prompt's word."""
+    template: str = "{word} has the first letter:"
+    """Prompt template; the activation is read at the word's token."""
+    max_k: int = 10
+    """Largest k of the k-sparse probes that look for a letter's split latents."""
+    split_f1_jump: float = 0.03
+    """k + 1 latents count as a further split latent when they raise the k-sparse probe's
+    test F1 by more than this."""
+    full_cos: float = 0.025
+    """Full absorption: the top latent's decoder cosine with the probe is at least this."""
+    fraction_cos: float = 0.1
+    """Absorption fraction: latents with a decoder cosine with the probe of at least this can
+    absorb."""
+    projection_share: float = 0.4
+    """Absorbing latents must carry at least this share of the activation's probe projection."""
+    max_absorbers: int = 3
+    """Absorption fraction: at most this many absorbing latents per word."""
+    min_probe_f1: float = 0.6
+    """A letter is evaluated only where its dense probe reaches this test F1."""
+    min_true_positives: int = 5
+    """... and classifies at least this many test words of the letter correctly."""
+    batch_size: int = 64
+    """Prompts per forward pass."""
+    seed: int = 0
+    """Seed of the word sample, the split and the in-context examples."""
+
+    def __post_init__(self) -> None:
+        _check(self.words >= 52, "eval.absorption.words", self.words, ">= 52")
+        _check(
+            0 < self.train_fraction < 1,
+            "eval.absorption.train_fraction",
+            self.train_fraction,
+            "(0, 1)",
+        )
+        for key in ("max_k", "max_absorbers", "batch_size", "min_true_positives"):
+            _check(getattr(self, key) >= 1, f"eval.absorption.{key}", getattr(self, key), ">= 1")
+        _check(self.icl_examples >= 0, "eval.absorption.icl_examples", self.icl_examples, ">= 0")
+        _check(
+            "{word}" in self.template,
+            "eval.absorption.template",
+            self.template,
+            "a template containing {word}",
+        )
+
+
+@dataclass
+class SparseProbingConfig:
+    """SAEBench's sparse probing on binary tasks built from offline data (DESIGN.md section
+    8b)."""
+
+    tasks: list[str] = field(default_factory=lambda: list(PROBING_TASKS))
+    """Binary tasks: harmful_request (HarmBench vs ShareGPT first user turns), code (fenced
+    code vs prose replies), refusal (refusing vs complying replies), language (messages in a
+    non-Latin script vs English)."""
+    train_per_class: int = 100
+    """Training examples per class."""
+    test_per_class: int = 80
+    """Held-out test examples per class."""
+    max_tokens: int = 64
+    """Tokens of each example read (after BOS); activations are mean-pooled over them."""
+    ks: list[int] = field(default_factory=lambda: [1, 2, 5])
+    """Latent counts of the sparse probes (latents chosen by mean difference on the training
+    split)."""
+    batch_seqs: int = 16
+    """Examples per forward pass."""
+    max_documents: int = 100_000
+    """At most this many documents of the data source are read for the chat examples."""
+    seed: int = 0
+    """Seed of the example order (which examples train and which test)."""
+
+    def __post_init__(self) -> None:
+        for key in (
+            "train_per_class",
+            "test_per_class",
+            "max_tokens",
+            "batch_seqs",
+            "max_documents",
+        ):
+            _check(
+                getattr(self, key) >= 1, f"eval.sparse_probing.{key}", getattr(self, key), ">= 1"
+            )
+        _check(
+            bool(self.ks) and all(k >= 1 for k in self.ks),
+            "eval.sparse_probing.ks",
+            list(self.ks),
+            "a non-empty list of k >= 1",
+        )
+        for task in self.tasks:
+            _check(
+                task in PROBING_TASKS, "eval.sparse_probing.tasks", task, ", ".join(PROBING_TASKS)
+            )
+
+
 @dataclass
 class EvalConfig:
     tokens: int = 100_000
@@ -506,6 +616,15 @@ class EvalConfig:
     """Seed of the evaluation token stream (shuffles HF streaming sources)."""
     device: str = "auto"
     """cuda, cpu, or auto (cuda when available)."""
+    probes: list[str] = field(default_factory=list)
+    """Probing evaluations run besides the held-out metrics: absorption (first-letter feature
+    absorption), sparse_probing (k-sparse probes on binary tasks); [] = none."""
+    absorption: AbsorptionConfig = field(default_factory=AbsorptionConfig)
+    sparse_probing: SparseProbingConfig = field(default_factory=SparseProbingConfig)
+
+    def __post_init__(self) -> None:
+        for probe in self.probes:
+            _check(probe in PROBES, "eval.probes", probe, ", ".join(PROBES))
 
 
 @dataclass

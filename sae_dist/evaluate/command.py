@@ -5,7 +5,8 @@
 Outputs under out_dir: saes/<hookpoint>.json (the metrics of sae_dist.evaluate.evaluator plus
 the latent-frequency histogram, the SAE, suite, model, data and eval configs, splice and CE
 positions, token counts), suite_table.md / suite_table.csv (one row per SAE; Markdown adds
-layer x site tables), metrics_by_layer.png, l0_tradeoff.png, latent_frequency.png.
+layer x site tables), metrics_by_layer.png, l0_tradeoff.png, latent_frequency.png. With
+`eval.probes` the probing figures (sae_dist.evaluate.probing) join each SAE's results.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sae_dist.config import ConfigError, EvalRunConfig
 from sae_dist.data import TokenStream
 from sae_dist.evaluate.evaluator import eval_context, evaluate_saes, scalar_metrics
 from sae_dist.evaluate.outputs import EVAL_METRICS, write_eval_outputs
+from sae_dist.evaluate.probing import probe_columns, run_probes
 from sae_dist.models import load_model, resolve_device
 from sae_dist.suite import load_suite
 from sae_dist.tracking import RunLogger
@@ -56,6 +58,7 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, dict[str, Any]]:
     model, tokenizer = load_model(cfg.model, device)
     stream = TokenStream(cfg.data, tokenizer, "eval", seed=cfg.eval.seed)
     batches = list(stream.batches_until(cfg.eval.tokens, cfg.eval.batch_seqs))
+    probes = run_probes(cfg, model, tokenizer, saes, device)
     start = time.perf_counter()
     results = evaluate_saes(
         model,
@@ -70,6 +73,8 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, dict[str, Any]]:
         all_tokens=cfg.eval.all_tokens,
     )
     seconds = time.perf_counter() - start
+    for name, figures in probes.items():
+        results[name].update(figures)
     context = eval_context(
         str(cfg.suite), cfg.model, cfg.data, batches, eval=asdict(cfg.eval), seconds=seconds
     )
@@ -86,7 +91,9 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, dict[str, Any]]:
     logger.summary(flat)
     logger.log_images({f"eval/{p.stem}": p for p in files["plots"]})
     logger.log_table(
-        "eval/results", {hp: scalar_metrics(r) for hp, r in results.items()}, EVAL_METRICS
+        "eval/results",
+        {hp: scalar_metrics(r) for hp, r in results.items()},
+        EVAL_METRICS + probe_columns(results),
     )
     logger.finish()
     print(

@@ -162,7 +162,8 @@ def evaluate_saes(
     positions left out.
     CE and KL are scored at the position set's CE positions. `all_tokens` adds every metric
     over the whole position set (no outlier left out) as `<metric>_all` (without ce_mean).
-    Besides the scalars: `latent_freq_hist`, and with `model_level` `delta_loss_by_sequence`
+    Besides the scalars: `latent_freq_hist`, `latent_fire_counts` (tokens each latent fired on,
+    [d_sae] ints, None for a plain function), and with `model_level` `delta_loss_by_sequence`
     (`ModelLevelAccumulator.by_sequence`, for paired comparisons of SAEs on the same batches)."""
     hps = list(saes)
     batches = split_batches(batches, max_batch_tokens)
@@ -225,6 +226,7 @@ def evaluate_saes(
             res.update({f"{k}{v.suffix}": val for k, val in part.items()})
         res["excluded"] = excluded
         res["latent_freq_hist"] = views[0].recon[hp].frequency_histogram()
+        res["latent_fire_counts"] = views[0].recon[hp].fire_count_list()
         if model_level:
             res["delta_loss_by_sequence"] = views[0].ce[hp].by_sequence()
         results[hp.name] = res

@@ -91,6 +91,10 @@ class ReconstructionAccumulator:
             self.sum_l0 += float(latents.l0().double().sum())
             self.fire_counts += latents.fire_counts().cpu()
 
+    def fire_count_list(self) -> list[int] | None:
+        """Tokens each latent fired on ([d_sae] ints), None without latents."""
+        return None if self.fire_counts is None else self.fire_counts.tolist()
+
     def frequency_histogram(self) -> dict[str, Any] | None:
         """{"log10_freq_edges", "counts" (latents per bin), "dead"} or None without latents."""
         if self.fire_counts is None:
