@@ -8,6 +8,7 @@ raises `ConfigError` naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -651,6 +652,7 @@ def register_configs() -> None:
     store.store(name="eval_schema", node=EvalRunConfig)
     store.store(name="features_schema", node=FeaturesRunConfig)
     store.store(name="steer_schema", node=SteerRunConfig)
+    store.store(name="export_schema", node=ExportConfig)
     for name, cls in SAE_CONFIGS.items():
         store.store(group="sae", name=f"{name}_schema", node=cls)
 
@@ -812,6 +814,101 @@ class FeaturesRunConfig:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     out_dir: str = "runs/features"
     """The static report (index.html and data/) and features.json go here."""
+
+
+# --- publishing a suite: SAELens hub release, Neuronpedia upload (python -m sae_dist.export) --
+
+EXPORT_FORMATS = ("saelens", "neuronpedia")
+
+
+@dataclass
+class NeuronpediaConfig:
+    model_id: str | None = None
+    """Neuronpedia's id of the model (lowercase letters, digits, - and _); null: the suite's
+    model name. format=saelens writes each SAE's Neuronpedia id into pretrained_saes.yaml only
+    when this is set."""
+    source_set: str | None = None
+    """Suffix of the source-set names (`res-<suffix>`, `mlp-<suffix>`, `att-<suffix>`); null:
+    the release name."""
+    creator: str = "sae_dist"
+    """Creator name and id written into the records (Neuronpedia's importer replaces the id)."""
+    description: str = ""
+    """Release description; empty: one generated from the suite."""
+    batch_features: int = 1024
+    """Features per batch-N.jsonl.gz file (features, activations and explanations alike)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.batch_features >= 1,
+            "neuronpedia.batch_features",
+            self.batch_features,
+            ">= 1",
+        )
+        for key in ("model_id", "source_set"):
+            value = getattr(self, key)
+            _check(
+                value is None or re.fullmatch(r"[a-z0-9][a-z0-9_-]*", value) is not None,
+                f"neuronpedia.{key}",
+                value,
+                "lowercase letters, digits, - and _ (starting with a letter or digit), or null",
+            )
+
+
+@dataclass
+class ExportConfig:
+    suite: str = MISSING
+    """A suite directory (suite.json), one SAE folder, or a folder of SAE folders."""
+    format: str = "saelens"
+    """saelens: the Hugging Face hub folder of a SAELens release (every SAE folder with
+    sparsity.safetensors, pretrained_saes.yaml, README.md); neuronpedia: the feature pages'
+    data in Neuronpedia's upload layout."""
+    out_dir: str = MISSING
+    """The folder written (replaced if it holds an earlier export of the same format; any
+    other non-empty folder is refused)."""
+    release: str = MISSING
+    """Release name (SAELens release key; Neuronpedia release name)."""
+    repo_id: str | None = None
+    """Hugging Face repository id (`owner/name`) the hub folder is uploaded to; required by
+    format=saelens, recorded by format=neuronpedia when given."""
+    model: ModelConfig | None = None
+    """The model group; null means the model the suite names, looked up in conf/model/."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Held-out data (every `holdout_every`-th document) for the densities of SAEs saved
+    without sparsity.safetensors, and for the feature statistics."""
+    tokens: int = 100_000
+    """format=saelens: held-out tokens of the density pass for SAEs saved without
+    sparsity.safetensors (at least; whole batches)."""
+    batch_seqs: int = 8
+    """Sequences per forward batch of that pass."""
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    """format=neuronpedia: the feature statistics (sae_dist.features, the same computation as
+    the feature browser)."""
+    neuronpedia: NeuronpediaConfig = field(default_factory=NeuronpediaConfig)
+    device: str = "auto"
+    """cuda, cpu, or auto (cuda when available)."""
+
+    def __post_init__(self) -> None:
+        _check(self.format in EXPORT_FORMATS, "format", self.format, ", ".join(EXPORT_FORMATS))
+        _check(self.tokens >= 1, "tokens", self.tokens, ">= 1")
+        _check(self.batch_seqs >= 1, "batch_seqs", self.batch_seqs, ">= 1")
+        _check(
+            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.release) is not None,
+            "release",
+            self.release,
+            "letters, digits, '.', '_' and '-'",
+        )
+        _check(
+            self.repo_id is None or re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id) is not None,
+            "repo_id",
+            self.repo_id,
+            "owner/name",
+        )
+        _check(
+            self.format != "saelens" or self.repo_id is not None,
+            "repo_id",
+            self.repo_id,
+            "owner/name: a SAELens release names its Hugging Face repository",
+        )
 
 
 # ============================================================================================
