@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,9 +27,11 @@ from sae_dist.export import run_export
 from sae_dist.hookpoints import Hookpoint
 from sae_dist.models import load_model
 from sae_dist.suite import load_suite
+from sae_dist.train import train
 from sae_dist.train.results import heldout_density
 from tests.conftest import CONF_DIR
 from tests.evaluate.test_evaluate import topk_sae
+from tests.train.test_train import tiny_run
 
 HPS = [Hookpoint(1, "resid"), Hookpoint(2, "mlp"), Hookpoint(3, "attn")]
 SAVED = {"layers.1.resid", "layers.2.mlp"}
@@ -77,6 +80,21 @@ def test_sparsity_file_round_trip_and_end_of_run_density(tmp_path):
     result = {"tokens": 8, "latent_fire_counts": [0, 2, 8]}
     assert heldout_density(result).tolist() == [0.0, 0.25, 1.0]
     assert heldout_density({}) is None and heldout_density(None) is None
+
+
+def test_training_saves_the_held_out_densities(tmp_path):
+    """Each saved SAE's sparsity.safetensors is log10(fires / tokens + 1e-10) of the end-of-run
+    evaluation (its per-SAE JSON); an unevaluated run saves none."""
+    train(tiny_run(tmp_path / "run", "logger=none", "sites.layers=[1]", "sites.sites=[resid]"))
+    doc = json.loads((tmp_path / "run" / "eval" / "saes" / "layers.1.resid.json").read_text())
+    density = torch.tensor(doc["latent_fire_counts"], dtype=torch.float64) / doc["tokens"]
+    assert density.sum() > 0 and len(density) == 256
+    folder = tmp_path / "run" / "suite" / "layers.1.resid"
+    assert torch.equal(load_sparsity(folder), torch.log10(density + 1e-10).float())
+    meta = json.loads((folder / "cfg.json").read_text())["metadata"]
+    assert meta["sparsity_source"] == "heldout_eval" and meta["eval_tokens"] == doc["tokens"]
+    train(tiny_run(tmp_path / "bare", "logger=none", "sites.layers=[1]", "train.eval_tokens=0"))
+    assert load_sparsity(tmp_path / "bare" / "suite" / "layers.1.resid") is None
 
 
 SAE_LENS_CHECK = textwrap.dedent("""
@@ -236,3 +254,29 @@ def test_output_folders_that_are_refused_or_replaced(suite, tmp_path):
     (out / "stale").write_text("from the first export")
     run_export(compose_export([*base, f"out_dir={out}"]))  # an earlier export is replaced
     assert not (out / "stale").exists() and (out / "pretrained_saes.yaml").is_file()
+
+
+def test_command_line_errors_are_one_line(suite, tmp_path):
+    """`python -m sae_dist.export` with a bad format: one line on stderr, exit code 2."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sae_dist.export",
+            f"suite={suite}",
+            "format=hub",
+            f"out_dir={tmp_path / 'x'}",
+            "release=r",
+            "repo_id=a/b",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: config error: format='hub' is not allowed; allowed: saelens, neuronpedia"
+    )
+    assert not (tmp_path / "x").exists()
