@@ -494,7 +494,7 @@ PROBING_TASKS = ("harmful_request", "code", "refusal", "language")
 class AbsorptionConfig:
     """SAEBench's first-letter feature absorption (DESIGN.md section 8b)."""
 
-    words: int = 1500
+    words: int = 3000
     """Single-token words (vocabulary entries of ASCII letters, with or without one leading
     space) drawn at random from the tokenizer's vocabulary."""
     train_fraction: float = 0.8
