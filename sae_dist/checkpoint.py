@@ -1,6 +1,7 @@
 """On-disk formats: SAEs in the SAELens v6 layout (`<hookpoint>/cfg.json` +
-`<hookpoint>/sae_weights.safetensors`), the suite index `suite.json`, and resumable training
-checkpoints. Every write goes to a temporary directory first and is renamed into place."""
+`<hookpoint>/sae_weights.safetensors` [+ `sparsity.safetensors`]), the suite index
+`suite.json`, and resumable training checkpoints. Every write goes to a temporary directory
+first and is renamed into place."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from sae_dist.sae import SparseAutoencoder, sae_from_saelens
 SAE_LENS_VERSION = "6.5.0"
 """The SAELens format version our cfg.json declares (v6 layout)."""
 CFG_FILE, WEIGHTS_FILE, SUITE_FILE = "cfg.json", "sae_weights.safetensors", "suite.json"
+SPARSITY_FILE = "sparsity.safetensors"
+"""SAELens's per-SAE feature densities: tensor `sparsity` float32 [d_sae], log10 of the fraction
+of tokens each latent fires on, plus 1e-10 (dead latents read -10)."""
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -45,16 +49,47 @@ def write_atomically(dest: Path, write: Callable[[Path], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_sae(sae: SparseAutoencoder, folder: Path, metadata: dict[str, Any]) -> None:
-    """Write one SAE (operating on raw activations) in the SAELens v6 layout."""
+def save_sae(
+    sae: SparseAutoencoder,
+    folder: Path,
+    metadata: dict[str, Any],
+    density: torch.Tensor | None = None,
+) -> None:
+    """Write one SAE (operating on raw activations) in the SAELens v6 layout; with `density`
+    (fraction of tokens each latent fires on, [d_sae]) also `sparsity.safetensors`."""
     cfg = sae.saelens_cfg()
     cfg["metadata"] = {"sae_lens_version": SAE_LENS_VERSION, **metadata}
 
     def write(tmp: Path) -> None:
         save_file(sae.saelens_tensors(), str(tmp / WEIGHTS_FILE))
         (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+        if density is not None:
+            save_sparsity(tmp, density)
 
     write_atomically(folder, write)
+
+
+def log10_sparsity(density: torch.Tensor) -> torch.Tensor:
+    """SAELens's `sparsity` from densities [d_sae] in [0, 1]: float32 log10(density + 1e-10)."""
+    return torch.log10(density.double().cpu() + 1e-10).float()
+
+
+def save_sparsity(folder: Path, density: torch.Tensor) -> None:
+    """Write `sparsity.safetensors` (SAELens layout) for densities [d_sae] into `folder`."""
+    if density.dim() != 1 or not bool(((density >= 0) & (density <= 1)).all()):
+        raise ValueError("density must be a [d_sae] tensor of fractions in [0, 1]")
+    save_file({"sparsity": log10_sparsity(density)}, str(Path(folder) / SPARSITY_FILE))
+
+
+def load_sparsity(folder: Path) -> torch.Tensor | None:
+    """The `sparsity` tensor [d_sae] (log10 density) of an SAE folder, None without the file."""
+    path = Path(folder) / SPARSITY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))["sparsity"]
+    except (SafetensorError, OSError, KeyError) as e:
+        raise CheckpointError(f"{path} is corrupt: {e}") from e
 
 
 def load_sae(

@@ -8,6 +8,7 @@ raises `ConfigError` naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -495,6 +496,116 @@ class TrainRunConfig:
     """Run directory: the suite, checkpoints, W&B files and the report go here."""
 
 
+PROBES = ("absorption", "sparse_probing")
+"""The probing evaluations `eval.probes` may name (sae_dist/evaluate/probing.py)."""
+PROBING_TASKS = ("harmful_request", "code", "refusal", "language")
+"""Binary tasks of sparse probing (sae_dist/evaluate/sparse_probing.py, DESIGN.md section 8b)."""
+
+
+@dataclass
+class AbsorptionConfig:
+    """SAEBench's first-letter feature absorption (DESIGN.md section 8b)."""
+
+    words: int = 3000
+    """Single-token words (vocabulary entries of ASCII letters, with or without one leading
+    space) drawn at random from the tokenizer's vocabulary."""
+    train_fraction: float = 0.8
+    """Of the words, the fraction the probes and latent choices are fitted on; absorption is
+    measured on the rest."""
+    icl_examples: int = 4
+    """In-context examples (`<word> has the first letter: <L>`) before each prompt's word."""
+    template: str = "{word} has the first letter:"
+    """Prompt template; the activation is read at the word's token."""
+    max_k: int = 10
+    """Largest k of the k-sparse probes that look for a letter's split latents."""
+    split_f1_jump: float = 0.03
+    """k + 1 latents count as a further split latent when they raise the k-sparse probe's
+    test F1 by more than this."""
+    full_cos: float = 0.025
+    """Full absorption: the top latent's decoder cosine with the probe is at least this."""
+    fraction_cos: float = 0.1
+    """Absorption fraction: latents with a decoder cosine with the probe of at least this can
+    absorb."""
+    projection_share: float = 0.4
+    """Absorbing latents must carry at least this share of the activation's probe projection."""
+    max_absorbers: int = 3
+    """Absorption fraction: at most this many absorbing latents per word."""
+    min_probe_f1: float = 0.6
+    """A letter is evaluated only where its dense probe reaches this test F1."""
+    min_true_positives: int = 5
+    """... and classifies at least this many test words of the letter correctly."""
+    batch_size: int = 64
+    """Prompts per forward pass."""
+    seed: int = 0
+    """Seed of the word sample, the split and the in-context examples."""
+
+    def __post_init__(self) -> None:
+        _check(self.words >= 52, "eval.absorption.words", self.words, ">= 52")
+        _check(
+            0 < self.train_fraction < 1,
+            "eval.absorption.train_fraction",
+            self.train_fraction,
+            "(0, 1)",
+        )
+        for key in ("max_k", "max_absorbers", "batch_size", "min_true_positives"):
+            _check(getattr(self, key) >= 1, f"eval.absorption.{key}", getattr(self, key), ">= 1")
+        _check(self.icl_examples >= 0, "eval.absorption.icl_examples", self.icl_examples, ">= 0")
+        _check(
+            "{word}" in self.template,
+            "eval.absorption.template",
+            self.template,
+            "a template containing {word}",
+        )
+
+
+@dataclass
+class SparseProbingConfig:
+    """SAEBench's sparse probing on binary tasks built from offline data (DESIGN.md section
+    8b)."""
+
+    tasks: list[str] = field(default_factory=lambda: list(PROBING_TASKS))
+    """Binary tasks: harmful_request (HarmBench vs ShareGPT first user turns), code (fenced
+    code vs prose replies), refusal (refusing vs complying replies), language (messages in a
+    non-Latin script vs English)."""
+    train_per_class: int = 100
+    """Training examples per class."""
+    test_per_class: int = 80
+    """Held-out test examples per class."""
+    max_tokens: int = 64
+    """Tokens of each example read (after BOS); activations are mean-pooled over them."""
+    ks: list[int] = field(default_factory=lambda: [1, 2, 5])
+    """Latent counts of the sparse probes (latents chosen by mean difference on the training
+    split)."""
+    batch_seqs: int = 16
+    """Examples per forward pass."""
+    max_documents: int = 100_000
+    """At most this many documents of the data source are read for the chat examples."""
+    seed: int = 0
+    """Seed of the example order (which examples train and which test)."""
+
+    def __post_init__(self) -> None:
+        for key in (
+            "train_per_class",
+            "test_per_class",
+            "max_tokens",
+            "batch_seqs",
+            "max_documents",
+        ):
+            _check(
+                getattr(self, key) >= 1, f"eval.sparse_probing.{key}", getattr(self, key), ">= 1"
+            )
+        _check(
+            bool(self.ks) and all(k >= 1 for k in self.ks),
+            "eval.sparse_probing.ks",
+            list(self.ks),
+            "a non-empty list of k >= 1",
+        )
+        for task in self.tasks:
+            _check(
+                task in PROBING_TASKS, "eval.sparse_probing.tasks", task, ", ".join(PROBING_TASKS)
+            )
+
+
 @dataclass
 class EvalConfig:
     tokens: int = 100_000
@@ -524,6 +635,15 @@ class EvalConfig:
     """Seed of the bootstrap resampling."""
     device: str = "auto"
     """cuda, cpu, or auto (cuda when available)."""
+    probes: list[str] = field(default_factory=list)
+    """Probing evaluations run besides the held-out metrics: absorption (first-letter feature
+    absorption), sparse_probing (k-sparse probes on binary tasks); [] = none."""
+    absorption: AbsorptionConfig = field(default_factory=AbsorptionConfig)
+    sparse_probing: SparseProbingConfig = field(default_factory=SparseProbingConfig)
+
+    def __post_init__(self) -> None:
+        for probe in self.probes:
+            _check(probe in PROBES, "eval.probes", probe, ", ".join(PROBES))
 
 
 @dataclass
@@ -550,6 +670,7 @@ def register_configs() -> None:
     store.store(name="eval_schema", node=EvalRunConfig)
     store.store(name="features_schema", node=FeaturesRunConfig)
     store.store(name="steer_schema", node=SteerRunConfig)
+    store.store(name="export_schema", node=ExportConfig)
     for name, cls in SAE_CONFIGS.items():
         store.store(group="sae", name=f"{name}_schema", node=cls)
 
@@ -712,6 +833,101 @@ class FeaturesRunConfig:
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
     out_dir: str = "runs/features"
     """The static report (index.html and data/) and features.json go here."""
+
+
+# --- publishing a suite: SAELens hub release, Neuronpedia upload (python -m sae_dist.export) --
+
+EXPORT_FORMATS = ("saelens", "neuronpedia")
+
+
+@dataclass
+class NeuronpediaConfig:
+    model_id: str | None = None
+    """Neuronpedia's id of the model (lowercase letters, digits, - and _); null: the suite's
+    model name. format=saelens writes each SAE's Neuronpedia id into pretrained_saes.yaml only
+    when this is set."""
+    source_set: str | None = None
+    """Suffix of the source-set names (`res-<suffix>`, `mlp-<suffix>`, `att-<suffix>`); null:
+    the release name."""
+    creator: str = "sae_dist"
+    """Creator name and id written into the records (Neuronpedia's importer replaces the id)."""
+    description: str = ""
+    """Release description; empty: one generated from the suite."""
+    batch_features: int = 1024
+    """Features per batch-N.jsonl.gz file (features, activations and explanations alike)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.batch_features >= 1,
+            "neuronpedia.batch_features",
+            self.batch_features,
+            ">= 1",
+        )
+        for key in ("model_id", "source_set"):
+            value = getattr(self, key)
+            _check(
+                value is None or re.fullmatch(r"[a-z0-9][a-z0-9_-]*", value) is not None,
+                f"neuronpedia.{key}",
+                value,
+                "lowercase letters, digits, - and _ (starting with a letter or digit), or null",
+            )
+
+
+@dataclass
+class ExportConfig:
+    suite: str = MISSING
+    """A suite directory (suite.json), one SAE folder, or a folder of SAE folders."""
+    format: str = "saelens"
+    """saelens: the Hugging Face hub folder of a SAELens release (every SAE folder with
+    sparsity.safetensors, pretrained_saes.yaml, README.md); neuronpedia: the feature pages'
+    data in Neuronpedia's upload layout."""
+    out_dir: str = MISSING
+    """The folder written (replaced if it holds an earlier export of the same format; any
+    other non-empty folder is refused)."""
+    release: str = MISSING
+    """Release name (SAELens release key; Neuronpedia release name)."""
+    repo_id: str | None = None
+    """Hugging Face repository id (`owner/name`) the hub folder is uploaded to; required by
+    format=saelens, recorded by format=neuronpedia when given."""
+    model: ModelConfig | None = None
+    """The model group; null means the model the suite names, looked up in conf/model/."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Held-out data (every `holdout_every`-th document) for the densities of SAEs saved
+    without sparsity.safetensors, and for the feature statistics."""
+    tokens: int = 100_000
+    """format=saelens: held-out tokens of the density pass for SAEs saved without
+    sparsity.safetensors (at least; whole batches)."""
+    batch_seqs: int = 8
+    """Sequences per forward batch of that pass."""
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    """format=neuronpedia: the feature statistics (sae_dist.features, the same computation as
+    the feature browser)."""
+    neuronpedia: NeuronpediaConfig = field(default_factory=NeuronpediaConfig)
+    device: str = "auto"
+    """cuda, cpu, or auto (cuda when available)."""
+
+    def __post_init__(self) -> None:
+        _check(self.format in EXPORT_FORMATS, "format", self.format, ", ".join(EXPORT_FORMATS))
+        _check(self.tokens >= 1, "tokens", self.tokens, ">= 1")
+        _check(self.batch_seqs >= 1, "batch_seqs", self.batch_seqs, ">= 1")
+        _check(
+            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.release) is not None,
+            "release",
+            self.release,
+            "letters, digits, '.', '_' and '-'",
+        )
+        _check(
+            self.repo_id is None or re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id) is not None,
+            "repo_id",
+            self.repo_id,
+            "owner/name",
+        )
+        _check(
+            self.format != "saelens" or self.repo_id is not None,
+            "repo_id",
+            self.repo_id,
+            "owner/name: a SAELens release names its Hugging Face repository",
+        )
 
 
 # ============================================================================================

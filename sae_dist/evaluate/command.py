@@ -5,7 +5,8 @@
 Outputs under out_dir: saes/<hookpoint>.json (the metrics of sae_dist.evaluate.evaluator plus
 the latent-frequency histogram, the SAE, suite, model, data and eval configs, splice and CE
 positions, token counts), suite_table.md / suite_table.csv (one row per SAE; Markdown adds
-layer x site tables), metrics_by_layer.png, l0_tradeoff.png, latent_frequency.png.
+layer x site tables), metrics_by_layer.png, l0_tradeoff.png, latent_frequency.png. With
+`eval.probes` the probing figures (sae_dist.evaluate.probing) join each SAE's results.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sae_dist.config import ConfigError, DataConfig, EvalRunConfig
 from sae_dist.data import TokenStream
 from sae_dist.evaluate.evaluator import eval_context, evaluate_saes, scalar_metrics
 from sae_dist.evaluate.outputs import EVAL_METRICS, write_eval_outputs
+from sae_dist.evaluate.probing import probe_columns, run_probes
 from sae_dist.models import load_model, resolve_device
 from sae_dist.suite import load_suite
 from sae_dist.tracking import RunLogger
@@ -62,6 +64,7 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, dict[str, Any]]:
         for name, c in suite.sae_configs.items()
     }
     model, tokenizer = load_model(cfg.model, device)
+    probes = run_probes(cfg, model, tokenizer, saes, device)
     out_dir = Path(cfg.out_dir)
     logger = RunLogger(cfg.logger, out_dir, asdict(cfg), name=f"eval-{Path(cfg.suite).name}")
     by_split = {}
@@ -85,6 +88,9 @@ def run_evaluation(cfg: EvalRunConfig) -> dict[str, dict[str, Any]]:
             seed=cfg.eval.seed,
         )
         seconds = time.perf_counter() - start
+        if split == "eval":
+            for name, figures in probes.items():
+                results[name].update(figures)
         context = eval_context(
             str(cfg.suite),
             cfg.model,
@@ -124,5 +130,7 @@ def _log_split(
     logger.summary(flat)
     logger.log_images({f"{split}/{p.stem}": p for p in plots})
     logger.log_table(
-        f"{split}/results", {hp: scalar_metrics(r) for hp, r in results.items()}, EVAL_METRICS
+        f"{split}/results",
+        {hp: scalar_metrics(r) for hp, r in results.items()},
+        EVAL_METRICS + probe_columns(results),
     )

@@ -175,7 +175,8 @@ def evaluate_saes(
     `delta_loss_ci`, [low, high] 95% percentile intervals over `bootstrap` resamples of the
     documents (seeded by `seed`); `docs`, the documents evaluated; with `slices` = k > 0,
     `slices`, the metrics on k disjoint regions of those documents by document id.
-    Besides the scalars: `latent_freq_hist`, and with `model_level` `delta_loss_by_sequence`
+    Besides the scalars: `latent_freq_hist`, `latent_fire_counts` (tokens each latent fired on,
+    [d_sae] ints, None for a plain function), and with `model_level` `delta_loss_by_sequence`
     (`ModelLevelAccumulator.by_sequence`, for paired comparisons of SAEs on the same batches)."""
     hps = list(saes)
     batches = split_batches(batches, max_batch_tokens)
@@ -242,6 +243,7 @@ def evaluate_saes(
         res["excluded"] = excluded
         res.update(_spread(views[0], hp, bootstrap, slices, seed))
         res["latent_freq_hist"] = views[0].recon[hp].frequency_histogram()
+        res["latent_fire_counts"] = views[0].recon[hp].fire_count_list()
         if model_level:
             res["delta_loss_by_sequence"] = views[0].ce[hp].by_sequence()
         results[hp.name] = res

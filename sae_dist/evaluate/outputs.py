@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_dist.evaluate.evaluator import scalar_metrics
+from sae_dist.evaluate.probing import probe_columns
 from sae_dist.hookpoints import SITES, Hookpoint
 
 REPORT_COLUMNS = ("fvu", "l0", "dead_frac", "cosine", "tokens")
@@ -206,6 +207,7 @@ def write_eval_outputs(
         for c in (*SPREAD_COLUMNS, "ce_mean", "tokens", "ce_tokens", "excluded", *ALL_TOKEN_COLUMNS)
         if any(c in r for r in results.values())
     ]
+    columns += probe_columns(results)
     table_csv = out_dir / "suite_table.csv"
     with open(table_csv, "w", newline="") as f:
         writer = csv.writer(f)

@@ -108,6 +108,10 @@ class ReconstructionAccumulator:
         """{column: (document ids [u], per-document sums)} for `DocumentSums.from_columns`."""
         return {name: merge_parts(parts) for name, parts in self.doc_parts.items()}
 
+    def fire_count_list(self) -> list[int] | None:
+        """Tokens each latent fired on ([d_sae] ints), None without latents."""
+        return None if self.fire_counts is None else self.fire_counts.tolist()
+
     def frequency_histogram(self) -> dict[str, Any] | None:
         """{"log10_freq_edges", "counts" (latents per bin), "dead"} or None without latents."""
         if self.fire_counts is None:

@@ -101,6 +101,28 @@ def run_features(cfg: FeaturesRunConfig) -> dict[str, dict[str, Any]]:
     """Load the suite and the model, stream, score, write the report; returns the per-SAE
     summaries keyed by hookpoint name."""
 
+    start = time.perf_counter()
+    results, tokenizer, info = compute_features(cfg)
+    f = cfg.features
+    steering = load_steering(Path(f.steering)) if f.steering else None
+    sizes = write_report(Path(cfg.out_dir), results, tokenizer, info, Path(cfg.suite), steering)
+    seconds = time.perf_counter() - start
+    summaries = {r.hookpoint: r.summary for r in results}
+    figures = {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "report_bytes": sizes}
+    (Path(cfg.out_dir) / "features.json").write_text(
+        json.dumps({"info": info, **figures, "summaries": summaries}, indent=2)
+    )
+    _print_summary(summaries, sizes, cfg, seconds)
+    return summaries
+
+
+def compute_features(
+    cfg: FeaturesRunConfig,
+) -> tuple[list[HookpointFeatures], Any, dict[str, Any]]:
+    """Every SAE's feature statistics, logit lens, token-set scores and summary (and LLM
+    explanations when an explainer is configured): (one `HookpointFeatures` per SAE, the
+    tokenizer, run info). The feature browser and the Neuronpedia export both use it."""
+
     validate_features(cfg)
     start = time.perf_counter()
     f = cfg.features
@@ -141,25 +163,15 @@ def run_features(cfg: FeaturesRunConfig) -> dict[str, dict[str, Any]]:
             )
         )
     _llm_explanations(results, tokenizer, f)
-    seconds = time.perf_counter() - start
     info = {
         "suite": str(cfg.suite),
         "model": cfg.model.name,
         "lm_tokens": lm_tokens,
-        "seconds_to_scores": seconds,
+        "seconds_to_scores": time.perf_counter() - start,
         "features": asdict(f),
         "data": asdict(cfg.data),
     }
-    steering = load_steering(Path(f.steering)) if f.steering else None
-    sizes = write_report(Path(cfg.out_dir), results, tokenizer, info, Path(cfg.suite), steering)
-    seconds = time.perf_counter() - start
-    summaries = {r.hookpoint: r.summary for r in results}
-    figures = {"seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "report_bytes": sizes}
-    (Path(cfg.out_dir) / "features.json").write_text(
-        json.dumps({"info": info, **figures, "summaries": summaries}, indent=2)
-    )
-    _print_summary(summaries, sizes, cfg, seconds)
-    return summaries
+    return results, tokenizer, info
 
 
 def peak_rss_bytes() -> int:

@@ -9,7 +9,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from sae_dist.checkpoint import SUITE_FILE, read_suite_index, save_sae, write_suite_index
 from sae_dist.config import TrainRunConfig
@@ -82,6 +83,14 @@ def completed_results(out_dir: Path) -> dict[str, dict[str, Any]]:
     }
 
 
+def heldout_density(result: dict[str, Any] | None) -> Tensor | None:
+    """Each latent's firing density [d_sae] (fires / tokens) on the end-of-run evaluation's
+    held-out tokens, from its `latent_fire_counts`; None without an evaluation."""
+    if not result or result.get("latent_fire_counts") is None:
+        return None
+    return torch.tensor(result["latent_fire_counts"], dtype=torch.float64) / result["tokens"]
+
+
 def write_suite(
     cfg: TrainRunConfig,
     saes: dict[Hookpoint, SparseAutoencoder],
@@ -92,8 +101,10 @@ def write_suite(
     logger: RunLogger,
     info: dict[str, Any],
 ) -> dict[str, dict[str, Any]]:
-    """Evaluate (unless train.eval_tokens=0), save every SAE with its metadata, then suite.json,
-    the report and the W&B outputs; returns the held-out metrics per hookpoint.
+    """Evaluate (unless train.eval_tokens=0), save every SAE with its metadata (and, when
+    evaluated, `sparsity.safetensors`: the densities on the held-out evaluation tokens,
+    `sparsity_source` "heldout_eval" in the metadata), then suite.json, the report and the W&B
+    outputs; returns the held-out metrics per hookpoint.
 
     `training`: {hookpoint: training metadata (training tokens, input scale, drops)}."""
     out_dir, suite_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "suite"
@@ -108,10 +119,10 @@ def write_suite(
         metadata = {
             **sae_metadata(cfg, hp),
             **training[hp.name],
-            **({"eval_tokens": res["tokens"]} if res else {}),
+            **({"eval_tokens": res["tokens"], "sparsity_source": "heldout_eval"} if res else {}),
             **{k: res[k] for k in SAVED_METRICS if k in res},
         }
-        save_sae(sae, suite_dir / hp.name, metadata)
+        save_sae(sae, suite_dir / hp.name, metadata, heldout_density(results.get(hp.name)))
         logger.log_sae_artifact(suite_dir / hp.name, f"sae-{hp.name}", metadata)
         entries.append({"hookpoint": hp.name, "path": hp.name, **res})
     report = write_report(cfg, by_split, logger)

@@ -114,6 +114,7 @@ def test_wheel_imports_from_itself_with_its_configs(site):
     assert conf_dir == site / "sae_dist" / "conf"
     assert sorted(p.name for p in conf_dir.glob("*.yaml")) == [
         "eval.yaml",
+        "export.yaml",
         "features.yaml",
         "refusal.yaml",
         "steer.yaml",
@@ -130,6 +131,7 @@ def test_wheel_imports_from_itself_with_its_configs(site):
         ("sae-train", ["experiment=demo", "sae.k=16"], ["out_dir: runs/demo", "  k: 16"]),
         ("sae_dist.evaluate", ["suite=x"], ["suite: x", "  tokens: 100000"]),
         ("sae-evaluate", ["suite=x", "model=qwen3-4b"], ["suite: x", "  name: qwen3-4b"]),
+        ("sae-export", ["suite=x", "out_dir=y", "release=r"], ["format: saelens", "release: r"]),
     ],
 )
 def test_installed_commands_compose_their_config(site, command, args, expected):
