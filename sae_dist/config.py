@@ -855,6 +855,11 @@ class PlanConfig:
     every buffer. Measured on the embedded ShareGPT chats (SmolLM2's ChatML template,
     positions=all): 0.982 at context 128, 0.986 at 256, 0.989 at 1024; positions=assistant
     keeps far fewer."""
+    dead_fraction: float = 0.01
+    """Share of the latents dead (unfired for `sae.dead_tokens` tokens) once AuxK runs: AuxK
+    reconstructs from min(k_aux, dead latents) of them per token (an assumption; the demo's
+    SAEs left 0.1 % (MLP) to 35 % (attention) of their latents unfired on held-out tokens).
+    1: AuxK at its full width k_aux."""
     memory_margin: float = 0.05
     """Share of the accelerator's memory left for the allocator (fragmentation, caching): a
     configuration fits when its peak is at most (1 - margin) x the memory."""
@@ -891,6 +896,7 @@ class PlanConfig:
             "(0, 1]",
         )
         _check(0 <= self.memory_margin < 1, "plan.memory_margin", self.memory_margin, "[0, 1)")
+        _check(0 < self.dead_fraction <= 1, "plan.dead_fraction", self.dead_fraction, "(0, 1]")
         _check(
             self.threads is None or self.threads >= 1, "plan.threads", self.threads, ">= 1 or null"
         )

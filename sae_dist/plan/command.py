@@ -30,7 +30,7 @@ from sae_dist.plan.timing import (
     select_ks,
     step_time,
 )
-from sae_dist.plan.workload import Share, Workload, sae_bf16, share, workload
+from sae_dist.plan.workload import Share, Workload, sae_bf16, share, workload, zero_settings
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,9 @@ class Planner:
         if self.device_type == "cuda":
             gpu_device(self.p.gpu)  # an unknown kind fails here, naming the known ones
         self.trainers = trainer_configs(cfg)
-        self.workload = workload(cfg, self.device_type, self.p.train_mask_fraction)
+        self.workload = workload(
+            cfg, self.device_type, self.p.train_mask_fraction, self.p.dead_fraction
+        )
         self._devices: dict[int, Device] = {}
 
     def device(self, world: int) -> Device:
@@ -89,7 +91,9 @@ class Planner:
             return gpu_device(self.p.gpu)
         if world not in self._devices:
             print(f"measuring this machine for {world} process(es) ...", file=sys.stderr)
-            bf16 = any(sae_bf16(t, "cpu") for t in self.trainers.values())
+            bf16 = any(  # ZeRO-3 does not run on a CPU
+                sae_bf16(t, "cpu") for k, t in self.trainers.items() if k.zero_stage != 3
+            )
             shapes = cpu_shapes(self.workload, world, bf16)
             self._devices[world] = cpu_device(shapes, world, self.p.threads, self.clock)
         return self._devices[world]
@@ -211,6 +215,9 @@ def plan_run(cfg: PlanRunConfig) -> dict[str, Any]:
             "architecture": w.sae.architecture,
             "d_in": w.sae.d_in,
             "d_sae": w.sae.d_sae,
+            "latents_per_token": w.sae.entries,
+            "auxk_latents_per_token": w.sae.aux_entries,
+            "auxk_share_of_steps": w.sae.auxk_share,
             "params_per_sae": w.sae.params,
             "params": w.sae_params,
             "state_bytes": 4 * w.sae_param_bytes,
@@ -274,6 +281,8 @@ def _trainer_entry(p: TrainerPlan, planner: Planner) -> dict[str, Any]:
             },
         }
         entry.update(tokens_per_s=p.tokens_per_s, hours=p.hours, cost_usd=p.cost)
+    if p.kind.zero_stage:
+        entry["deepspeed_config"] = zero_settings(planner.trainers[p.kind]).source
     if p.fits:
         entry["launch"] = launch_command(planner.cfg, p.kind, p.gpus, planner.per_node)
     return entry
@@ -362,6 +371,8 @@ def render(r: dict[str, Any]) -> str:
         f"{m['layers_run']} layers run; {s['hookpoints']} {s['architecture']} SAEs "
         f"{s['d_in']} x {s['d_sae']} = {s['params'] / 1e9:.3g}B parameters; SAE state "
         f"(parameters + gradients + Adam, fp32) {s['state_bytes'] / 1e9:.1f} GB",
+        f"latents per token {s['latents_per_token']}, AuxK {s['auxk_latents_per_token']} in "
+        f"{s['auxk_share_of_steps']:.0%} of the steps (plan.dead_fraction)",
         f"train: {t['tokens']:,} tokens per SAE, batch {t['batch_size']}, context "
         f"{t['context_size']}, train-mask fraction {t['train_mask_fraction']:g}; FLOPs per token: "
         f"LM {r['flops_per_token']['lm_forward'] / 1e9:.3g} G, SAE step "

@@ -61,6 +61,9 @@ class Device:
     lazy_pages: bool = False
     """Memory counts touched pages (RSS), not allocations: a buffer allocated but only partly
     written counts its written part (`cpu`)."""
+    cache_bytes: float = 0.0
+    """Last-level cache a gather's rows stay in (a GPU's L2): a gather from a table that fits
+    reads each row from memory once; 0: every entry reads its row (`cpu`, as measured)."""
     first_touch: float = 0.0
     """Seconds per byte of a freshly allocated tensor's first write beyond the write itself
     (page faults where the allocator maps new pages for it: `cpu`; GPUs' caching allocators
@@ -102,17 +105,19 @@ class GpuKind:
     """NCCL all-reduce bus bandwidth inside a node (NVLink or PCIe), GB/s (assumed)."""
     node_gbs: float
     """Network per GPU between nodes, GB/s (assumed)."""
+    l2_mb: float
+    """L2 cache, MB."""
     price: float
     """Assumed on-demand USD per GPU-hour (override: plan.price_per_gpu_hour)."""
 
 
 GPU_KINDS: dict[str, GpuKind] = {
-    "a100-40gb": GpuKind(40536, 312, 19.5, 1.555, 230, 25, 1.29),
-    "a100-80gb": GpuKind(81920, 312, 19.5, 2.039, 230, 25, 1.79),
-    "h100-80gb": GpuKind(81559, 989, 67, 3.35, 360, 50, 2.99),
-    "h200": GpuKind(143771, 989, 67, 4.8, 360, 50, 3.79),
-    "l4": GpuKind(23034, 121, 30.3, 0.3, 20, 12.5, 0.80),
-    "l40s": GpuKind(46068, 362, 91.6, 0.864, 20, 25, 1.50),
+    "a100-40gb": GpuKind(40536, 312, 19.5, 1.555, 230, 25, 40, 1.29),
+    "a100-80gb": GpuKind(81920, 312, 19.5, 2.039, 230, 25, 40, 1.79),
+    "h100-80gb": GpuKind(81559, 989, 67, 3.35, 360, 50, 50, 2.99),
+    "h200": GpuKind(143771, 989, 67, 4.8, 360, 50, 50, 3.79),
+    "l4": GpuKind(23034, 121, 30.3, 0.3, 20, 12.5, 48, 0.80),
+    "l40s": GpuKind(46068, 362, 91.6, 0.864, 20, 25, 96, 1.50),
 }
 """Spec-sheet figures (SXM parts for A100/H100/H200; L4 and L40S on PCIe without NVLink).
 Interconnect bandwidths and prices are assumptions; override the price per run."""
@@ -143,6 +148,7 @@ def gpu_device(name: str) -> Device:
         price=k.price,
         runtime=GPU_RUNTIME_BYTES,
         native_bf16=True,
+        cache_bytes=k.l2_mb * 2**20,
         spec=(
             f"spec sheet: {k.memory_mib} MiB, {k.bf16_tflops:g} TFLOP/s bf16, "
             f"{k.fp32_tflops:g} TFLOP/s fp32, {k.hbm_tbs:g} TB/s; assumed: "

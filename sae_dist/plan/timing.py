@@ -147,10 +147,10 @@ def sae_kernels(sae: SAEShape, b: int, bf16: bool, device: Device) -> list[Kerne
         )
     kernels.append(Kernel("row passes", bytes=ROW_PASSES * 4 * b * d, alloc=ROW_ALLOCS * 4 * b * d))
     if sae.selects:
-        kernels += _sparse(sae, b, sae.entries, e, "")
+        kernels += _sparse(sae, b, sae.entries, e, "", device, n)
     elif sae.architecture == "jumprelu":
         kernels.append(Kernel("threshold compare", bytes=3 * e * b * n, alloc=e * b * n))
-        kernels += _sparse(sae, b, sae.entries, e, "", select=False)
+        kernels += _sparse(sae, b, sae.entries, e, "", device, n, select=False)
     else:  # relu: dense latents, decoder and both gradients as matmuls
         kernels += [
             Kernel("dense latents", bytes=6 * e * b * n, alloc=3 * e * b * n),
@@ -169,18 +169,27 @@ def sae_kernels(sae: SAEShape, b: int, bf16: bool, device: Device) -> list[Kerne
         aux = [
             Kernel("AuxK mask", bytes=2 * e * b * n, alloc=e * b * n),
             Kernel("AuxK rows", bytes=32 * b * d, alloc=24 * b * d),
-            *_sparse(sae, b, sae.aux_entries, e, "AuxK "),
+            *_sparse(sae, b, sae.aux_entries, e, "AuxK ", device, sae.dead),
         ]
         kernels += [_scaled(k, sae.auxk_share) for k in aux]
     return kernels
 
 
 def _sparse(
-    sae: SAEShape, b: int, entries: int, pre_bytes: int, prefix: str, select: bool = True
+    sae: SAEShape,
+    b: int,
+    entries: int,
+    pre_bytes: int,
+    prefix: str,
+    device: Device,
+    pool: int,
+    select: bool = True,
 ) -> list[Kernel]:
-    """The sparse kernels of one list of `entries` latents per token: topk, the lists, the
-    embedding_bag decoder and its two gradients (the dense decoder gradient fresh), the
-    encoder gradient (scatter_outer's CSR product, fresh, and its transposed accumulation)."""
+    """The sparse kernels of one list of `entries` latents per token, drawn from `pool`
+    latents: topk, the lists, the embedding_bag decoder (a gather of decoder rows) and its two
+    gradients (decoder rows read, their gradient rows read and written, the token rows read),
+    the encoder gradient (scatter_outer: token rows gathered per entry into a fresh CSR product,
+    transposed into the gradient)."""
     d, n = sae.d_in, sae.d_sae
     k = entries * (4 if sae.architecture == "batchtopk" and not prefix else 1)
     out = []
@@ -191,19 +200,34 @@ def _sparse(
                 Kernel("batch threshold", bytes=3 * pre_bytes * b * n, alloc=pre_bytes * b * n)
             )
     bkd = b * entries * d
+    latent_rows = gather_bytes(b * entries, pool, 4 * d, device)
+    token_rows = gather_bytes(b * entries, b, 4 * d, device)
     out += [
         Kernel(f"{prefix}latent lists", bytes=ENTRY_PASS_BYTES * b * entries),
-        Kernel(f"{prefix}decoder", 2 * bkd, 4 * bkd + 4 * b * d),
-        Kernel(f"{prefix}decoder gradient", 2 * bkd, 16 * bkd + 4 * n * d, 4 * n * d),
+        Kernel(f"{prefix}decoder", 2 * bkd, latent_rows + 4 * b * d),
+        Kernel(
+            f"{prefix}decoder gradient",
+            2 * bkd,
+            3 * latent_rows + token_rows + 4 * n * d,
+            4 * n * d,
+        ),
         Kernel(
             f"{prefix}encoder gradient",
             2 * bkd,
-            4 * bkd + CSR_BYTES * b * entries + 16 * n * d,
+            token_rows + CSR_BYTES * b * entries + 16 * n * d,
             8 * n * d,
             sort=SORTS_PER_LIST * b * entries,
         ),
     ]
     return out
+
+
+def gather_bytes(entries: int, rows: int, row_bytes: int, device: Device) -> float:
+    """Memory traffic of `entries` row reads from a table of `rows` rows: every entry reads its
+    row, unless the table fits the device's cache (then each row is read once)."""
+    if rows * row_bytes <= device.cache_bytes:
+        return min(entries, rows) * row_bytes
+    return entries * row_bytes
 
 
 def _scaled(k: Kernel, share: float) -> Kernel:

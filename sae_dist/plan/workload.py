@@ -85,6 +85,8 @@ class SAEShape:
     """Dead latents per token in the AuxK pass (k_aux) when AuxK can run, else 0."""
     auxk_share: float
     """Share of the steps in which AuxK can run (after `sae.dead_tokens` tokens)."""
+    dead: int
+    """Dead latents AuxK draws from (plan.dead_fraction of d_sae, at least its width)."""
     selects: bool
     """Each token's latents come from a topk over the pre-activations (TopK, BatchTopK)."""
 
@@ -94,8 +96,9 @@ JUMPRELU_ENTRIES = 64
 `l0_coef` alone; an assumption)."""
 
 
-def sae_shape(cfg: TrainRunConfig) -> SAEShape:
-    """The architecture built on the meta device: parameters and their dtypes, k, k_aux."""
+def sae_shape(cfg: TrainRunConfig, dead_fraction: float = 1.0) -> SAEShape:
+    """The architecture built on the meta device: parameters and their dtypes, k, and AuxK's
+    width min(k_aux, dead_fraction x d_sae) (TopKSAE.aux_losses: at most the dead latents)."""
     d_in = cfg.model.d_model
     with torch.device("meta"):
         sae: SparseAutoencoder = build_sae(cfg.sae, d_in)
@@ -115,8 +118,13 @@ def sae_shape(cfg: TrainRunConfig) -> SAEShape:
         params=sum(p.numel() for p in sae.parameters()),
         param_bytes=sum(p.numel() * p.element_size() for p in sae.parameters()),
         entries=entries,
-        aux_entries=sae.k_aux if auxk and isinstance(sae, TopKSAE) else 0,
+        aux_entries=(
+            max(1, min(sae.k_aux, round(dead_fraction * sae.d_sae)))
+            if auxk and isinstance(sae, TopKSAE)
+            else 0
+        ),
         auxk_share=max(0.0, 1 - cfg.sae.dead_tokens / tokens) if auxk else 0.0,
+        dead=max(1, round(dead_fraction * sae.d_sae)),
         selects=isinstance(sae, TopKSAE),
     )
 
@@ -148,16 +156,19 @@ class Workload:
         return self.n_saes * self.sae.param_bytes
 
 
-def workload(cfg: TrainRunConfig, device_type: str, mask_fraction: float) -> Workload:
+def workload(
+    cfg: TrainRunConfig, device_type: str, mask_fraction: float, dead_fraction: float = 1.0
+) -> Workload:
     """The config's LM (on the meta device, in `model.dtype` resolved for the device type:
-    cpu or cuda), its hookpoints and SAE, and the SAE step's precision under `cfg.trainer`."""
+    cpu or cuda), its hookpoints and SAE (AuxK over `dead_fraction` of the latents at most),
+    and the SAE step's precision under `cfg.trainer`."""
     hookpoints = grid_hookpoints(cfg.sites, cfg.model.n_layers)
     dtype = resolve_dtype(cfg.model.dtype, "cpu") if device_type == "cpu" else _gpu_dtype(cfg)
     cfg.sae.check(cfg.model.d_model)
     return Workload(
         cfg=cfg,
         lm=lm_shape(meta_model(cfg.model, dtype), hookpoints),
-        sae=sae_shape(cfg),
+        sae=sae_shape(cfg, dead_fraction),
         hookpoints=hookpoints,
         sae_bf16=sae_bf16(cfg.trainer, device_type),
         mask_fraction=mask_fraction,
