@@ -77,6 +77,10 @@ class ModelConfig:
     """Hub revision (branch, tag or commit) for source hub."""
     random_config: dict = field(default_factory=dict)
     """Keyword arguments of the HF config class for source random (`model_type` selects it)."""
+    architecture: dict = field(default_factory=dict)
+    """The architecture as keyword arguments of the HF config class (`model_type` selects it),
+    so that the model can be built on the meta device without the hub (`python -m
+    sae_dist.plan`); empty: the config of `path` or of the GGUF. Not used to load weights."""
     cache_dir: str = "~/.cache/sae_dist/models"
     """Where a dequantised GGUF is saved as safetensors once, to reload in under a second."""
 
@@ -671,6 +675,7 @@ def register_configs() -> None:
     store.store(name="features_schema", node=FeaturesRunConfig)
     store.store(name="steer_schema", node=SteerRunConfig)
     store.store(name="export_schema", node=ExportConfig)
+    store.store(name="plan_schema", node=PlanRunConfig)
     for name, cls in SAE_CONFIGS.items():
         store.store(group="sae", name=f"{name}_schema", node=cls)
 
@@ -1050,3 +1055,95 @@ class SteerRunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     out_dir: str = "runs/steer"
     """Report, table, plots, examples and intervention.json go here."""
+
+
+# ============================================================================================
+# Planning a run (`python -m sae_dist.plan`, sae_dist/plan/; DESIGN.md section 12).
+# ============================================================================================
+
+PLAN_FORMATS = ("table", "json")
+"""`plan.format` values."""
+
+
+@dataclass
+class PlanConfig:
+    gpu: str = "h100-80gb"
+    """The accelerator: a100-40gb, a100-80gb, h100-80gb, h200, l4, l40s (their memory, FLOP/s,
+    bandwidths and price: sae_dist/plan/gpus.py), or cpu (this machine, measured on the spot:
+    every process one device)."""
+    gpus: str = "auto"
+    """Number of GPUs (one process each), or auto: for each trainer the smallest count that
+    fits (1, 2, 4, then whole nodes), up to `max_gpus`."""
+    max_gpus: int = 256
+    """The largest count `gpus=auto` tries."""
+    price_per_gpu_hour: float | None = None
+    """USD per GPU-hour; null: the kind's assumed on-demand price (sae_dist/plan/gpus.py)."""
+    trainers: list[str] = field(default_factory=lambda: [k.value for k in TrainerKind])
+    """Trainers planned (single, ddp, zero2, zero3, sharded): the chosen `trainer` group with
+    its overrides, the others with their conf/trainer/<kind>.yaml."""
+    format: str = "table"
+    """table (the recommendation first, then one row per trainer and the per-rank memory) or
+    json (one JSON object for scripts)."""
+    train_mask_fraction: float = 0.98
+    """Fraction of the LM's positions that pass the token policy (SAE tokens per LM token): the
+    LM runs 1 / fraction tokens per SAE token, and each forward adds fraction x its tokens to
+    every buffer. Measured on the embedded ShareGPT chats (SmolLM2's ChatML template,
+    positions=all): 0.982 at context 128, 0.986 at 256, 0.989 at 1024; positions=assistant
+    keeps far fewer."""
+    dead_fraction: float = 0.01
+    """Share of the latents dead (unfired for `sae.dead_tokens` tokens) once AuxK runs: AuxK
+    reconstructs from min(k_aux, dead latents) of them per token (an assumption; the demo's
+    SAEs left 0.1 % (MLP) to 35 % (attention) of their latents unfired on held-out tokens).
+    1: AuxK at its full width k_aux."""
+    memory_margin: float = 0.05
+    """Share of the accelerator's memory left for the allocator (fragmentation, caching): a
+    configuration fits when its peak is at most (1 - margin) x the memory."""
+    threads: int | None = None
+    """gpu=cpu: torch threads of each process while measuring the machine (null: the machine's
+    cores divided by the processes)."""
+
+    def __post_init__(self) -> None:
+        _check(self.format in PLAN_FORMATS, "plan.format", self.format, ", ".join(PLAN_FORMATS))
+        _check(
+            self.gpus == "auto" or (self.gpus.isdigit() and int(self.gpus) >= 1),
+            "plan.gpus",
+            self.gpus,
+            "a number >= 1 or auto",
+        )
+        _check(self.max_gpus >= 1, "plan.max_gpus", self.max_gpus, ">= 1")
+        _check(
+            self.price_per_gpu_hour is None or self.price_per_gpu_hour >= 0,
+            "plan.price_per_gpu_hour",
+            self.price_per_gpu_hour,
+            ">= 0 or null",
+        )
+        kinds = [k.value for k in TrainerKind]
+        _check(
+            bool(self.trainers) and all(t in kinds for t in self.trainers),
+            "plan.trainers",
+            self.trainers,
+            "a non-empty list of " + ", ".join(kinds),
+        )
+        _check(
+            0 < self.train_mask_fraction <= 1,
+            "plan.train_mask_fraction",
+            self.train_mask_fraction,
+            "(0, 1]",
+        )
+        _check(0 <= self.memory_margin < 1, "plan.memory_margin", self.memory_margin, "[0, 1)")
+        _check(0 < self.dead_fraction <= 1, "plan.dead_fraction", self.dead_fraction, "(0, 1]")
+        _check(
+            self.threads is None or self.threads >= 1, "plan.threads", self.threads, ">= 1 or null"
+        )
+
+    @property
+    def gpu_count(self) -> int | None:
+        """`gpus` as a number; None for auto."""
+        return None if self.gpus == "auto" else int(self.gpus)
+
+
+@dataclass
+class PlanRunConfig(TrainRunConfig):
+    """A training run's config (what would be trained) plus how to plan it."""
+
+    plan: PlanConfig = field(default_factory=PlanConfig)

@@ -14,6 +14,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -44,6 +45,38 @@ def load_model(
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # pyright: ignore[reportCallIssue]
     check_shape(model, cfg)
     return model, tokenizer
+
+
+def model_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The HF config of the model `cfg` names, without its weights: `random_config` (source
+    random), else `architecture` when the model config gives it (no hub access), else the
+    config of the GGUF (source gguf / package; its cache when filled) or of `path`."""
+    if cfg.source == "random":
+        return _config_of(cfg.random_config)
+    if cfg.architecture:
+        return _config_of(cfg.architecture)
+    if cfg.source in ("gguf", "package"):
+        gguf = gguf_location(cfg)
+        cache = _cache_dir(cfg, gguf)
+        if (cache / "config.json").exists():
+            return AutoConfig.from_pretrained(cache)
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return AutoConfig.from_pretrained(cfg.path, revision=cfg.revision)
+
+
+def meta_model(cfg: ModelConfig, dtype: torch.dtype) -> PreTrainedModel:
+    """The model on the meta device in `dtype`: every parameter's shape and dtype, no memory
+    and no weights (`model_config`). Checks its layer count and width against `cfg`."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(cfg), dtype=dtype)
+    check_shape(model, cfg)
+    return model
+
+
+def _config_of(kwargs: dict) -> PretrainedConfig:
+    """The HF config class of `kwargs["model_type"]` built from the other keyword arguments."""
+    kwargs = dict(kwargs)
+    return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
 
 
 def resolve_dtype(name: str, device: str | torch.device = "cpu") -> torch.dtype:
@@ -144,11 +177,9 @@ def _save_to_cache(cache: Path, *objects) -> None:
 
 def _random_model(cfg: ModelConfig) -> PreTrainedModel:
     """A randomly initialised model (seed 0) from `cfg.random_config` (needs `model_type`)."""
-    kwargs = dict(cfg.random_config)
-    model_type = kwargs.pop("model_type")
-    config = AutoConfig.for_model(model_type, **kwargs)
+    config = _config_of(cfg.random_config)
     torch.manual_seed(0)
-    log.info("building random %s model %s", model_type, cfg.name)
+    log.info("building random %s model %s", config.model_type, cfg.name)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 

@@ -449,6 +449,7 @@ NOT_SHAPING = (
     "trainer.timeout_s",
     "trainer.deepspeed_config",
     "model.cache_dir",
+    "model.architecture",
     "out_dir",
 )
 """Keys that do not change what a run trains (its data shards and trainer kind are checked
@@ -461,10 +462,12 @@ def training_shape(cfg: TrainRunConfig) -> dict[str, Any]:
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
+        if prefix in NOT_SHAPING or prefix.startswith("logger."):
+            return
         if isinstance(value, dict):
             for k, v in value.items():
                 walk(f"{prefix}.{k}" if prefix else k, v)
-        elif prefix not in NOT_SHAPING and not prefix.startswith("logger."):
+        else:
             flat[prefix] = value.value if isinstance(value, TrainerKind) else value
 
     walk("", asdict(cfg))
