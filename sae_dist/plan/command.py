@@ -209,6 +209,7 @@ def plan_run(cfg: PlanRunConfig) -> dict[str, Any]:
             "dtype": str(w.lm.dtype).removeprefix("torch."),
             "weight_bytes": w.lm.weight_bytes,
             "layers_run": w.lm.layers_run,
+            "held_by": "every process (each runs its own producer), whatever the trainer",
         },
         "saes": {
             "hookpoints": w.n_saes,
@@ -289,19 +290,14 @@ def _trainer_entry(p: TrainerPlan, planner: Planner) -> dict[str, Any]:
 
 
 def _advice(planner: Planner, plans: dict[TrainerKind, TrainerPlan], p: TrainerPlan) -> str:
-    """What would fit instead: more processes, or another trainer on as many."""
+    """What would fit instead: more processes of this trainer, or the trainers that fit."""
     more = next(
         (c for c in planner.counts() if c > p.gpus and planner.plan(p.kind, c).fits),
         None,
     )
-    others = [k.value for k, o in plans.items() if o.fits and o.gpus <= p.gpus and k != p.kind]
-    parts = [f"needs {more} GPUs"] if more else [f"does not fit on up to {planner.p.max_gpus}"]
-    if others:
-        parts.append(f"or trainer={'|'.join(others)} (fits on {p.gpus})")
-    elif not more:
-        fit = [f"trainer={k.value} on {o.gpus}" for k, o in plans.items() if o.fits]
-        parts += [f"fits: {', '.join(fit)}"] if fit else []
-    return "; ".join(parts)
+    first = f"needs {more} GPUs" if more else f"does not fit on up to {planner.p.max_gpus} GPUs"
+    others = [f"trainer={k.value} on {o.gpus}" for k, o in plans.items() if o.fits]
+    return first + (f"; or {', '.join(others)}" if others else "")
 
 
 def launch_command(cfg: PlanRunConfig, kind: TrainerKind, gpus: int, per_node: int) -> str:

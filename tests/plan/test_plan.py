@@ -23,6 +23,7 @@ from sae_dist.plan import Planner, plan_run
 from sae_dist.plan.memory import buffer_cycle
 from sae_dist.plan.workload import share
 from sae_dist.producer import ShuffleBuffer
+from sae_dist.train.loop import training_shape
 from tests.conftest import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -279,3 +280,13 @@ def test_two_process_prediction_matches_the_measured_run(tmp_path, name):
         k_aux = 128 // 2
         assert all(min(r["dead_latents"][SKIPPED_STEPS:]) >= k_aux for r in results)
     check(name, results)
+
+
+def test_the_architecture_dims_do_not_shape_a_checkpoint():
+    """`model.architecture` describes the hub's config for the planner and never loads weights:
+    a run resumes whether or not its checkpoint recorded it (other model keys still count)."""
+    shape = training_shape(plan_config(["model=qwen3-4b"]))
+    assert not any(key.startswith("model.architecture") for key in shape)
+    assert shape["model.path"] == "Qwen/Qwen3-4B"
+    tiny = training_shape(plan_config(["model=tiny-qwen3"]))
+    assert tiny["model.random_config.hidden_size"] == 64

@@ -132,6 +132,7 @@ def test_wheel_imports_from_itself_with_its_configs(site):
         ("sae_dist.evaluate", ["suite=x"], ["suite: x", "  tokens: 100000"]),
         ("sae-evaluate", ["suite=x", "model=qwen3-4b"], ["suite: x", "  name: qwen3-4b"]),
         ("sae-export", ["suite=x", "out_dir=y", "release=r"], ["format: saelens", "release: r"]),
+        ("sae-plan", ["model=qwen3-4b", "plan.gpu=a100-80gb"], ["  gpu: a100-80gb"]),
     ],
 )
 def test_installed_commands_compose_their_config(site, command, args, expected):
