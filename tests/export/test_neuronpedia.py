@@ -150,7 +150,7 @@ def test_records_carry_the_feature_browsers_figures(exported):
         by_feature: dict[int, list[dict]] = {}
         for rec in acts:
             by_feature.setdefault(int(rec["index"]), []).append(rec)
-        assert len(by_feature) == fired > 128  # dead features have no examples
+        assert len(by_feature) == fired > 100  # dead features have no examples
         for f, recs in by_feature.items():
             tops = [x for x in recs if x["binMin"] is None]
             samples = [x for x in recs if x["binMin"] is not None]
