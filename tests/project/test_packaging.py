@@ -116,6 +116,7 @@ def test_wheel_imports_from_itself_with_its_configs(site):
         "eval.yaml",
         "export.yaml",
         "features.yaml",
+        "plan.yaml",
         "refusal.yaml",
         "steer.yaml",
         "train.yaml",
