@@ -261,7 +261,7 @@ def test_tasks_from_a_chat_file_take_held_out_documents_first(tmp_path):
         )
     path = tmp_path / "chats.jsonl"
     path.write_text("\n".join(json.dumps(rec) for rec in lines))
-    data = DataConfig(source=str(path), holdout_every=2)
+    data = DataConfig(source=str(path), holdout_every=2, shuffle=False)  # file order: i = doc index
     (task,) = build_tasks(["refusal"], data, 8, 1000)
     # 10 refusals at i % 4 == 0, all in held-out documents (even i); complying replies: 10
     # held-out (i = 2, 6, ...) come first
@@ -271,7 +271,8 @@ def test_tasks_from_a_chat_file_take_held_out_documents_first(tmp_path):
     (task,) = build_tasks(["refusal"], data, 10, 1000)  # every refusal there is
     with pytest.raises(DataError, match="task refusal: 10 positive examples"):
         build_tasks(["refusal"], data, 11, 1000)
-    (task,) = build_tasks(["refusal"], DataConfig(source=str(path), holdout_every=1000), 5, 1000)
+    no_holdout = DataConfig(source=str(path), holdout_every=1000, shuffle=False)
+    (task,) = build_tasks(["refusal"], no_holdout, 5, 1000)
     assert task.heldout == [1, 0]  # only document 0 (a refusal) is held out
 
 
