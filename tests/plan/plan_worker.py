@@ -10,7 +10,6 @@ count as the run's memory."""
 
 import json
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, fields, replace
@@ -31,6 +30,23 @@ from sae_dist.plan.timing import step_time  # noqa: E402
 from sae_dist.plan.workload import sae_bf16  # noqa: E402
 from sae_dist.train import loop  # noqa: E402
 from sae_dist.train.suite_trainer import SuiteTrainer  # noqa: E402
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident memory (VmHWM) to its current RSS (Linux: writing 5
+    to /proc/self/clear_refs); getrusage's ru_maxrss cannot be reset and would keep the peak
+    of whatever ran before the training."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_since_reset() -> float:
+    """Peak resident memory since reset_peak_rss, bytes (VmHWM of /proc/self/status)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) * 1024
+    raise RuntimeError("/proc/self/status has no VmHWM")
 
 
 def compose(overrides: list[str]) -> PlanRunConfig:
@@ -94,10 +110,11 @@ def main() -> None:
         return out
 
     def stats(run, seconds, start_tokens):
-        peak["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+        peak["rss"] = peak_rss_since_reset()
         return original_stats(run, seconds, start_tokens)
 
     SuiteTrainer.step, loop.write_train_stats = timed_step, stats
+    reset_peak_rss()  # the peak of the training alone, not of the set-up before it
     baseline = process_rss()
     train_cfg = TrainRunConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainRunConfig)})
     loop.train(train_cfg)
