@@ -85,8 +85,11 @@ print("finished")
 def test_a_wandb_service_ended_by_the_jobs_signal_does_not_end_the_run(tmp_path):
     """SLURM signals every process of a job step, W&B's service (wandb-core) included, which
     then drops its connection (wandb/wandb#9963): logging warns and goes on into
-    metrics.jsonl, and closing the run does not raise."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true"}
+    metrics.jsonl, and closing the run does not raise. The child starts its own service: a W&B
+    run earlier in this pytest process leaves WANDB_SERVICE set, which would attach the child
+    to the parent's service instead."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env |= {"PYTHONPATH": str(ROOT), "WANDB_SILENT": "true"}
     proc = subprocess.run(
         [sys.executable, "-c", WANDB_LOST, str(tmp_path)],
         env=env,
