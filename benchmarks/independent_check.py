@@ -1,4 +1,4 @@
-"""An independent re-measurement of one TopK SAE's held-out FVU and delta loss, deliberately not
+"""An independent re-measurement of one residual SAE's held-out FVU and delta loss, deliberately not
 through `sae_dist.evaluate`: the SAE's math is written here from its safetensors, the splice is
 a plain HF forward hook on the decoder layer's output (residual-stream SAEs only), the
 cross-entropy is `F.cross_entropy`, and the outlier rule is a per-batch one (norm <= factor x
@@ -61,14 +61,18 @@ def tail_rows(tokenizer, first_record: int):
                 yield rows, mask
 
 
-def topk_reconstruction(weights: dict[str, torch.Tensor], k: int):
-    """x [n, d_in] -> x_hat [n, d_in] of a folded TopK SAE: relu of the k largest of
-    (x - b_dec) W_enc + b_enc, decoded by W_dec and b_dec."""
+def reconstruction(weights: dict[str, torch.Tensor], cfg: dict):
+    """x [n, d_in] -> x_hat [n, d_in] of a folded SAE from its SAELens cfg.json: pre =
+    (x - b_dec) W_enc + b_enc; z = relu of pre's k largest (topk) or pre where pre > threshold
+    (jumprelu, which BatchTopK SAEs export to); x_hat = z W_dec + b_dec."""
 
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
         pre = (x - weights["b_dec"]) @ weights["W_enc"] + weights["b_enc"]
-        values, indices = pre.topk(k, dim=-1)
-        z = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+        if cfg["architecture"] == "topk":
+            values, indices = pre.topk(cfg["k"], dim=-1)
+            z = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+        else:
+            z = pre * (pre > weights["threshold"])
         return z @ weights["W_dec"] + weights["b_dec"]
 
     return reconstruct
@@ -88,9 +92,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     folder = args.suite / f"layers.{args.layer}.resid"
     cfg = json.loads((folder / "cfg.json").read_text())
-    if cfg["architecture"] != "topk":
-        raise SystemExit(f"{folder}: architecture {cfg['architecture']!r}; this check reads TopK")
-    reconstruct = topk_reconstruction(load_file(str(folder / "sae_weights.safetensors")), cfg["k"])
+    if cfg["architecture"] not in ("topk", "jumprelu"):
+        raise SystemExit(
+            f"{folder}: architecture {cfg['architecture']!r}; this check reads topk and jumprelu"
+        )
+    reconstruct = reconstruction(load_file(str(folder / "sae_weights.safetensors")), cfg)
     model, tokenizer = load_model(model_config_for("smollm2-135m-instruct"))
     state: dict = {"splice": None}
 

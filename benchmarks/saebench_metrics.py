@@ -51,6 +51,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--eval-tokens", type=int, default=20_000)
     p.add_argument("--archs", nargs="+", default=ARCHS, choices=ARCHS)
+    p.add_argument("--seed", type=int, default=0, help="train.seed (the evaluation is the same)")
     p.add_argument("--reuse", action="store_true", help="read finished runs under --out")
     return p.parse_args()
 
@@ -65,6 +66,7 @@ def commands(args: argparse.Namespace, arch: str) -> list[list[str]]:
         f"sae.expansion={args.expansion}",
         *l0_overrides(arch, args.k),
         f"train.tokens={args.tokens}",
+        f"train.seed={args.seed}",
         "train.eval_tokens=0",
         "logger=none",
         f"out_dir={run}",
