@@ -98,8 +98,8 @@ class SitesConfig:
 @dataclass
 class SAEConfig:
     """What every SAE architecture has; each architecture's own keys live in its subclass
-    (`sae=<architecture>` selects it: conf/sae/<architecture>.yaml; conf/sae/topk_k64.yaml is
-    TopK with k = 64, the embedded demo's)."""
+    (`sae=<architecture>` selects it: conf/sae/<architecture>.yaml; conf/sae/topk_k128.yaml is
+    TopK with k = 128, the embedded demo's)."""
 
     architecture: str = MISSING
     """SAE architecture: topk, batchtopk, jumprelu or relu (the `sae` group's choice)."""

@@ -9,7 +9,7 @@ CPU processes on gloo, and ZeRO-3, which DeepSpeed runs on CUDA only, is reporte
 
 Every check runs in its own single-node `torchrun --nproc_per_node N` (N = the GPU count, or
 2 on CPU), so a failing or hanging check (`--timeout`) is reported and the next one still runs.
-The trainer checks compose `experiment=demo` (12 TopK SAEs, 576 x 4608, k = 64, global batch 512
+The trainer checks compose `experiment=demo` (12 TopK SAEs, 576 x 4608, k = 128, global batch 512
 tokens) with `trainer=ddp` (float32 step), `trainer=zero3` (its config: bf16) and `trainer=ddp
 trainer.mixed_precision=bf16`; trailing `key=value` arguments are Hydra overrides of all three
 (e.g. `sites.layers=[6]` for 3 SAEs). Their activations are random normal rows: the steps are

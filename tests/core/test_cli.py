@@ -44,7 +44,7 @@ def test_train_help_lists_groups_and_every_key_with_its_docstring():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.startswith("usage: python -m sae_dist.train")
-    assert "  sae: batchtopk, jumprelu, relu, topk, topk_k64*\n" in out
+    assert "  sae: batchtopk, jumprelu, relu, topk, topk_k128*\n" in out
     assert re.search(r"^  experiment: (.*, )?demo\*(, .*)?$", out, re.M)
     # The value after the overrides (experiment=demo), then the field's docstring.
     assert (

@@ -16,7 +16,7 @@ import torch
 from sae_dist import gpu_check
 
 ROOT = Path(__file__).resolve().parents[2]
-# One SAE of the demo's shape (576 x 4608, k = 64, global batch 512) instead of twelve.
+# One SAE of the demo's shape (576 x 4608, k = 128, global batch 512) instead of twelve.
 ONE_SAE = ["sites.layers=[6]", "sites.sites=[resid]"]
 
 
@@ -56,7 +56,7 @@ def test_gpu_check_script_reports_every_check(tmp_path):
     assert "sum checked" in rows["allreduce"]["detail"]
     for name in ("ddp", "bf16"):
         detail = rows[name]["detail"]
-        assert "SAEs: 1 x 576x4608 k=64, batch 512 (256/process)" in detail, detail
+        assert "SAEs: 1 x 576x4608 k=128, batch 512 (256/process)" in detail, detail
     assert "mixed precision no" in rows["ddp"]["detail"]
     assert "mixed precision bf16" in rows["bf16"]["detail"]
     if not cuda:
