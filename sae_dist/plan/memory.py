@@ -40,10 +40,10 @@ ids, their rows and the embedding_bag's offset2bag (8 each), the gathered pre-ac
 clone GatheredPreActs returns and ReLU's output (4 each, float32)."""
 AUXK_ROW_COPIES = 1
 """[B, d_in] float32 tensors AuxK adds until backward: e_hat - e (saved by its pow)."""
-GRAD_TEMPS = 3
-"""[d_sae, d_in] float32 tensors while one SAE's decoder gradient forms: the embedding_bag's
-dense gradient, the projection's coef x W_dec, and the projected gradient (`parallel_free`);
-one more when AuxK adds a second decoder gradient."""
+GRAD_TEMPS = 2
+"""[d_sae, d_in] float32 tensors while one SAE's decoder gradient forms: SparseDecode's
+gradient (scatter_outer) and the projected gradient (`parallel_free`); one more when AuxK adds
+a second decoder gradient."""
 LAYER_ROW_COPIES = 4
 """[T, d_model] tensors of the LM dtype alive inside a decoder layer besides its MLP or
 attention intermediates: the residual, the normed input, the sublayer output, the sum."""

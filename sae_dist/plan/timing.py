@@ -33,19 +33,15 @@ its square, the gradients of x_hat and of the difference)."""
 ENTRY_PASS_BYTES = 60
 """Bytes moved per (token, latent) entry to build the sparse lists (gather, clone, ReLU,
 row ids, offsets)."""
-SORTS_PER_LIST = 2
-"""Stable sorts of the (token, latent) entries per latent list and step: scatter_outer's
-argsort and the embedding_bag backward's."""
 SORT_BYTES = 64
 """Bytes a GPU radix sort moves per int64 entry (four passes over keys and values; assumed)."""
 CSR_BYTES = 40
 """Bytes per entry of scatter_outer's CSR construction besides its sort (counts, gathers)."""
-PROJECTION_BYTES = 48
-"""Bytes per decoder element of `parallel_free`: grad x W_dec (12), its row sum (4), W_dec x W_dec
-(8) and its row sum (4), coef x W_dec (8), the difference (12)."""
-PROJECTION_ALLOCS = 4
-"""Fresh [d_sae, d_in] float32 tensors of `parallel_free`: the two products, coef x W_dec, the
-difference."""
+PROJECTION_BYTES = 24
+"""Bytes per decoder element of `parallel_free`: the row dot products of grad and W_dec (8), the
+row norms of W_dec (4), the fused multiply-add (read grad and W_dec, write: 12)."""
+PROJECTION_ALLOCS = 1
+"""Fresh [d_sae, d_in] float32 tensors of `parallel_free`: its result."""
 PARAM_STEP_BYTES = 40
 """Bytes per parameter of clipping (norm, scale: 12) and fused Adam (read p, g, m, v, write
 p, m, v: 28)."""
@@ -187,9 +183,10 @@ def _sparse(
 ) -> list[Kernel]:
     """The sparse kernels of one list of `entries` latents per token, drawn from `pool`
     latents: topk, the lists, the embedding_bag decoder (a gather of decoder rows) and its two
-    gradients (decoder rows read, their gradient rows read and written, the token rows read),
-    the encoder gradient (scatter_outer: token rows gathered per entry into a fresh CSR product,
-    transposed into the gradient)."""
+    gradients (values: decoder rows and gradient rows read per entry by a sampled matmul;
+    decoder: scatter_outer of the gradient rows into a fresh CSR product), the encoder gradient
+    (scatter_outer of the token rows, transposed into the gradient's layout); each scatter_outer
+    sorts the entries once."""
     d, n = sae.d_in, sae.d_sae
     k = entries * (4 if sae.architecture == "batchtopk" and not prefix else 1)
     out = []
@@ -207,16 +204,17 @@ def _sparse(
         Kernel(f"{prefix}decoder", 2 * bkd, latent_rows + 4 * b * d),
         Kernel(
             f"{prefix}decoder gradient",
-            2 * bkd,
-            3 * latent_rows + token_rows + 4 * n * d,
+            4 * bkd,
+            latent_rows + 2 * token_rows + CSR_BYTES * b * entries + 4 * n * d,
             4 * n * d,
+            sort=b * entries,
         ),
         Kernel(
             f"{prefix}encoder gradient",
             2 * bkd,
-            token_rows + CSR_BYTES * b * entries + 16 * n * d,
+            token_rows + CSR_BYTES * b * entries + 12 * n * d,
             8 * n * d,
-            sort=SORTS_PER_LIST * b * entries,
+            sort=b * entries,
         ),
     ]
     return out

@@ -125,9 +125,13 @@ def geometric_median(
 
 
 def parallel_free(w: Tensor, grad: Tensor) -> Tensor:
-    """grad [d_sae, d_in] without its component along each row of w [d_sae, d_in]."""
-    coef = (grad * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True).clamp_min(1e-12)
-    return grad - coef * w.detach()
+    """grad [d_sae, d_in] without its component along each row of w [d_sae, d_in]: row-wise dot
+    products (a batched matmul), row norms and one fused multiply-add (no temporary of that
+    size besides the result)."""
+    w = w.detach()
+    dots = torch.bmm(grad.unsqueeze(1), w.unsqueeze(2)).view(-1)
+    coef = dots / torch.linalg.vector_norm(w, dim=1).square().clamp_min(1e-12)
+    return torch.addcmul(grad, coef.unsqueeze(1), w, value=-1)
 
 
 class SparseAutoencoder(nn.Module):

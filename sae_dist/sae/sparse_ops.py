@@ -51,14 +51,56 @@ class Entries:
 
     def bag_sum(self, values: Tensor, table: Tensor) -> Tensor:
         """[B, d] = per token, the sum of its entries' values [B, j] times table[latent] [d]
-        (`embedding_bag`, differentiable in both)."""
+        (`SparseDecode`, differentiable in both)."""
+        return SparseDecode.apply(self.take(values).to(table.dtype), table, self)
+
+    def token_major(self, values: Tensor, n_cols: int) -> Tensor:
+        """The entries as a sparse CSR matrix [B, n_cols] in token-major order (row `row`,
+        column `latent`) holding `values` [n]."""
+        n_rows = self.offsets.numel()
+        crow = torch.empty(n_rows + 1, dtype=torch.int64, device=values.device)
+        crow[:-1] = self.offsets
+        crow[-1] = self.latent.numel()
+        with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(
+                crow, self.latent, values, (n_rows, n_cols), check_invariants=False
+            )
+
+
+class SparseDecode(torch.autograd.Function):
+    """out [B, d] = per token, sum over its entries e of values[e] * table[latent[e]].
+
+    forward(values [n], table [d_sae, d], entries) -> out (an `embedding_bag` over the entries).
+    Backward, from the entries only (no dense [d_sae, d] scatter of embedding_bag's own):
+    values: grad_out[row[e]] . table[latent[e]] for each entry (a sampled matmul over the
+    token-major pattern); table: `scatter_outer(entries, values, grad_out)`, contiguous in the
+    table's layout.
+    """
+
+    @staticmethod
+    def forward(ctx, values: Tensor, table: Tensor, entries: Entries) -> Tensor:
+        ctx.save_for_backward(values, table)
+        ctx.entries = entries
         return F.embedding_bag(
-            self.latent,
-            table,
-            self.offsets,
-            mode="sum",
-            per_sample_weights=self.take(values).to(table.dtype),
+            entries.latent, table, entries.offsets, mode="sum", per_sample_weights=values
         )
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        values, table = ctx.saved_tensors
+        entries: Entries = ctx.entries
+        grad = grad.to(table.dtype).contiguous()
+        grad_values = grad_table = None
+        with torch.autocast(grad.device.type, enabled=False):  # grads in the table's dtype
+            if ctx.needs_input_grad[0]:
+                pattern = entries.token_major(values.new_zeros(values.numel()), table.shape[0])
+                grad_values = torch.sparse.sampled_addmm(
+                    pattern, grad, table.t(), beta=0.0
+                ).values()
+            if ctx.needs_input_grad[1]:
+                grad_table = scatter_outer(entries, values, grad, table.shape[0])
+        return grad_values, grad_table, None
 
 
 def scatter_outer(entries: Entries, coeffs: Tensor, rows: Tensor, d_sae: int) -> Tensor:
@@ -67,18 +109,20 @@ def scatter_outer(entries: Entries, coeffs: Tensor, rows: Tensor, d_sae: int) ->
 
     coeffs [n] (one per entry), rows [B, d] -> [d_sae, d] in the dtype of `rows`. Equal to
     S.T @ rows for the dense S [B, d_sae] holding the coeffs; computed as a latent-major CSR
-    matrix [d_sae, B] times `rows` (faster on CPU than COO or index_add_).
+    matrix [d_sae, B] times `rows` (faster on CPU than COO or index_add_), written by an addmm
+    with beta 0 into a fresh tensor (`s @ rows` zero-fills and copies its result besides).
     """
     # stable: the default unstable CPU sort was ~50x slower here
     order = torch.argsort(entries.latent, stable=True)
-    crow = torch.zeros(d_sae + 1, dtype=torch.int32, device=rows.device)
+    crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=rows.device)
     torch.cumsum(torch.bincount(entries.latent, minlength=d_sae), 0, out=crow[1:])
-    col = entries.row[order].to(torch.int32)
+    col = entries.row[order]
     vals = coeffs[order].to(rows.dtype)
     with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process
         warnings.simplefilter("ignore", UserWarning)
         s = torch.sparse_csr_tensor(crow, col, vals, (d_sae, rows.shape[0]), check_invariants=False)
-    return s @ rows
+    out = rows.new_empty(d_sae, rows.shape[1])
+    return torch.addmm(out, s, rows, beta=0, out=out)
 
 
 def pad_rows(
@@ -145,7 +189,8 @@ def _encoder_grads(
     """Gradients (x, W_enc, b_enc, b_dec) of `GatheredPreActs`, None where not `needed`.
 
     With g [n] the gradient of the pre-activations at the entries: b_enc: index_add of g;
-    W_enc: scatter_outer(g, x - b_dec).T; b_dec: -W_enc @ grad_b_enc; x: per token, its
+    W_enc: scatter_outer(g, x - b_dec).T (a transposed view, made contiguous when accumulated);
+    b_dec: -W_enc @ grad_b_enc; x: per token, its
     entries' rows W_enc[:, latent] weighted by g (embedding_bag).
     """
     need_x, need_w, need_benc, need_bdec = needed

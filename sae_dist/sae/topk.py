@@ -13,6 +13,7 @@ from torch import Tensor
 
 from sae_dist.config import TopKConfig
 from sae_dist.sae.base import Latents, SparseAutoencoder, register, total_variance
+from sae_dist.sae.sparse_ops import Entries, GatheredPreActs
 
 
 @register("topk")
@@ -61,10 +62,31 @@ class TopKSAE(SparseAutoencoder):
         if dead_mask is None or n_dead == 0:
             return {}
         k_aux = min(self.k_aux, n_dead)
-        masked = pre.detach().masked_fill(~dead_mask, float("-inf"))
-        indices = masked.topk(k_aux, dim=1, sorted=False).indices
-        e_hat = self._decode_latents(Latents(self._activate(x, pre, indices), indices, self.d_sae))
+        e_hat = self._decode_dead(x, pre, dead_mask.nonzero().squeeze(1), k_aux)
         e = (x - x_hat).detach()
         group = self.batch_group
         auxk = group.sum((e_hat - e).pow(2).sum()) / total_variance(e, group)
         return {"auxk": self.cfg.auxk_coef * min(n_dead / self.k_aux, 1.0) * auxk}
+
+    def _decode_dead(self, x: Tensor, pre: Tensor, dead: Tensor, k_aux: int) -> Tensor:
+        """[B, d_in]: per token, its top `k_aux` dead latents (`dead`: int64 ids [n_dead]) by
+        pre-activation (pre [B, d_sae]), ReLU'd and decoded without b_dec. The sparse path works
+        on the dead latents' sub-dictionary (their pre-activations, W_enc columns, b_enc entries
+        and W_dec rows, gathered), so its kernels scale with n_dead, not d_sae."""
+        pre_dead = pre.detach().index_select(1, dead)
+        local = pre_dead.topk(k_aux, dim=1, sorted=False).indices
+        if not self.sparse:
+            indices = dead[local]
+            latents = Latents(self._activate(x, pre, indices), indices, self.d_sae)
+            return self._decode_latents(latents)
+        entries = Entries.of(local)
+        values = GatheredPreActs.apply(
+            x,
+            # gathered as rows of W_enc.T: the gradient then has the main path's layout
+            self.W_enc.t().index_select(0, dead).t(),
+            self.b_enc.index_select(0, dead),
+            self.b_dec,
+            pre_dead.gather(1, local),
+            entries,
+        )
+        return entries.bag_sum(torch.relu(values), self.W_dec.index_select(0, dead))
