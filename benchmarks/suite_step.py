@@ -29,7 +29,7 @@ from sae_dist.train.suite_trainer import SuiteTrainer
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--dead", type=float, nargs="+", default=[0.0, 0.01, 0.1, 0.4])
     p.add_argument("--steps", type=int, default=12, help="timed steps per dead fraction")
     p.add_argument("--warmup", type=int, default=2)

@@ -42,8 +42,8 @@ AUXK_ROW_COPIES = 1
 """[B, d_in] float32 tensors AuxK adds until backward: e_hat - e (saved by its pow)."""
 GRAD_TEMPS = 2
 """[d_sae, d_in] float32 tensors while one SAE's decoder gradient forms: SparseDecode's
-gradient (scatter_outer) and the projected gradient (`parallel_free`); one more when AuxK adds
-a second decoder gradient."""
+gradient (scatter_outer) and the projected gradient (`parallel_free`); two more with AuxK (its
+sub-dictionary's gradients of W_enc and W_dec, scattered to full size)."""
 LAYER_ROW_COPIES = 4
 """[T, d_model] tensors of the LM dtype alive inside a decoder layer besides its MLP or
 attention intermediates: the residual, the normed input, the sublayer output, the sum."""
@@ -220,9 +220,10 @@ def _step(
     )
     if not sae.selects:  # dense latents (ReLU): the latent matrix and its ReLU
         saved += 2 * b * latents * pre_bytes
-    # one SAE's forward: its pre-activations, AuxK's masked copy, under autocast W_enc in bf16
-    fwd_transient = b * latents * pre_bytes * (1 + auxk) + w.sae_bf16 * 2 * d * latents
-    bwd_transient = (GRAD_TEMPS + auxk) * latents * d * 4
+    # one SAE's forward: its pre-activations, AuxK's gathered dead columns (plan.dead_fraction
+    # of the latents), under autocast W_enc in bf16
+    fwd_transient = b * (latents + auxk * sae.dead) * pre_bytes + w.sae_bf16 * 2 * d * latents
+    bwd_transient = (GRAD_TEMPS + 2 * auxk) * latents * d * 4
     forward: dict[str, float] = {"step_activations": n * saved, "step_transient": fwd_transient}
     if not trainer.kind.zero_stage:
         g = sae.param_bytes

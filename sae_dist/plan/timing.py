@@ -162,10 +162,14 @@ def sae_kernels(sae: SAEShape, b: int, bf16: bool, device: Device) -> list[Kerne
         Kernel("clip + Adam + renormalise", bytes=PARAM_STEP_BYTES * sae.params + 12 * n * d),
     ]
     if sae.aux_entries:
+        m = sae.dead
         aux = [
-            Kernel("AuxK mask", bytes=2 * e * b * n, alloc=e * b * n),
+            Kernel("AuxK gathers", bytes=2 * e * b * m + 16 * m * d, alloc=e * b * m + 8 * m * d),
             Kernel("AuxK rows", bytes=32 * b * d, alloc=24 * b * d),
-            *_sparse(sae, b, sae.aux_entries, e, "AuxK ", device, sae.dead),
+            *_sparse(sae, b, sae.aux_entries, e, "AuxK ", device, m),
+            # the sub-dictionary's gradients scattered into zero-filled full-size tensors and
+            # added to the main path's (W_enc, W_dec)
+            Kernel("AuxK gradient scatter", bytes=2 * (4 + 12) * n * d, alloc=8 * n * d),
         ]
         kernels += [_scaled(k, sae.auxk_share) for k in aux]
     return kernels
@@ -181,13 +185,13 @@ def _sparse(
     pool: int,
     select: bool = True,
 ) -> list[Kernel]:
-    """The sparse kernels of one list of `entries` latents per token, drawn from `pool`
-    latents: topk, the lists, the embedding_bag decoder (a gather of decoder rows) and its two
-    gradients (values: decoder rows and gradient rows read per entry by a sampled matmul;
-    decoder: scatter_outer of the gradient rows into a fresh CSR product), the encoder gradient
-    (scatter_outer of the token rows, transposed into the gradient's layout); each scatter_outer
-    sorts the entries once."""
-    d, n = sae.d_in, sae.d_sae
+    """The sparse kernels of one list of `entries` latents per token, drawn from a dictionary of
+    `pool` latents (the SAE's, or AuxK's sub-dictionary of dead ones): topk, the lists, the
+    embedding_bag decoder (a gather of decoder rows) and its two gradients (values: decoder rows
+    and gradient rows read per entry by a sampled matmul; decoder: scatter_outer of the gradient
+    rows into a fresh CSR product), the encoder gradient (scatter_outer of the token rows,
+    transposed into the gradient's layout); each scatter_outer sorts the entries once."""
+    d, n = sae.d_in, pool
     k = entries * (4 if sae.architecture == "batchtopk" and not prefix else 1)
     out = []
     if select:

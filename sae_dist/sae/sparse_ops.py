@@ -190,8 +190,8 @@ def _encoder_grads(
 
     With g [n] the gradient of the pre-activations at the entries: b_enc: index_add of g;
     W_enc: scatter_outer(g, x - b_dec).T (a transposed view, made contiguous when accumulated);
-    b_dec: -W_enc @ grad_b_enc; x: per token, its
-    entries' rows W_enc[:, latent] weighted by g (embedding_bag).
+    b_dec: -W_enc @ grad_b_enc; x: per token, its entries' rows W_enc[:, latent] weighted by g
+    (embedding_bag).
     """
     need_x, need_w, need_benc, need_bdec = needed
     g = grad.to(W_enc.dtype)

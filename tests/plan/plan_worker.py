@@ -88,6 +88,7 @@ def main() -> None:
         gpus=str(world),
         trainers=[cfg.trainer.kind.value],
         threads=torch.get_num_threads(),
+        dead_fraction=cfg.plan.dead_fraction,
     )
     if world > 1:
         join_launch_group(600)  # the planner measures the collectives over it
