@@ -34,7 +34,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=12, help="timed steps per dead fraction")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--layers", type=int, default=30, help="layers of the model the grid reads")
     p.add_argument("overrides", nargs="*", default=["experiment=demo"])
     return p.parse_args()
 
@@ -61,7 +60,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as out_dir:
         cfg = compose_config(args.overrides, out_dir)
-    hookpoints = grid_hookpoints(cfg.sites, args.layers)
+    hookpoints = grid_hookpoints(cfg.sites, cfg.model.n_layers)
     d_in, batch = cfg.model.d_model, cfg.train.batch_size
     for dead in args.dead:
         torch.manual_seed(0)

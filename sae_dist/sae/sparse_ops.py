@@ -61,11 +61,15 @@ class Entries:
         crow = torch.empty(n_rows + 1, dtype=torch.int64, device=values.device)
         crow[:-1] = self.offsets
         crow[-1] = self.latent.numel()
-        with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(
-                crow, self.latent, values, (n_rows, n_cols), check_invariants=False
-            )
+        return csr_matrix(crow, self.latent, values, (n_rows, n_cols))
+
+
+def csr_matrix(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A sparse CSR tensor of `shape` from int64 row pointers [rows + 1], column ids [n] and
+    values [n], unchecked (the callers build valid ones) and without PyTorch's beta warning."""
+    with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 class SparseDecode(torch.autograd.Function):
@@ -117,10 +121,7 @@ def scatter_outer(entries: Entries, coeffs: Tensor, rows: Tensor, d_sae: int) ->
     crow = torch.zeros(d_sae + 1, dtype=torch.int64, device=rows.device)
     torch.cumsum(torch.bincount(entries.latent, minlength=d_sae), 0, out=crow[1:])
     col = entries.row[order]
-    vals = coeffs[order].to(rows.dtype)
-    with warnings.catch_warnings():  # "sparse CSR support is in beta", once per process
-        warnings.simplefilter("ignore", UserWarning)
-        s = torch.sparse_csr_tensor(crow, col, vals, (d_sae, rows.shape[0]), check_invariants=False)
+    s = csr_matrix(crow, col, coeffs[order].to(rows.dtype), (d_sae, rows.shape[0]))
     out = rows.new_empty(d_sae, rows.shape[1])
     return torch.addmm(out, s, rows, beta=0, out=out)
 
